@@ -1,0 +1,175 @@
+//! One multiplexed connection to a key server: a writer task fed by a bounded channel
+//! and a reader task that hands each reply to the request with its id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use keyless_shared::{encode_message, KeylessCodec, Message, Operation};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::FramedRead;
+
+use super::{ClientConfig, ClientError, Endpoint};
+
+type Waiters = Mutex<HashMap<u32, oneshot::Sender<Operation>>>;
+
+pub(super) struct Conn {
+    tx: mpsc::Sender<Message>,
+    waiters: Arc<Waiters>,
+    open: Arc<AtomicBool>,
+    next_id: AtomicU32,
+    in_flight: Semaphore,
+}
+
+/// Removes a waiter when its call ends early (timeout, cancellation).
+struct WaiterGuard<'a> {
+    waiters: &'a Waiters,
+    id: u32,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.waiters.lock() {
+            w.remove(&self.id);
+        }
+    }
+}
+
+impl Conn {
+    pub(super) async fn connect(
+        endpoint: &Endpoint,
+        config: &ClientConfig,
+    ) -> Result<Arc<Conn>, String> {
+        let connect = async {
+            let tcp = TcpStream::connect(&endpoint.addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            TlsConnector::from(config.tls.clone())
+                .connect(endpoint.server_name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))
+        };
+        let tls = tokio::time::timeout(config.connect_timeout, connect)
+            .await
+            .map_err(|_| format!("no connection within {:?}", config.connect_timeout))??;
+
+        let (rd, mut wr) = tokio::io::split(tls);
+        let (tx, mut rx) = mpsc::channel::<Message>(config.max_in_flight.max(1));
+        let waiters: Arc<Waiters> = Arc::default();
+        let open = Arc::new(AtomicBool::new(true));
+
+        let writer_open = open.clone();
+        let addr = endpoint.addr.clone();
+        tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(16 * 1024);
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some(msg) = next.take() {
+                    if let Err(e) = encode_message(&msg, &mut buf) {
+                        tracing::error!(error = %e, "request could not be encoded");
+                    }
+                    if buf.len() < 64 * 1024 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if let Err(e) = wr.write_all(&buf).await {
+                    tracing::warn!(keyserver = %addr, error = %e, "write to key server failed");
+                    break;
+                }
+                buf.clear();
+                if wr.flush().await.is_err() {
+                    break;
+                }
+            }
+            writer_open.store(false, Ordering::Release);
+        });
+
+        let reader_waiters = waiters.clone();
+        let reader_open = open.clone();
+        let addr = endpoint.addr.clone();
+        tokio::spawn(async move {
+            let mut frames = FramedRead::new(rd, KeylessCodec);
+            let reason = loop {
+                match frames.next().await {
+                    Some(Ok(msg)) => {
+                        let waiter = reader_waiters
+                            .lock()
+                            .ok()
+                            .and_then(|mut w| w.remove(&msg.id));
+                        match waiter {
+                            Some(w) => {
+                                let _ = w.send(msg.op);
+                            }
+                            None => tracing::debug!(id = msg.id, "reply for no pending request"),
+                        }
+                    }
+                    Some(Err(keyless_shared::CodecError::Io(e))) => {
+                        break format!("read failed: {e}")
+                    }
+                    Some(Err(e)) => break format!("malformed reply: {e}"),
+                    None => break "closed by key server".to_owned(),
+                }
+            };
+            reader_open.store(false, Ordering::Release);
+            // Dropping the senders wakes every pending call with ConnectionLost.
+            if let Ok(mut w) = reader_waiters.lock() {
+                w.clear();
+            }
+            tracing::info!(keyserver = %addr, reason, "key server connection ended");
+        });
+
+        Ok(Arc::new(Conn {
+            tx,
+            waiters,
+            open,
+            next_id: AtomicU32::new(1),
+            in_flight: Semaphore::new(config.max_in_flight.max(1)),
+        }))
+    }
+
+    pub(super) fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+
+    pub(super) async fn call(
+        &self,
+        op: Operation,
+        timeout: Duration,
+    ) -> Result<Operation, ClientError> {
+        let work = async {
+            let _permit = self
+                .in_flight
+                .acquire()
+                .await
+                .map_err(|_| ClientError::ConnectionLost)?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (reply_tx, reply_rx) = oneshot::channel();
+            self.waiters
+                .lock()
+                .map_err(|_| ClientError::ConnectionLost)?
+                .insert(id, reply_tx);
+            let _guard = WaiterGuard {
+                waiters: &self.waiters,
+                id,
+            };
+            if !self.is_open() {
+                return Err(ClientError::ConnectionLost);
+            }
+            self.tx
+                .send(Message { id, op })
+                .await
+                .map_err(|_| ClientError::ConnectionLost)?;
+            reply_rx.await.map_err(|_| ClientError::ConnectionLost)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+}

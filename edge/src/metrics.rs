@@ -1,0 +1,178 @@
+//! Prometheus metrics of the edge (`keyless_edge_` prefix), rendered by the admin
+//! listener.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `result` and TLS `version` of a client handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `ok`, `unknown-sni`, `no-sni`, `keyserver-error`, `failed`, `timeout`.
+    pub result: &'static str,
+    /// `TLSv1_3`, `TLSv1_2` or `-`.
+    pub version: &'static str,
+}
+
+/// Key-server operation labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyServerLabels {
+    /// Opcode name (`ecdsa-sign-sha256`, `get-certificate-chain`, ...).
+    pub op: &'static str,
+    /// `ok` or the error (`timeout`, `unavailable`, a protocol error name).
+    pub result: &'static str,
+}
+
+/// HTTP status class and listener of answered requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Status code, e.g. `200`, `502`.
+    pub status: u16,
+    /// `https` or `http`.
+    pub scheme: &'static str,
+}
+
+/// Origin exchange result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabels {
+    /// `ok`, `connect-error`, `timeout`, `dns-error`, `error`.
+    pub result: &'static str,
+}
+
+fn latency() -> Histogram {
+    // 50 µs .. ~13 s
+    Histogram::new(exponential_buckets(50e-6, 2.5, 14))
+}
+
+/// Every edge metric.
+pub struct Metrics {
+    registry: Registry,
+    /// Client TLS handshakes.
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    /// Handshake duration (accept to established), successful handshakes.
+    pub handshake_seconds: Histogram,
+    /// Key-server operations.
+    pub keyserver_ops: Family<KeyServerLabels, Counter>,
+    /// Key-server operation latency.
+    pub keyserver_seconds: Family<KeyServerLabels, Histogram>,
+    /// Answered client requests.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Origin response-header latency.
+    pub origin_seconds: Family<OriginLabels, Histogram>,
+    /// Open client connections.
+    pub connections_active: Gauge,
+    /// Certificate chains cached.
+    pub certs_cached: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "keyless_edge_handshakes",
+            "Client TLS handshakes by result and version",
+            handshakes.clone(),
+        );
+        let handshake_seconds = latency();
+        registry.register(
+            "keyless_edge_handshake_seconds",
+            "Duration of successful client TLS handshakes",
+            handshake_seconds.clone(),
+        );
+        let keyserver_ops = Family::<KeyServerLabels, Counter>::default();
+        registry.register(
+            "keyless_edge_keyserver_ops",
+            "Key-server operations by opcode and result",
+            keyserver_ops.clone(),
+        );
+        let keyserver_seconds = Family::<KeyServerLabels, Histogram>::new_with_constructor(
+            latency as fn() -> Histogram,
+        );
+        registry.register(
+            "keyless_edge_keyserver_seconds",
+            "Key-server operation latency",
+            keyserver_seconds.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "keyless_edge_requests",
+            "Client requests answered, by status",
+            requests.clone(),
+        );
+        let origin_seconds =
+            Family::<OriginLabels, Histogram>::new_with_constructor(latency as fn() -> Histogram);
+        registry.register(
+            "keyless_edge_origin_seconds",
+            "Time to the origin's response headers",
+            origin_seconds.clone(),
+        );
+        let connections_active = Gauge::default();
+        registry.register(
+            "keyless_edge_connections_active",
+            "Open client connections",
+            connections_active.clone(),
+        );
+        let certs_cached = Gauge::default();
+        registry.register(
+            "keyless_edge_certificates_cached",
+            "Certificate chains in the cache",
+            certs_cached.clone(),
+        );
+        Metrics {
+            registry,
+            handshakes,
+            handshake_seconds,
+            keyserver_ops,
+            keyserver_seconds,
+            requests,
+            origin_seconds,
+            connections_active,
+            certs_cached,
+        }
+    }
+
+    /// Records one key-server operation.
+    pub fn keyserver_op(&self, op: &'static str, result: &'static str, took: Duration) {
+        let l = KeyServerLabels { op, result };
+        self.keyserver_ops.get_or_create(&l).inc();
+        self.keyserver_seconds
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one answered request.
+    pub fn request(&self, status: u16, scheme: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels { status, scheme })
+            .inc();
+    }
+
+    /// Records one origin exchange.
+    pub fn origin(&self, result: &'static str, took: Duration) {
+        self.origin_seconds
+            .get_or_create(&OriginLabels { result })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

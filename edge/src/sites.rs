@@ -1,0 +1,106 @@
+//! Customer sites: which names the edge serves and where each site's origin is.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::SiteConfig;
+
+/// One customer site.
+#[derive(Debug)]
+pub struct Site {
+    /// The names configured (lowercase); the first is the site's name in logs.
+    pub domains: Vec<String>,
+    /// Origin base URL (`http://host:port` or `https://...`); path and query of a client
+    /// request are appended to its path.
+    pub origin: http::Uri,
+}
+
+impl Site {
+    /// The site's name for logs and metrics.
+    pub fn name(&self) -> &str {
+        self.domains.first().map(String::as_str).unwrap_or("-")
+    }
+}
+
+/// Name → site, exact names before `*.` wildcards (one label deep).
+#[derive(Debug, Default)]
+pub struct Sites {
+    exact: HashMap<String, Arc<Site>>,
+    wildcard: HashMap<String, Arc<Site>>,
+}
+
+impl Sites {
+    /// Builds the index; [`crate::config::Config::parse`] has validated the origins.
+    pub fn new(configs: &[SiteConfig]) -> Result<Sites, String> {
+        let mut sites = Sites::default();
+        for c in configs {
+            let origin: http::Uri = c
+                .origin
+                .parse()
+                .map_err(|e| format!("site origin {:?}: {e}", c.origin))?;
+            let site = Arc::new(Site {
+                domains: c.domains.iter().map(|d| normalize(d)).collect(),
+                origin,
+            });
+            for d in &site.domains {
+                let (map, key) = match d.strip_prefix("*.") {
+                    Some(parent) => (&mut sites.wildcard, parent.to_owned()),
+                    None => (&mut sites.exact, d.clone()),
+                };
+                if map.insert(key, site.clone()).is_some() {
+                    return Err(format!("domain {d} is configured for two sites"));
+                }
+            }
+        }
+        Ok(sites)
+    }
+
+    /// The site serving `name` (an SNI or a `Host` without port).
+    pub fn lookup(&self, name: &str) -> Option<&Arc<Site>> {
+        let name = normalize(name);
+        self.exact.get(&name).or_else(|| {
+            name.split_once('.')
+                .and_then(|(_, parent)| self.wildcard.get(parent))
+        })
+    }
+}
+
+fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(domains: &[&str], origin: &str) -> SiteConfig {
+        SiteConfig {
+            domains: domains.iter().map(|s| s.to_string()).collect(),
+            origin: origin.into(),
+        }
+    }
+
+    #[test]
+    fn exact_then_wildcard_one_label() {
+        let sites = Sites::new(&[
+            site(&["example.com", "*.example.com"], "http://o1:80"),
+            site(&["api.example.com"], "http://o2:80"),
+        ])
+        .unwrap();
+        assert_eq!(
+            sites.lookup("EXAMPLE.com.").unwrap().origin,
+            "http://o1:80/"
+        );
+        assert_eq!(
+            sites.lookup("api.example.com").unwrap().origin,
+            "http://o2:80/"
+        );
+        assert_eq!(
+            sites.lookup("www.example.com").unwrap().origin,
+            "http://o1:80/"
+        );
+        assert!(sites.lookup("a.b.example.com").is_none());
+        assert!(sites.lookup("example.org").is_none());
+        assert!(Sites::new(&[site(&["a.com"], "http://x"), site(&["a.com"], "http://y")]).is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! Certificate chains by SNI, fetched from the key server (get-certificate-chain) and
+//! cached: a chain is used for `ttl`, then refreshed in the background while the old
+//! one keeps serving; one fetch per name at a time; the cache is bounded in entries.
+//!
+//! The handshake fetches asynchronously *before* rustls runs and hands the chain to
+//! rustls through a [`Fixed`] resolver, so rustls never waits for the network to
+//! resolve a certificate.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyless_shared::{Opcode, Operation, Ski};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
+use rustls_pki_types::CertificateDer;
+use x509_parser::prelude::*;
+
+use super::signer::{client_error_label, KeyType, RemoteContext, RemoteKey};
+use crate::keyserver::ClientError;
+
+/// Cache entries at most (names × key classes).
+const MAX_ENTRIES: u64 = 10_000;
+
+/// Key classes a client can use, in our preference order, as the get-certificate-chain
+/// request payload (1 = RSA, 2 = ECDSA, 3 = Ed25519).
+pub(crate) fn key_preference(schemes: &[SignatureScheme]) -> Vec<u8> {
+    use SignatureScheme as S;
+    let mut prefs = Vec::with_capacity(3);
+    if schemes
+        .iter()
+        .any(|s| matches!(s, S::ECDSA_NISTP256_SHA256 | S::ECDSA_NISTP384_SHA384))
+    {
+        prefs.push(2);
+    }
+    if schemes.contains(&S::ED25519) {
+        prefs.push(3);
+    }
+    if schemes.iter().any(|s| {
+        matches!(
+            s,
+            S::RSA_PSS_SHA256
+                | S::RSA_PSS_SHA384
+                | S::RSA_PSS_SHA512
+                | S::RSA_PKCS1_SHA256
+                | S::RSA_PKCS1_SHA384
+                | S::RSA_PKCS1_SHA512
+        )
+    }) {
+        prefs.push(1);
+    }
+    prefs
+}
+
+/// Why no chain could be had for a name.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FetchError {
+    #[error("key server has no certificate for this name")]
+    NotFound,
+    #[error("key server: {0}")]
+    KeyServer(#[from] ClientError),
+    #[error("key server sent an unusable chain: {0}")]
+    BadChain(&'static str),
+}
+
+impl FetchError {
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            FetchError::NotFound => "cert-not-found",
+            FetchError::KeyServer(e) => client_error_label(e),
+            FetchError::BadChain(_) => "bad-chain",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Cached {
+    key: Arc<CertifiedKey>,
+    fetched: Instant,
+}
+
+type CacheKey = (Arc<str>, Vec<u8>);
+
+/// The chain cache; also the rustls certificate resolver.
+pub(crate) struct CertStore {
+    cache: moka::future::Cache<CacheKey, Cached>,
+    refreshing: moka::sync::Cache<CacheKey, ()>,
+    ttl: Duration,
+    ctx: RemoteContext,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore")
+            .field("entries", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+impl CertStore {
+    pub(crate) fn new(ttl: Duration, ctx: RemoteContext) -> Arc<CertStore> {
+        Arc::new(CertStore {
+            // A stale chain may serve for up to 10 × ttl while the key server is away.
+            cache: moka::future::Cache::builder()
+                .max_capacity(MAX_ENTRIES)
+                .time_to_live(ttl.saturating_mul(10))
+                .build(),
+            refreshing: moka::sync::Cache::builder()
+                .max_capacity(MAX_ENTRIES)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            ttl,
+            ctx,
+        })
+    }
+
+    /// The chain for `sni` usable with `prefs`, fetching it if it is not cached.
+    pub(crate) async fn get(
+        self: &Arc<Self>,
+        sni: &str,
+        prefs: Vec<u8>,
+    ) -> Result<Arc<CertifiedKey>, Arc<FetchError>> {
+        let key: CacheKey = (Arc::from(sni), prefs);
+        let me = self.clone();
+        let k2 = key.clone();
+        let cached = self
+            .cache
+            .try_get_with(key.clone(), async move { me.fetch(&k2).await })
+            .await?;
+        if cached.fetched.elapsed() > self.ttl && self.refreshing.get(&key).is_none() {
+            self.refreshing.insert(key.clone(), ());
+            let me = self.clone();
+            tokio::spawn(async move {
+                match me.fetch(&key).await {
+                    Ok(fresh) => me.cache.insert(key.clone(), fresh).await,
+                    Err(e) => {
+                        tracing::warn!(sni = %key.0, error = %e, "certificate refresh failed; serving the cached chain")
+                    }
+                }
+                me.refreshing.invalidate(&key);
+            });
+        }
+        self.ctx
+            .metrics
+            .certs_cached
+            .set(self.cache.entry_count() as i64);
+        Ok(cached.key)
+    }
+
+    async fn fetch(&self, key: &CacheKey) -> Result<Cached, FetchError> {
+        let (sni, prefs) = key;
+        let mut op = Operation::new(Opcode::GetCertificateChain, prefs.clone());
+        op.sni = Some(sni.to_string());
+        let started = Instant::now();
+        let reply = self.ctx.client.call(op).await;
+        let took = started.elapsed();
+        let reply = match reply {
+            Ok(r) => r,
+            Err(ClientError::Remote(keyless_shared::ErrorCode::CertNotFound)) => {
+                self.ctx
+                    .metrics
+                    .keyserver_op("get-certificate-chain", "cert-not-found", took);
+                return Err(FetchError::NotFound);
+            }
+            Err(e) => {
+                self.ctx.metrics.keyserver_op(
+                    "get-certificate-chain",
+                    client_error_label(&e),
+                    took,
+                );
+                return Err(e.into());
+            }
+        };
+        self.ctx
+            .metrics
+            .keyserver_op("get-certificate-chain", "ok", took);
+        let certs = parse_chain(reply.payload())?;
+        let leaf = certs.first().ok_or(FetchError::BadChain("empty chain"))?;
+        let (_, parsed) = X509Certificate::from_der(leaf)
+            .map_err(|_| FetchError::BadChain("leaf is not X.509"))?;
+        let spki = parsed.public_key().raw.to_vec();
+        let key_type =
+            KeyType::from_spki(&spki).ok_or(FetchError::BadChain("unsupported key type"))?;
+        let ski = Ski::from_public_key_bits(&parsed.public_key().subject_public_key.data);
+        if reply.ski.is_some_and(|s| s != ski) {
+            return Err(FetchError::BadChain(
+                "SKI does not match the leaf certificate",
+            ));
+        }
+        tracing::info!(%sni, %ski, ?key_type, "certificate chain fetched from key server");
+        let remote = RemoteKey::new(ski, key_type, spki, sni.clone(), self.ctx.clone());
+        Ok(Cached {
+            key: Arc::new(CertifiedKey::new(certs, Arc::new(remote))),
+            fetched: Instant::now(),
+        })
+    }
+}
+
+/// Splits `u24 length ‖ DER` items.
+fn parse_chain(mut payload: &[u8]) -> Result<Vec<CertificateDer<'static>>, FetchError> {
+    let mut certs = Vec::new();
+    while !payload.is_empty() {
+        let [a, b, c, rest @ ..] = payload else {
+            return Err(FetchError::BadChain("truncated length"));
+        };
+        let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+        if rest.len() < len {
+            return Err(FetchError::BadChain("truncated certificate"));
+        }
+        let (der, tail) = rest.split_at(len);
+        certs.push(CertificateDer::from(der.to_vec()));
+        payload = tail;
+    }
+    Ok(certs)
+}
+
+/// Resolver for one handshake whose chain was fetched already (e.g. a client without
+/// SNI served by the default site).
+#[derive(Debug)]
+pub(crate) struct Fixed(pub(crate) Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}

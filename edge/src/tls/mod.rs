@@ -1,0 +1,232 @@
+//! Client-facing TLS: read the ClientHello, find the site by SNI, fetch its chain from
+//! the key server (asynchronously, cached), then let rustls finish the handshake with a
+//! [`signer::RemoteKey`] whose signatures the key server makes.
+
+mod certs;
+pub mod signer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::timeout_at;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::keyserver::KeyServerClient;
+use crate::metrics::{HandshakeLabels, Metrics};
+use crate::sites::{Site, Sites};
+use certs::{key_preference, CertStore, FetchError, Fixed};
+pub use signer::KeyType;
+use signer::RemoteContext;
+
+/// TLS alert descriptions we send ourselves before rustls is involved.
+const ALERT_HANDSHAKE_FAILURE: u8 = 40;
+const ALERT_INTERNAL_ERROR: u8 = 80;
+const ALERT_UNRECOGNIZED_NAME: u8 = 112;
+
+#[derive(Debug)]
+struct NoCertificate;
+
+impl ResolvesServerCert for NoCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}
+
+/// Settings of the TLS front.
+pub struct TlsFrontConfig {
+    /// Site for clients that send no SNI.
+    pub default_site: Option<String>,
+    /// Deadline of the whole handshake, chain fetch included.
+    pub handshake_timeout: Duration,
+    /// How long a fetched chain is used before a background refresh.
+    pub cert_ttl: Duration,
+    /// Send the whole to-be-signed message to the key server (extension tag 0x40).
+    pub send_handshake_message: bool,
+}
+
+/// Accepts client TLS connections for the configured sites.
+pub struct TlsFront {
+    template: ServerConfig,
+    certs: Arc<CertStore>,
+    sites: Arc<Sites>,
+    default_site: Option<(String, Arc<Site>)>,
+    metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
+}
+
+/// Why a client handshake did not complete (already logged and counted).
+#[derive(Debug)]
+pub struct HandshakeFailed;
+
+impl TlsFront {
+    /// Builds the front; fails if `default_site` names no configured site.
+    pub fn new(
+        config: TlsFrontConfig,
+        sites: Arc<Sites>,
+        client: Arc<KeyServerClient>,
+        metrics: Arc<Metrics>,
+    ) -> Result<TlsFront, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut template = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(NoCertificate));
+        template.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Resumed handshakes need no signature: the cheapest key-server call is none.
+        template.session_storage = ServerSessionMemoryCache::new(100_000);
+        template.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+        let default_site = match config.default_site {
+            Some(name) => {
+                let site = sites
+                    .lookup(&name)
+                    .ok_or_else(|| {
+                        format!("[tls] default_site {name:?} is not a configured domain")
+                    })?
+                    .clone();
+                Some((name.to_ascii_lowercase(), site))
+            }
+            None => None,
+        };
+        let ctx = RemoteContext {
+            client,
+            metrics: metrics.clone(),
+            send_message: config.send_handshake_message,
+        };
+        Ok(TlsFront {
+            template,
+            certs: CertStore::new(config.cert_ttl, ctx),
+            sites,
+            default_site,
+            metrics,
+            handshake_timeout: config.handshake_timeout,
+        })
+    }
+
+    fn count(&self, result: &'static str, version: &'static str) {
+        self.metrics
+            .handshakes
+            .get_or_create(&HandshakeLabels { result, version })
+            .inc();
+    }
+
+    /// Runs the server side of a handshake on `tcp`. On success returns the stream
+    /// and the site chosen by SNI.
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(TlsStream<TcpStream>, Arc<Site>), HandshakeFailed> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.handshake_timeout);
+        let acceptor = LazyConfigAcceptor::new(Acceptor::default(), tcp);
+        tokio::pin!(acceptor);
+        let start = match timeout_at(deadline, acceptor.as_mut()).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "not a TLS ClientHello");
+                self.count("failed", "-");
+                return Err(HandshakeFailed);
+            }
+            Err(_) => {
+                self.count("timeout", "-");
+                return Err(HandshakeFailed);
+            }
+        };
+        let hello = start.client_hello();
+        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let prefs = key_preference(hello.signature_schemes());
+        let (name, site) = match (&sni, &self.default_site) {
+            (Some(n), _) => match self.sites.lookup(n) {
+                Some(site) => (n.clone(), site.clone()),
+                None => {
+                    tracing::warn!(%peer, sni = %n, "unknown SNI: sending unrecognized_name");
+                    self.count("unknown-sni", "-");
+                    alert(start.io, ALERT_UNRECOGNIZED_NAME).await;
+                    return Err(HandshakeFailed);
+                }
+            },
+            (None, Some((name, site))) => (name.clone(), site.clone()),
+            (None, None) => {
+                tracing::warn!(%peer, "client sent no SNI and no default_site is configured");
+                self.count("no-sni", "-");
+                alert(start.io, ALERT_HANDSHAKE_FAILURE).await;
+                return Err(HandshakeFailed);
+            }
+        };
+
+        let fetched = match timeout_at(deadline, self.certs.get(&name, prefs)).await {
+            // The site exists but has no key of the kinds the client listed: take the
+            // key server's choice and let rustls refuse with handshake_failure.
+            Ok(Err(e)) if matches!(*e, FetchError::NotFound) => {
+                timeout_at(deadline, self.certs.get(&name, Vec::new())).await
+            }
+            other => other,
+        };
+        let key = match fetched {
+            Ok(Ok(key)) => key,
+            Ok(Err(e)) => {
+                let (label, desc) = match *e {
+                    FetchError::NotFound => ("unknown-sni", ALERT_UNRECOGNIZED_NAME),
+                    _ => ("keyserver-error", ALERT_INTERNAL_ERROR),
+                };
+                tracing::warn!(%peer, sni = %name, error = %e, reason = e.label(), "no certificate chain for handshake");
+                self.count(label, "-");
+                alert(start.io, desc).await;
+                return Err(HandshakeFailed);
+            }
+            Err(_) => {
+                tracing::warn!(%peer, sni = %name, "timed out fetching the certificate chain");
+                self.count("timeout", "-");
+                alert(start.io, ALERT_INTERNAL_ERROR).await;
+                return Err(HandshakeFailed);
+            }
+        };
+
+        let mut config = self.template.clone();
+        config.cert_resolver = Arc::new(Fixed(key));
+        // rustls signs inside `into_stream` (and, after a HelloRetryRequest, inside the
+        // future): the remote signer bridges both with `block_in_place`.
+        match timeout_at(deadline, start.into_stream(Arc::new(config))).await {
+            Ok(Ok(stream)) => {
+                let version = match stream.get_ref().1.protocol_version() {
+                    Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+                    Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
+                    _ => "-",
+                };
+                self.count("ok", version);
+                self.metrics
+                    .handshake_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok((stream, site))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, sni = %name, error = %e, "TLS handshake failed");
+                self.count("failed", "-");
+                Err(HandshakeFailed)
+            }
+            Err(_) => {
+                tracing::warn!(%peer, sni = %name, "TLS handshake timed out");
+                self.count("timeout", "-");
+                Err(HandshakeFailed)
+            }
+        }
+    }
+}
+
+/// Sends a fatal alert in a plaintext record (before any key is agreed) and closes.
+async fn alert(mut io: TcpStream, description: u8) {
+    let record = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = io.write_all(&record).await;
+        let _ = io.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,373 @@
+//! The keystore: every site key in `keys.dir`, indexed by SKI, and the certificate
+//! chains that go with them, indexed by the names they cover (exact and `*.` wildcard).
+//!
+//! A keystore is immutable once loaded; a reload builds a new one and swaps it in, so
+//! requests in flight finish with the key they started with.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use keyless_shared::Ski;
+use rustls_pki_types::pem::{self, SectionKind};
+use x509_parser::prelude::*;
+use zeroize::Zeroizing;
+
+use crate::config::AclEntry;
+use crate::keys::{Algorithm, KeyError, SiteKey};
+
+/// Extensions of the files the keystore reads; others are ignored.
+const PEM_EXTENSIONS: &[&str] = &["pem", "key", "crt", "cer", "cert"];
+
+/// Why the keys directory could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum KeystoreError {
+    #[error("cannot read keys directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Key { path: PathBuf, source: KeyError },
+    #[error("{path}: certificate is not valid X.509: {message}")]
+    Cert { path: PathBuf, message: String },
+}
+
+/// A certificate chain, leaf first.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    /// DNS names the leaf covers (lowercase; `*.` wildcards kept as such).
+    pub(crate) names: Vec<String>,
+    /// Leaf `notAfter`, seconds since the epoch.
+    pub(crate) not_after: i64,
+    /// Wire form of the get-certificate-chain payload: `u24 length ‖ DER` per cert.
+    pub(crate) encoded: Bytes,
+}
+
+/// A key with what belongs to it.
+#[derive(Debug)]
+pub(crate) struct KeyEntry {
+    /// File stem of the key file (the name ACLs use).
+    pub(crate) name: String,
+    pub(crate) key: SiteKey,
+    pub(crate) chain: Option<Chain>,
+    /// Identities allowed to use the key; `None` = every authenticated client.
+    pub(crate) allow: Option<Vec<String>>,
+}
+
+impl KeyEntry {
+    pub(crate) fn allows(&self, identity: &str) -> bool {
+        self.allow
+            .as_ref()
+            .is_none_or(|ids| ids.iter().any(|id| id == identity))
+    }
+}
+
+/// Key algorithm preference of a get-certificate-chain request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KeyPreference {
+    Rsa = 1,
+    Ecdsa = 2,
+    Ed25519 = 3,
+}
+
+impl KeyPreference {
+    pub(crate) fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(KeyPreference::Rsa),
+            2 => Some(KeyPreference::Ecdsa),
+            3 => Some(KeyPreference::Ed25519),
+            _ => None,
+        }
+    }
+
+    fn matches(self, a: Algorithm) -> bool {
+        matches!(
+            (self, a),
+            (KeyPreference::Rsa, Algorithm::Rsa { .. })
+                | (
+                    KeyPreference::Ecdsa,
+                    Algorithm::EcdsaP256 | Algorithm::EcdsaP384
+                )
+                | (KeyPreference::Ed25519, Algorithm::Ed25519)
+        )
+    }
+}
+
+/// Default preference when the request states none: ECDSA, then Ed25519, then RSA.
+const DEFAULT_PREFERENCE: &[KeyPreference] = &[
+    KeyPreference::Ecdsa,
+    KeyPreference::Ed25519,
+    KeyPreference::Rsa,
+];
+
+#[derive(Debug, Default)]
+pub(crate) struct Keystore {
+    keys: HashMap<Ski, Arc<KeyEntry>>,
+    exact: HashMap<String, Vec<Ski>>,
+    /// `*.example.com` is filed under `example.com`.
+    wildcard: HashMap<String, Vec<Ski>>,
+}
+
+impl Keystore {
+    /// Loads every PEM file of `dir` and applies `acl`. Any unreadable file fails the
+    /// whole load, so a reload never half-applies.
+    pub(crate) fn load(dir: &Path, acl: &[AclEntry]) -> Result<Keystore, KeystoreError> {
+        let mut paths = Vec::new();
+        let entries = std::fs::read_dir(dir).map_err(|source| KeystoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| KeystoreError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            let path = entry.path();
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            let ext_ok = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| PEM_EXTENSIONS.contains(&e));
+            if !hidden && ext_ok && path.is_file() {
+                paths.push(path);
+            } else {
+                tracing::debug!(path = %path.display(), "keystore: ignoring file");
+            }
+        }
+        paths.sort();
+
+        let mut keys: Vec<(String, PathBuf, SiteKey)> = Vec::new();
+        let mut chains: Vec<(PathBuf, Vec<Vec<u8>>)> = Vec::new();
+        for path in &paths {
+            let (file_keys, file_certs) = read_pem_file(path)?;
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for der in file_keys {
+                let key = SiteKey::from_der(&der).map_err(|source| KeystoreError::Key {
+                    path: path.clone(),
+                    source,
+                })?;
+                keys.push((stem.clone(), path.clone(), key));
+            }
+            if !file_certs.is_empty() {
+                chains.push((path.clone(), file_certs));
+            }
+        }
+
+        let mut parsed_chains: HashMap<Ski, Chain> = HashMap::new();
+        for (path, certs) in chains {
+            let (ski, chain) = parse_chain(&path, &certs)?;
+            if parsed_chains.contains_key(&ski) {
+                tracing::warn!(path = %path.display(), %ski, "keystore: second chain for the same key ignored");
+                continue;
+            }
+            parsed_chains.insert(ski, chain);
+        }
+
+        let mut store = Keystore::default();
+        for (name, path, key) in keys {
+            let ski = key.ski;
+            if store.keys.contains_key(&ski) {
+                tracing::warn!(path = %path.display(), %ski, "keystore: duplicate key ignored");
+                continue;
+            }
+            let chain = parsed_chains.remove(&ski);
+            if chain.is_none() {
+                tracing::info!(path = %path.display(), %ski, "keystore: key has no certificate; usable by SKI only");
+            }
+            let allow = acl_for(acl, &name, ski);
+            tracing::info!(
+                key = %name,
+                %ski,
+                algorithm = %key.algorithm.name(),
+                names = ?chain.as_ref().map(|c| c.names.as_slice()).unwrap_or_default(),
+                acl = ?allow,
+                "keystore: key loaded"
+            );
+            if let Some(chain) = &chain {
+                for n in &chain.names {
+                    match n.strip_prefix("*.") {
+                        Some(parent) => store
+                            .wildcard
+                            .entry(parent.to_owned())
+                            .or_default()
+                            .push(ski),
+                        None => store.exact.entry(n.clone()).or_default().push(ski),
+                    }
+                }
+            }
+            store.keys.insert(
+                ski,
+                Arc::new(KeyEntry {
+                    name,
+                    key,
+                    chain,
+                    allow,
+                }),
+            );
+        }
+        for (ski, _) in parsed_chains {
+            tracing::warn!(%ski, "keystore: certificate without its private key is not served");
+        }
+        for entry in acl {
+            let known = store.keys.values().any(|k| {
+                entry.key.as_deref() == Some(k.name.as_str()) || entry.ski == Some(k.key.ski)
+            });
+            if !known {
+                tracing::warn!(key = ?entry.key, ski = ?entry.ski, "acl entry names no loaded key");
+            }
+        }
+        Ok(store)
+    }
+
+    pub(crate) fn get(&self, ski: &Ski) -> Option<&Arc<KeyEntry>> {
+        self.keys.get(ski)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
+        self.keys.values()
+    }
+
+    /// The key whose certificate covers `sni` (exact names before wildcards), picked by
+    /// `preference` (or ECDSA, Ed25519, RSA when empty).
+    pub(crate) fn by_name(
+        &self,
+        sni: &str,
+        preference: &[KeyPreference],
+    ) -> Option<&Arc<KeyEntry>> {
+        let name = sni.trim_end_matches('.').to_ascii_lowercase();
+        let preference = if preference.is_empty() {
+            DEFAULT_PREFERENCE
+        } else {
+            preference
+        };
+        let exact = self.exact.get(&name);
+        let wild = name
+            .split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent));
+        for candidates in [exact, wild].into_iter().flatten() {
+            for pref in preference {
+                let hit = candidates
+                    .iter()
+                    .filter_map(|ski| self.keys.get(ski))
+                    .find(|e| pref.matches(e.key.algorithm));
+                if hit.is_some() {
+                    return hit;
+                }
+            }
+        }
+        None
+    }
+}
+
+fn acl_for(acl: &[AclEntry], name: &str, ski: Ski) -> Option<Vec<String>> {
+    let ids: Vec<String> = acl
+        .iter()
+        .filter(|e| e.key.as_deref() == Some(name) || e.ski == Some(ski))
+        .flat_map(|e| e.allow.iter().cloned())
+        .collect();
+    let listed = acl
+        .iter()
+        .any(|e| e.key.as_deref() == Some(name) || e.ski == Some(ski));
+    listed.then_some(ids)
+}
+
+type PemContents = (Vec<Zeroizing<Vec<u8>>>, Vec<Vec<u8>>);
+
+fn read_pem_file(path: &Path) -> Result<PemContents, KeystoreError> {
+    let data = Zeroizing::new(std::fs::read(path).map_err(|source| KeystoreError::Read {
+        path: path.to_owned(),
+        source,
+    })?);
+    let pem_err = |message: String| KeystoreError::Pem {
+        path: path.to_owned(),
+        message,
+    };
+    if data.windows(9).any(|w| w == b"ENCRYPTED") {
+        return Err(pem_err(
+            "encrypted private keys are not supported; store the key unencrypted with mode 0600"
+                .into(),
+        ));
+    }
+    let mut reader = BufReader::new(&data[..]);
+    let mut keys = Vec::new();
+    let mut certs = Vec::new();
+    loop {
+        match pem::from_buf(&mut reader) {
+            Ok(Some((kind, der))) => match kind {
+                SectionKind::PrivateKey
+                | SectionKind::RsaPrivateKey
+                | SectionKind::EcPrivateKey => keys.push(Zeroizing::new(der)),
+                SectionKind::Certificate => certs.push(der),
+                _ => {}
+            },
+            Ok(None) => break,
+            Err(e) => return Err(pem_err(format!("not valid PEM: {e:?}"))),
+        }
+    }
+    if keys.is_empty() && certs.is_empty() {
+        return Err(pem_err("holds no PEM private key or certificate".into()));
+    }
+    Ok((keys, certs))
+}
+
+fn parse_chain(path: &Path, certs: &[Vec<u8>]) -> Result<(Ski, Chain), KeystoreError> {
+    let cert_err = |message: String| KeystoreError::Cert {
+        path: path.to_owned(),
+        message,
+    };
+    let leaf_der = certs
+        .first()
+        .ok_or_else(|| cert_err("empty chain".into()))?;
+    let (_, leaf) = X509Certificate::from_der(leaf_der).map_err(|e| cert_err(e.to_string()))?;
+    let ski = Ski::from_public_key_bits(&leaf.public_key().subject_public_key.data);
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(Some(san)) = leaf.subject_alternative_name() {
+        for gn in &san.value.general_names {
+            if let GeneralName::DNSName(n) = gn {
+                names.push(n.to_ascii_lowercase());
+            }
+        }
+    }
+    if names.is_empty() {
+        for cn in leaf.subject().iter_common_name() {
+            if let Ok(cn) = cn.as_str() {
+                names.push(cn.to_ascii_lowercase());
+            }
+        }
+    }
+    let mut encoded = BytesMut::new();
+    for der in certs {
+        X509Certificate::from_der(der).map_err(|e| cert_err(e.to_string()))?;
+        if der.len() >= 1 << 24 {
+            return Err(cert_err("certificate too large".into()));
+        }
+        let len = der.len() as u32; // < 2^24, checked above
+        encoded.put_slice(&len.to_be_bytes()[1..]);
+        encoded.put_slice(der);
+    }
+    Ok((
+        ski,
+        Chain {
+            names,
+            not_after: leaf.validity().not_after.timestamp(),
+            encoded: encoded.freeze(),
+        },
+    ))
+}

@@ -1,0 +1,226 @@
+//! Prometheus metrics of the key server (`keyless_` prefix) and the HTTP endpoint that
+//! serves them with a health check.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::keystore::Keystore;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OpLabels {
+    pub(crate) opcode: &'static str,
+    pub(crate) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OpcodeLabel {
+    pub(crate) opcode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabel {
+    pub(crate) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CertLabels {
+    pub(crate) key: String,
+    pub(crate) ski: String,
+}
+
+fn histogram() -> Histogram {
+    // 1 µs .. ~4 s
+    Histogram::new(exponential_buckets(1e-6, 4.0, 12))
+}
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub(crate) ops: Family<OpLabels, Counter>,
+    pub(crate) queue_seconds: Family<OpcodeLabel, Histogram>,
+    pub(crate) exec_seconds: Family<OpcodeLabel, Histogram>,
+    pub(crate) connections: Family<ResultLabel, Counter>,
+    pub(crate) connections_active: Gauge,
+    pub(crate) keys_loaded: Gauge,
+    pub(crate) cert_expiry: Family<CertLabels, Gauge<i64, AtomicI64>>,
+    pub(crate) reloads: Family<ResultLabel, Counter>,
+    pub(crate) frame_errors: Counter<u64, AtomicU64>,
+}
+
+use std::sync::atomic::AtomicI64;
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let ops = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "keyless_ops",
+            "Operations answered, by opcode and result (ok or the protocol error name)",
+            ops.clone(),
+        );
+        let queue_seconds =
+            Family::<OpcodeLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
+        registry.register(
+            "keyless_op_queue_seconds",
+            "Time a private-key operation waited for a worker",
+            queue_seconds.clone(),
+        );
+        let exec_seconds =
+            Family::<OpcodeLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
+        registry.register(
+            "keyless_op_exec_seconds",
+            "Time a private-key operation took on a worker",
+            exec_seconds.clone(),
+        );
+        let connections = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "keyless_connections",
+            "Edge connections accepted, by handshake result",
+            connections.clone(),
+        );
+        let connections_active = Gauge::default();
+        registry.register(
+            "keyless_connections_active",
+            "Edge connections open now",
+            connections_active.clone(),
+        );
+        let keys_loaded = Gauge::default();
+        registry.register(
+            "keyless_keys_loaded",
+            "Site keys in the keystore",
+            keys_loaded.clone(),
+        );
+        let cert_expiry = Family::<CertLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "keyless_certificate_expiry_timestamp_seconds",
+            "notAfter of each site certificate, seconds since the epoch",
+            cert_expiry.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "keyless_reloads",
+            "Keystore reloads, by result",
+            reloads.clone(),
+        );
+        let frame_errors = Counter::default();
+        registry.register(
+            "keyless_frame_errors",
+            "Connections closed for a malformed frame",
+            frame_errors.clone(),
+        );
+        Metrics {
+            registry,
+            ops,
+            queue_seconds,
+            exec_seconds,
+            connections,
+            connections_active,
+            keys_loaded,
+            cert_expiry,
+            reloads,
+            frame_errors,
+        }
+    }
+
+    /// Records the state of a newly installed keystore.
+    pub(crate) fn keystore(&self, store: &Keystore) {
+        self.keys_loaded.set(store.len() as i64);
+        self.cert_expiry.clear();
+        for e in store.entries() {
+            if let Some(chain) = &e.chain {
+                self.cert_expiry
+                    .get_or_create(&CertLabels {
+                        key: e.name.clone(),
+                        ski: e.key.ski.to_string(),
+                    })
+                    .set(chain.not_after);
+            }
+        }
+    }
+
+    pub(crate) fn op(&self, opcode: &'static str, result: &'static str) {
+        self.ops.get_or_create(&OpLabels { opcode, result }).inc();
+    }
+
+    pub(crate) fn timing(&self, opcode: &'static str, queue: Duration, exec: Duration) {
+        let l = OpcodeLabel { opcode };
+        self.queue_seconds
+            .get_or_create(&l)
+            .observe(queue.as_secs_f64());
+        self.exec_seconds
+            .get_or_create(&l)
+            .observe(exec.as_secs_f64());
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` until `shutdown`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let (status, body) = match (req.method(), req.uri().path()) {
+                        (&hyper::Method::GET, "/metrics") => (StatusCode::OK, metrics.render()),
+                        (&hyper::Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+                    };
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    *resp.status_mut() = status;
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        ),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
+                tracing::debug!(error = %e, "metrics: connection timed out");
+            }
+        });
+    }
+}

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The demo command of the README: a complete keyless deployment on loopback.
+#   PKI (keyless-certs init) -> key server (keyless-origin, holds the site keys)
+#   -> content origin (keyless-test-origin) -> DNS (dnsmasq answers for the origin's name)
+#   -> edge (keyless-edge, no site key) -> curl through the edge.
+# Ctrl-C stops all of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+. scripts/lib.sh
+install_deps
+
+cargo build --release --locked -p keyless-certs -p keyless-origin -p keyless-edge
+cargo build --release --locked -p keyless-tests --bin keyless-test-origin
+BIN=$PWD/target/release
+DIR=$PWD/demo
+KS=2407 KS_METRICS=2406 HTTPS=8443 HTTP=8080 ADMIN=9090 ORIGIN=8000 DNS=5353
+
+rm -rf "$DIR"
+"$BIN/keyless-certs" init --out "$DIR" --domain example.com \
+    --keyserver-listen 127.0.0.1:$KS --metrics-listen 127.0.0.1:$KS_METRICS >/dev/null
+cat > "$DIR/edge.toml" <<TOML
+# keyless-edge configuration of the demo
+[listen]
+https = "127.0.0.1:$HTTPS"
+http = "127.0.0.1:$HTTP"
+admin = "127.0.0.1:$ADMIN"
+
+[keyserver]
+servers = ["localhost:$KS"]
+ca = "edge/keyserver-ca.crt"
+cert = "edge/edge.crt"
+key = "edge/edge.key"
+
+[dns]
+nameservers = ["127.0.0.1:$DNS"]
+
+[[site]]
+domains = ["example.com", "*.example.com"]
+origin = "http://origin.example.com:$ORIGIN"
+TOML
+
+pids=()
+cleanup() {
+    trap - EXIT INT TERM
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    echo "demo stopped"
+}
+trap cleanup EXIT INT TERM
+wait_for() { # url
+    for _ in $(seq 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "demo: $1 did not come up; logs are in $DIR/*.log" >&2
+    exit 1
+}
+
+"$BIN/keyless-origin" --config "$DIR/origin.toml" 2> "$DIR/keyserver.log" &
+pids+=($!)
+"$BIN/keyless-test-origin" --listen 127.0.0.1:$ORIGIN --name "the content origin" 2> "$DIR/origin.log" &
+pids+=($!)
+/usr/sbin/dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts \
+    --listen-address=127.0.0.1 --bind-interfaces --port=$DNS --user=root \
+    --address=/origin.example.com/127.0.0.1 --log-facility="$DIR/dns.log" &
+pids+=($!)
+wait_for http://127.0.0.1:$KS_METRICS/healthz
+"$BIN/keyless-edge" --config "$DIR/edge.toml" 2> "$DIR/edge.log" &
+pids+=($!)
+wait_for http://127.0.0.1:$ADMIN/healthz
+
+CURL="curl -sS --resolve example.com:$HTTPS:127.0.0.1 --cacert $DIR/client/ca.pem https://example.com:$HTTPS/"
+echo
+echo "running on loopback:"
+echo "  key server   127.0.0.1:$KS (metrics :$KS_METRICS)   holds $DIR/origin/keys/*"
+echo "  origin       127.0.0.1:$ORIGIN, named origin.example.com by dnsmasq on :$DNS"
+echo "  edge         https :$HTTPS, http :$HTTP, admin :$ADMIN   holds no site key ($DIR/edge/)"
+echo
+echo "\$ $CURL"
+$CURL
+echo
+echo "the key server signed that handshake:"
+grep "op=ecdsa-sign" "$DIR/keyserver.log" | tail -1 | sed 's/^/  /'
+echo
+echo "try it yourself:  $CURL"
+echo "                  curl -s http://127.0.0.1:$ADMIN/metrics | grep keyless_edge_handshakes"
+echo "Ctrl-C stops everything"
+wait

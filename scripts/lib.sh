@@ -1,0 +1,16 @@
+# Sourced by the README's commands: installs the Debian packages they need when missing.
+install_deps() {
+    local need=()
+    command -v pkg-config >/dev/null || need+=(pkg-config)
+    dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+    command -v openssl >/dev/null || need+=(openssl)
+    command -v curl >/dev/null || need+=(curl)
+    command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq)
+    if [ ${#need[@]} -gt 0 ]; then
+        echo "installing: ${need[*]}"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+}

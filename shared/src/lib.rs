@@ -1,0 +1,23 @@
+//! Shared pieces of keyless: the Keyless protocol v1 wire format (byte-compatible with
+//! Cloudflare's Keyless SSL) with our documented extensions, key identifiers (SKI) and
+//! the checks a key server makes on a to-be-signed handshake message.
+//!
+//! The wire format is described in `PROTOCOL.md` beside this crate; a test keeps the
+//! tables there in step with [`Tag`], [`Opcode`] and [`ErrorCode`].
+#![forbid(unsafe_code)]
+
+pub mod cli;
+mod codec;
+mod context;
+mod protocol;
+mod ski;
+
+pub use codec::{
+    decode_message, encode_message, CodecError, KeylessCodec, Message, Operation, HEADER_LEN,
+    MAX_BODY_LEN, PAD_TO,
+};
+pub use context::{
+    check_signing_context, digest_for, HandshakeContext, PolicyError, TLS13_SERVER_CONTEXT,
+};
+pub use protocol::{ErrorCode, HashAlg, KeyKind, Opcode, Tag, VERSION_MAJOR, VERSION_MINOR};
+pub use ski::{ski_from_spki_der, spki_sha256, Ski};

@@ -1,0 +1,129 @@
+//! `PROTOCOL.md` is the reference for implementers of other peers: its tag, opcode and
+//! error-code tables must list exactly the values and names this crate puts on the wire.
+
+use std::collections::{btree_set::Difference, BTreeSet};
+
+use keyless_shared::{ErrorCode, Opcode, Tag};
+
+const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md"));
+
+type Rows = BTreeSet<(u8, String)>;
+
+/// The `(value, name)` rows of the table under the `## {heading}` heading.
+fn table(heading: &str) -> Rows {
+    let wanted = format!("## {heading}");
+    let mut lines = DOC.lines().skip_while(|l| l.trim_end() != wanted);
+    assert!(
+        lines.next().is_some(),
+        "PROTOCOL.md has no `{wanted}` heading"
+    );
+    let table: Vec<&str> = lines
+        .take_while(|l| !l.starts_with("## "))
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    let [header, separator, body @ ..] = table.as_slice() else {
+        panic!("no table under `{wanted}` in PROTOCOL.md");
+    };
+    assert_eq!(
+        cells(header),
+        ["value", "name", "meaning"],
+        "header of the `{wanted}` table"
+    );
+    assert!(
+        cells(separator).iter().all(|c| c.starts_with("---")),
+        "separator row of the `{wanted}` table: {separator}"
+    );
+
+    let mut rows = Rows::new();
+    for line in body {
+        let [value, name, meaning] = cells(line)[..] else {
+            panic!("`{wanted}` row does not have 3 cells: {line}");
+        };
+        let hex = value
+            .strip_prefix("0x")
+            .filter(|h| h.len() == 2)
+            .unwrap_or_else(|| panic!("`{wanted}` value is not like 0x01: {line}"));
+        let value = u8::from_str_radix(hex, 16)
+            .unwrap_or_else(|e| panic!("`{wanted}` value is not hex ({e}): {line}"));
+        assert!(!meaning.is_empty(), "`{wanted}` row has no meaning: {line}");
+        assert!(
+            rows.insert((value, name.to_owned())),
+            "`{wanted}` row listed twice: {line}"
+        );
+    }
+    rows
+}
+
+fn cells(line: &str) -> Vec<&str> {
+    let inner = line
+        .trim()
+        .strip_prefix('|')
+        .and_then(|l| l.strip_suffix('|'))
+        .unwrap_or_else(|| panic!("table row does not start and end with `|`: {line}"));
+    inner.split('|').map(str::trim).collect()
+}
+
+fn assert_same(heading: &str, doc: Rows, code: Rows) {
+    let show = |rows: Difference<'_, (u8, String)>| {
+        rows.map(|(v, n)| format!("0x{v:02X} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let missing = show(code.difference(&doc));
+    let extra = show(doc.difference(&code));
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "PROTOCOL.md `## {heading}` is out of step with the code:\n  \
+         in the code but not in the doc: [{missing}]\n  \
+         in the doc but not in the code: [{extra}]"
+    );
+}
+
+#[test]
+fn tag_table_matches_enum() {
+    let code = Tag::ALL
+        .iter()
+        .map(|t| (t.to_u8(), t.name().to_owned()))
+        .collect();
+    assert_same("Tags", table("Tags"), code);
+}
+
+#[test]
+fn opcode_table_matches_enum() {
+    let code = Opcode::ALL
+        .iter()
+        .map(|o| (o.to_u8(), o.name().to_owned()))
+        .collect();
+    assert_same("Opcodes", table("Opcodes"), code);
+}
+
+#[test]
+fn error_code_table_matches_enum() {
+    let code = ErrorCode::ALL
+        .iter()
+        .map(|e| (e.to_u8(), e.name().to_owned()))
+        .collect();
+    assert_same("Error codes", table("Error codes"), code);
+}
+
+#[test]
+fn extensions_are_marked() {
+    for (heading, value) in [
+        ("Tags", 0x40),
+        ("Opcodes", 0x40),
+        ("Error codes", 0x80),
+        ("Error codes", 0x81),
+    ] {
+        let wanted = format!("## {heading}");
+        let row = DOC
+            .lines()
+            .skip_while(|l| l.trim_end() != wanted)
+            .find(|l| l.starts_with(&format!("| 0x{value:02X} |")))
+            .unwrap_or_else(|| panic!("no 0x{value:02X} row under `{wanted}`"));
+        assert!(
+            row.contains("extension"),
+            "0x{value:02X} under `{wanted}` is not marked as an extension: {row}"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! The stack every edge test runs against: a deployment, its key server, a content
+//! origin found through a real DNS server (dnsmasq), and a `keyless-edge` in front.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use keyless_tests::{
+    has_field, Deployment, Dns, Edge, EdgeConfig, KeyServer, SClientOutput, TestOrigin,
+};
+
+/// The ECDSA-and-RSA site (both keys, as `keyless-certs init` makes them).
+pub(crate) const SITE: &str = "example.com";
+/// A name under the site's wildcard.
+pub(crate) const WILDCARD_NAME: &str = "www.example.com";
+/// A site with only an RSA key (its ECDSA files are removed before the key server starts).
+pub(crate) const RSA_SITE: &str = "rsa.example.net";
+/// The origin's host name; only the test's dnsmasq knows it.
+pub(crate) const ORIGIN_HOST: &str = "origin.example.com";
+
+/// Everything behind one edge. Fields drop in order: the edge first, the deployment
+/// (which removes the directory the logs are in) last.
+pub(crate) struct Stack {
+    pub(crate) edge: Edge,
+    pub(crate) dns: Dns,
+    pub(crate) origin: TestOrigin,
+    pub(crate) keyserver: KeyServer,
+    pub(crate) deployment: Deployment,
+}
+
+type Edit = Box<dyn FnOnce(EdgeConfig) -> EdgeConfig>;
+
+/// How to set up a [`Stack`].
+#[derive(Default)]
+pub(crate) struct StackBuilder {
+    rsa_site: bool,
+    edit: Option<Edit>,
+}
+
+/// The default stack: [`SITE`] only.
+pub(crate) fn stack() -> Result<Stack> {
+    StackBuilder::default().start()
+}
+
+impl StackBuilder {
+    /// Also serve [`RSA_SITE`], whose only key is RSA.
+    pub(crate) fn rsa_site(mut self) -> StackBuilder {
+        self.rsa_site = true;
+        self
+    }
+
+    /// Changes the edge config before the edge starts.
+    pub(crate) fn edit(mut self, edit: impl FnOnce(EdgeConfig) -> EdgeConfig + 'static) -> Self {
+        self.edit = Some(Box::new(edit));
+        self
+    }
+
+    /// Starts everything.
+    pub(crate) fn start(mut self) -> Result<Stack> {
+        let edit = self.edit.take();
+        self.backends()?.with_edge(|c| match edit {
+            Some(edit) => edit(c),
+            None => c,
+        })
+    }
+
+    /// Starts everything but the edge.
+    pub(crate) fn backends(&self) -> Result<Backends> {
+        let mut domains = vec![SITE];
+        if self.rsa_site {
+            domains.push(RSA_SITE);
+        }
+        let deployment = Deployment::init(&domains)?;
+        if self.rsa_site {
+            for ext in ["key", "crt"] {
+                let path = deployment
+                    .keys_dir()
+                    .join(format!("{RSA_SITE}-ecdsa.{ext}"));
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        let keyserver = KeyServer::start(&deployment)?;
+        let logs = deployment.logs_dir();
+        let origin = TestOrigin::start(&logs)?;
+        let dns = Dns::start(&logs, &[(ORIGIN_HOST, IpAddr::V4(Ipv4Addr::LOCALHOST))])?;
+        Ok(Backends {
+            rsa_site: self.rsa_site,
+            dns,
+            origin,
+            keyserver,
+            deployment,
+        })
+    }
+}
+
+/// A [`Stack`] without its edge yet.
+pub(crate) struct Backends {
+    rsa_site: bool,
+    pub(crate) dns: Dns,
+    pub(crate) origin: TestOrigin,
+    pub(crate) keyserver: KeyServer,
+    pub(crate) deployment: Deployment,
+}
+
+impl Backends {
+    /// Starts the edge with the sites pointing at the origin by its DNS name, after
+    /// `edit` changed the config.
+    pub(crate) fn with_edge(self, edit: impl FnOnce(EdgeConfig) -> EdgeConfig) -> Result<Stack> {
+        let origin_url = format!("http://{ORIGIN_HOST}:{}", self.origin.port());
+        let wildcard = format!("*.{SITE}");
+        let mut config = EdgeConfig::new(&self.deployment)?
+            .nameserver(self.dns.addr())
+            .site(&[SITE, &wildcard], &origin_url);
+        if self.rsa_site {
+            config = config.site(&[RSA_SITE], &origin_url);
+        }
+        let edge = Edge::start_with(&self.deployment, &edit(config))?;
+        Ok(Stack {
+            edge,
+            dns: self.dns,
+            origin: self.origin,
+            keyserver: self.keyserver,
+            deployment: self.deployment,
+        })
+    }
+}
+
+impl Stack {
+    /// `https://HOST:PORT/PATH` on the edge.
+    pub(crate) fn url(&self, host: &str, path: &str) -> String {
+        self.edge.url(host, path)
+    }
+
+    /// Audit lines of the key server for `op` with `result=ok` and `sni`.
+    pub(crate) fn audit_lines(&self, op: &str, sni: &str) -> Vec<String> {
+        self.keyserver
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains("audit")
+                    && has_field(l, "op", op)
+                    && has_field(l, "result", "ok")
+                    && has_field(l, "sni", sni)
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until the key server has audited `n` successful `op`s for `sni` (audit
+    /// lines are written after the reply, so they may trail the client a little).
+    pub(crate) fn wait_for_audits(&self, op: &str, sni: &str, n: usize) -> Result<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.audit_lines(op, sni);
+            if lines.len() >= n {
+                return Ok(lines);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "expected {n} audited {op} for {sni}, found {}; key server log:\n{}",
+                    lines.len(),
+                    self.keyserver.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// The key type of the served leaf as `openssl s_client` prints it in the chain
+/// (`a:PKEY: id-ecPublicKey, 256 (bit); ...` → `id-ecPublicKey`).
+pub(crate) fn leaf_key_type(out: &SClientOutput) -> Option<String> {
+    out.stdout.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("a:PKEY:")?;
+        Some(rest.split(',').next()?.trim().to_owned())
+    })
+}

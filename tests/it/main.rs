@@ -1,0 +1,19 @@
+//! End-to-end tests of the key server: each test starts its own `keyless-origin` on free
+//! loopback ports with a fresh `keyless-certs init` deployment and talks to it over
+//! real mutual TLS. Tests run in parallel.
+
+mod auth;
+mod certs;
+mod chain;
+mod config;
+mod edge;
+mod edge_faults;
+mod edge_invariant;
+mod edge_ops;
+mod edge_support;
+mod errors;
+mod lifecycle;
+mod malformed;
+mod ops;
+mod pipelining;
+mod support;

@@ -1,0 +1,94 @@
+//! `keyless-bench`: benchmarks of the keyless binaries against a reference measured in
+//! the same run. The ratio is what matters; absolute numbers depend on the machine.
+//!
+//! - `keyserver`: key server sign ops/s over mTLS against raw `ring` in this process;
+//! - `edge`: full TLS 1.3 handshakes/s through the edge (keyless ECDSA P-256) against
+//!   a local-key rustls server (`reference-server`, this binary re-executed).
+#![forbid(unsafe_code)]
+
+mod edge;
+mod keyserver;
+mod load;
+mod procs;
+mod reference;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "keyless-bench",
+    about = "Benchmarks of keyless against a reference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Key server sign ops/s over mTLS vs raw ring in one process.
+    Keyserver(keyserver::KeyserverArgs),
+    /// Full TLS 1.3 handshakes/s through the edge (keyless ECDSA P-256) vs a rustls
+    /// server holding the same key.
+    Edge(edge::EdgeArgs),
+    /// The local-key reference server of `edge` (started by `edge` itself).
+    #[command(hide = true)]
+    ReferenceServer(reference::ReferenceArgs),
+}
+
+/// Warm-up before each measurement.
+pub(crate) const WARMUP: Duration = Duration::from_secs(1);
+/// Phases of a measurement, shared with the load tasks through an `AtomicU8`.
+pub(crate) const WARMING: u8 = 0;
+pub(crate) const MEASURING: u8 = 1;
+pub(crate) const STOPPED: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keyserver(args) => keyserver::run(args),
+        Command::Edge(args) => edge::run(args),
+        Command::ReferenceServer(args) => reference::run(args).map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("keyless-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `q` quantile of sorted samples (nearest rank), NaN when there are none.
+pub(crate) fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted.get(idx).copied().map_or(f64::NAN, f64::from)
+}
+
+/// User + system CPU seconds of a process so far (Linux `/proc`; 0 elsewhere).
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    // USER_HZ is 100 on every Linux ABI this runs on.
+    const TICKS_PER_SEC: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14, 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / TICKS_PER_SEC
+}

@@ -1,0 +1,153 @@
+//! The processes `edge` starts (key server, edge, test origin, reference server): each
+//! with its stderr and stdout in a log file, killed when dropped.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use keyless_tests::{http_get, strip_ansi, wait_for_port};
+
+/// How long a process may take to become ready after it was spawned.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running child process.
+pub(crate) struct Proc {
+    name: &'static str,
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `bin args...` with `env` added, logging to `log_path`.
+    pub(crate) fn spawn<I, S>(
+        name: &'static str,
+        bin: &Path,
+        args: I,
+        env: &[(&str, &str)],
+        log_path: PathBuf,
+    ) -> Result<Proc>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        if let Some(dir) = log_path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        Ok(Proc {
+            name,
+            child,
+            log_path,
+        })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Everything logged so far, without ANSI escapes.
+    pub(crate) fn log(&self) -> String {
+        let raw = std::fs::read(&self.log_path).unwrap_or_default();
+        strip_ansi(&String::from_utf8_lossy(&raw))
+    }
+
+    /// The last `n` lines of the log.
+    pub(crate) fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let from = lines.len().saturating_sub(n);
+        lines.get(from..).unwrap_or_default().join("\n")
+    }
+
+    /// Fails (with the log) if the process has exited.
+    pub(crate) fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self
+            .child
+            .try_wait()
+            .with_context(|| format!("waiting for {}", self.name))?
+        {
+            bail!(
+                "{} exited with {status}; log {}:\n{}",
+                self.name,
+                self.log_path.display(),
+                self.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until `addr` accepts TCP connections.
+    pub(crate) fn wait_port(&mut self, addr: SocketAddr) -> Result<()> {
+        self.wait_until(&format!("listen on {addr}"), |_| {
+            wait_for_port(addr, Duration::from_millis(100)).is_ok()
+        })
+    }
+
+    /// Waits until `GET path` on `addr` answers 200.
+    pub(crate) fn wait_http_ok(&mut self, addr: SocketAddr, path: &str) -> Result<()> {
+        self.wait_until(&format!("answer 200 to GET {path} on {addr}"), |_| {
+            matches!(http_get(addr, path), Ok((200, _)))
+        })
+    }
+
+    fn wait_until(&mut self, what: &str, ready: impl Fn(&Proc) -> bool) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.check_running()?;
+            if ready(self) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not {what} within {START_TIMEOUT:?}; log {}:\n{}",
+                    self.name,
+                    self.log_path.display(),
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Fails if the log shows a panic.
+    pub(crate) fn check_no_panic(&self) -> Result<()> {
+        if self.log().contains("panicked") {
+            bail!(
+                "{} panicked; log {}:\n{}",
+                self.name,
+                self.log_path.display(),
+                self.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

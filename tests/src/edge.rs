@@ -1,0 +1,418 @@
+//! A running `keyless-edge` and the `edge.toml` it is given.
+//!
+//! [`EdgeConfig`] writes a config for a [`Deployment`] (its edge identity, the key
+//! server's address, free listener ports); [`Edge::start`] takes any config text, so a
+//! test can also hand it something odd. The config file lives in the deployment
+//! directory, so the `edge/...` paths `keyless-certs init` made resolve from it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bins::{binary, Profile};
+use crate::deployment::Deployment;
+use crate::net::{free_addr, http_get};
+use crate::process::LoggedChild;
+use crate::server::Signal;
+use crate::tools::{Curl, SClient};
+
+/// How long an edge may take to answer `/healthz` after it was spawned.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of the edge binary for the current profile.
+pub fn edge_bin() -> Result<PathBuf> {
+    binary("keyless-edge", Profile::current())
+}
+
+/// Runs `keyless-edge --config CONFIG --test` and returns its output.
+pub fn check_edge_config(config: &Path) -> Result<Output> {
+    let mut cmd = Command::new(edge_bin()?);
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--test")
+        .env("NO_COLOR", "1")
+        .env_remove("KEYLESS_LOG");
+    cmd.output().with_context(|| format!("running {cmd:?}"))
+}
+
+/// One `[[site]]`.
+#[derive(Clone, Debug)]
+pub struct SiteEntry {
+    /// Names served (exact, or `*.name`).
+    pub domains: Vec<String>,
+    /// Origin URL.
+    pub origin: String,
+}
+
+/// An `edge.toml` for a deployment, built field by field.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    /// `[listen] https`.
+    pub https: SocketAddr,
+    /// `[listen] http` (none by default).
+    pub http: Option<SocketAddr>,
+    /// `[listen] admin`.
+    pub admin: SocketAddr,
+    /// `[keyserver] servers`.
+    pub keyservers: Vec<String>,
+    /// Other `[keyserver]` keys (`server_name`, `timeout`, ...).
+    pub keyserver: toml::Table,
+    /// `[dns] nameservers` (none: the system resolver).
+    pub nameservers: Vec<SocketAddr>,
+    /// `[tls]` keys.
+    pub tls: toml::Table,
+    /// `[proxy]` keys.
+    pub proxy: toml::Table,
+    /// `[[site]]` entries.
+    pub sites: Vec<SiteEntry>,
+}
+
+impl EdgeConfig {
+    /// Free HTTPS and admin ports, the deployment's key server (by IP, verified as
+    /// `localhost`), the deployment's edge identity, no sites yet.
+    pub fn new(deployment: &Deployment) -> Result<EdgeConfig> {
+        let mut keyserver = toml::Table::new();
+        keyserver.insert("server_name".into(), "localhost".into());
+        Ok(EdgeConfig {
+            https: free_addr()?,
+            http: None,
+            admin: free_addr()?,
+            keyservers: vec![deployment.listen().to_string()],
+            keyserver,
+            nameservers: Vec::new(),
+            tls: toml::Table::new(),
+            proxy: toml::Table::new(),
+            sites: Vec::new(),
+        })
+    }
+
+    /// Uses this key server (`host:port`) instead of the deployment's.
+    pub fn keyserver_addr(mut self, addr: impl ToString) -> EdgeConfig {
+        self.keyservers = vec![addr.to_string()];
+        self
+    }
+
+    /// Sets a `[keyserver]` key (`timeout = "1s"`, ...).
+    pub fn keyserver_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        self.keyserver.insert(key.into(), value.into());
+        self
+    }
+
+    /// Resolves origins with this name server.
+    pub fn nameserver(mut self, addr: SocketAddr) -> EdgeConfig {
+        self.nameservers.push(addr);
+        self
+    }
+
+    /// Adds a plain HTTP listener on `addr` (e.g. a [`free_addr`]).
+    pub fn http_listener(mut self, addr: SocketAddr) -> EdgeConfig {
+        self.http = Some(addr);
+        self
+    }
+
+    /// Sets a `[tls]` key.
+    pub fn tls_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        self.tls.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets a `[proxy]` key.
+    pub fn proxy_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        self.proxy.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds a site serving `domains` from `origin`.
+    pub fn site(mut self, domains: &[&str], origin: &str) -> EdgeConfig {
+        self.sites.push(SiteEntry {
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            origin: origin.to_owned(),
+        });
+        self
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut root = toml::Table::new();
+        let mut listen = toml::Table::new();
+        listen.insert("https".into(), self.https.to_string().into());
+        if let Some(http) = self.http {
+            listen.insert("http".into(), http.to_string().into());
+        }
+        listen.insert("admin".into(), self.admin.to_string().into());
+        root.insert("listen".into(), listen.into());
+
+        let mut keyserver = toml::Table::new();
+        keyserver.insert(
+            "servers".into(),
+            toml::Value::Array(self.keyservers.iter().map(|s| s.as_str().into()).collect()),
+        );
+        keyserver.insert("ca".into(), "edge/keyserver-ca.crt".into());
+        keyserver.insert("cert".into(), "edge/edge.crt".into());
+        keyserver.insert("key".into(), "edge/edge.key".into());
+        keyserver.extend(self.keyserver.clone());
+        root.insert("keyserver".into(), keyserver.into());
+
+        if !self.nameservers.is_empty() {
+            let mut dns = toml::Table::new();
+            dns.insert(
+                "nameservers".into(),
+                toml::Value::Array(
+                    self.nameservers
+                        .iter()
+                        .map(|a| a.to_string().into())
+                        .collect(),
+                ),
+            );
+            root.insert("dns".into(), dns.into());
+        }
+        if !self.tls.is_empty() {
+            root.insert("tls".into(), self.tls.clone().into());
+        }
+        if !self.proxy.is_empty() {
+            root.insert("proxy".into(), self.proxy.clone().into());
+        }
+        let sites = self
+            .sites
+            .iter()
+            .map(|s| {
+                let mut t = toml::Table::new();
+                t.insert(
+                    "domains".into(),
+                    toml::Value::Array(s.domains.iter().map(|d| d.as_str().into()).collect()),
+                );
+                t.insert("origin".into(), s.origin.as_str().into());
+                toml::Value::Table(t)
+            })
+            .collect();
+        root.insert("site".into(), toml::Value::Array(sites));
+        root.to_string()
+    }
+}
+
+/// A `keyless-edge` process; killed (SIGKILL) on drop, printing the end of its log.
+#[derive(Debug)]
+pub struct Edge {
+    process: LoggedChild,
+    dir: PathBuf,
+    config_path: PathBuf,
+    https: SocketAddr,
+    http: Option<SocketAddr>,
+    admin: SocketAddr,
+}
+
+impl Edge {
+    /// Starts an edge with `config` (built by [`EdgeConfig`]).
+    pub fn start_with(deployment: &Deployment, config: &EdgeConfig) -> Result<Edge> {
+        Edge::start(deployment, &config.to_toml())
+    }
+
+    /// Writes `config_text` as `DIR/edge-N.toml`, starts `keyless-edge` on it with its
+    /// log in `DIR/logs/edge-N.log`, and waits until the admin `/healthz` answers 200.
+    /// The listener addresses are read from the text's `[listen]`.
+    pub fn start(deployment: &Deployment, config_text: &str) -> Result<Edge> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let table: toml::Table = config_text.parse().context("parsing the edge config")?;
+        let listen = |key: &str| -> Result<Option<SocketAddr>> {
+            table
+                .get("listen")
+                .and_then(|l| l.get(key))
+                .and_then(|v| v.as_str())
+                .map(|s| s.parse().with_context(|| format!("[listen] {key} = {s:?}")))
+                .transpose()
+        };
+        let https = listen("https")?.context("the edge config has no [listen] https")?;
+        let admin = listen("admin")?.context("the edge config has no [listen] admin")?;
+        let http = listen("http")?;
+
+        let dir = deployment.dir().to_owned();
+        let config_path = dir.join(format!("edge-{n}.toml"));
+        std::fs::write(&config_path, config_text)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let log_path = deployment.logs_dir().join(format!("edge-{n}.log"));
+        let mut cmd = Command::new(edge_bin()?);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env("NO_COLOR", "1")
+            .env_remove("KEYLESS_LOG");
+        if let Some(filter) = std::env::var_os("KEYLESS_EDGE_LOG") {
+            cmd.env("KEYLESS_LOG", filter);
+        }
+        let process = LoggedChild::spawn("keyless-edge", cmd, &log_path)?;
+        let mut edge = Edge {
+            process,
+            dir,
+            config_path,
+            https,
+            http,
+            admin,
+        };
+        edge.wait_ready()?;
+        Ok(edge)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.process.ensure_running()?;
+            if matches!(self.healthz(), Ok((200, _))) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "keyless-edge did not answer /healthz on {} within {START_TIMEOUT:?}; log:\n{}",
+                    self.admin,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The HTTPS listener.
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https
+    }
+
+    /// The HTTPS port.
+    pub fn https_port(&self) -> u16 {
+        self.https.port()
+    }
+
+    /// The plain HTTP listener, if configured.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
+    /// The admin listener (`/healthz`, `/metrics`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The config file the edge runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The deployment directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The site CA (`DIR/client/ca.pem`) clients verify the edge's chains with.
+    pub fn client_ca(&self) -> PathBuf {
+        self.dir.join("client/ca.pem")
+    }
+
+    /// `https://HOST:PORT/PATH` on this edge.
+    pub fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.https.port())
+    }
+
+    /// A curl that reaches `host` at this edge and trusts the site CA.
+    pub fn curl(&self, host: &str) -> Curl {
+        Curl::new(&self.client_ca()).resolve(host, self.https)
+    }
+
+    /// An `openssl s_client` to this edge sending SNI `name` and verifying the chain
+    /// for `name` against the site CA.
+    pub fn s_client(&self, name: &str) -> SClient {
+        SClient::new(self.https)
+            .servername(name)
+            .verify(&self.client_ca(), name)
+    }
+
+    /// Path of the log file.
+    pub fn log_path(&self) -> &Path {
+        self.process.log_path()
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// Waits until a log line satisfies `pred`, returning it.
+    pub fn wait_for_log(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        self.process.wait_for_log(timeout, pred)
+    }
+
+    /// Fails if the log shows a panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(
+            !log.contains("panicked"),
+            "keyless-edge panicked; log:\n{log}"
+        );
+    }
+
+    /// `GET /healthz` on the admin port: (status, body).
+    pub fn healthz(&self) -> Result<(u16, String)> {
+        http_get(self.admin, "/healthz")
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub fn metrics_text(&self) -> Result<String> {
+        let (status, body) = http_get(self.admin, "/metrics")?;
+        if status != 200 {
+            bail!("GET /metrics answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.process.try_exit(), Ok(None))
+    }
+
+    /// Sends `signal`.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let name = match signal {
+            Signal::Hup => "HUP",
+            Signal::Term => "TERM",
+            Signal::Int => "INT",
+        };
+        self.process.signal(name)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.process.wait_exit(timeout)
+    }
+}
+
+/// The sum of a Prometheus counter's samples whose labels include all of `labels`
+/// (`name{a="x",b="y"} 3` lines; `_total` included in `name`). Zero if none match.
+pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            if !all {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}

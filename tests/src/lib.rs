@@ -1,0 +1,47 @@
+//! End-to-end test support for keyless: builds and starts the real binaries on free
+//! loopback ports and drives them over real mutual TLS.
+//!
+//! - [`Deployment`]: a temporary directory filled by `keyless-certs init`.
+//! - [`KeyServer`]: a running `keyless-origin` with its log captured to a file.
+//! - [`KeyClient`]: a Keyless protocol client with an edge's client certificate.
+//! - [`keys`]: site keys, extra key generation, digests and signature verification.
+//! - [`Edge`] / [`EdgeConfig`]: a running `keyless-edge` and its `edge.toml`.
+//! - [`TestOrigin`], [`Dns`]: the content origin and a real DNS server (dnsmasq) behind
+//!   the edge; [`DelayProxy`]: a relay that slows the key server down.
+//! - [`Curl`], [`SClient`], [`KeepAliveClient`]: real clients of the edge.
+//! - [`memscan`]: looking for site key material in files and in process memory.
+//!
+//! Setup failures are `anyhow` errors (they are reported, never matched on); the client,
+//! whose failures tests do match on, has the typed [`ClientError`].
+#![forbid(unsafe_code)]
+
+mod bins;
+mod client;
+mod delay_proxy;
+mod deployment;
+mod dns;
+mod edge;
+mod https;
+pub mod keys;
+pub mod memscan;
+mod net;
+mod process;
+mod server;
+mod test_origin;
+mod tools;
+
+pub use bins::{binary, certs_bin, ensure_built, origin_bin, target_dir, workspace_root, Profile};
+pub use client::{
+    sign_request, ClientError, ClientOptions, KeyClient, Reader, TlsStream, TlsVersion, Writer,
+    DEFAULT_TIMEOUT,
+};
+pub use delay_proxy::DelayProxy;
+pub use deployment::{add_acl, unique_temp_dir, Deployment, EDGE_NAME};
+pub use dns::Dns;
+pub use edge::{check_edge_config, edge_bin, metric_sum, Edge, EdgeConfig, SiteEntry};
+pub use https::{KeepAliveClient, KeepAliveResponse};
+pub use net::{free_addr, free_port, http_get, wait_for_port};
+pub use process::run_with_timeout;
+pub use server::{check_config, has_field, strip_ansi, KeyServer, Signal};
+pub use test_origin::TestOrigin;
+pub use tools::{Curl, CurlOutput, HttpVersion, SClient, SClientOutput};

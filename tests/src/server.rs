@@ -1,0 +1,323 @@
+//! A running `keyless-origin` process.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bins;
+use crate::deployment::Deployment;
+use crate::net::{http_get, wait_for_port};
+
+/// How long a key server may take to accept connections after it was spawned.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of the log a dropped key server prints.
+const LOG_TAIL_LINES: usize = 60;
+
+/// A Unix signal the tests send to the key server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// Reload the keys directory.
+    Hup,
+    /// Graceful shutdown.
+    Term,
+    /// Fast shutdown.
+    Int,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Hup => "HUP",
+            Signal::Term => "TERM",
+            Signal::Int => "INT",
+        }
+    }
+}
+
+/// A key server process with its stderr captured to a log file.
+///
+/// Dropping it kills the process (SIGKILL) and prints the end of its log to stderr,
+/// which the test harness shows only for failed tests.
+#[derive(Debug)]
+pub struct KeyServer {
+    child: Child,
+    exit: Option<ExitStatus>,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    log_path: PathBuf,
+    report_on_drop: bool,
+}
+
+impl KeyServer {
+    /// Starts the key server with the deployment's `origin.toml`.
+    pub fn start(deployment: &Deployment) -> Result<KeyServer> {
+        KeyServer::start_with_config(deployment, &deployment.config_path())
+    }
+
+    /// Starts the key server with another config that keeps the deployment's ports.
+    pub fn start_with_config(deployment: &Deployment, config: &Path) -> Result<KeyServer> {
+        KeyServer::spawn(
+            config,
+            deployment.listen(),
+            deployment.metrics(),
+            &deployment.logs_dir(),
+        )
+    }
+
+    /// Spawns `keyless-origin --config CONFIG`, logging to a new file in `logs_dir`, and
+    /// waits until `listen` accepts connections.
+    pub fn spawn(
+        config: &Path,
+        listen: SocketAddr,
+        metrics: SocketAddr,
+        logs_dir: &Path,
+    ) -> Result<KeyServer> {
+        KeyServer::spawn_with(&bins::origin_bin()?, config, listen, metrics, logs_dir)
+    }
+
+    /// Like [`KeyServer::spawn`] with a given `keyless-origin` binary (e.g. the release
+    /// build for benchmarks).
+    pub fn spawn_with(
+        bin: &Path,
+        config: &Path,
+        listen: SocketAddr,
+        metrics: SocketAddr,
+        logs_dir: &Path,
+    ) -> Result<KeyServer> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        std::fs::create_dir_all(logs_dir)
+            .with_context(|| format!("creating {}", logs_dir.display()))?;
+        let log_path = logs_dir.join(format!(
+            "origin-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG");
+        if let Some(filter) = std::env::var_os("KEYLESS_ORIGIN_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let mut server = KeyServer {
+            child,
+            exit: None,
+            listen,
+            metrics,
+            log_path,
+            report_on_drop: true,
+        };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.try_exit()? {
+                bail!(
+                    "keyless-origin exited with {status} before listening on {}; log:\n{}",
+                    self.listen,
+                    self.log()
+                );
+            }
+            if wait_for_port(self.listen, Duration::from_millis(100)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "keyless-origin did not listen on {} within {START_TIMEOUT:?}; log:\n{}",
+                    self.listen,
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// Whether dropping prints the end of the log (default on; programs outside the
+    /// test harness, whose stderr is not captured, turn it off).
+    pub fn set_report_on_drop(&mut self, report: bool) {
+        self.report_on_drop = report;
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The mTLS address.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The metrics address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+
+    /// Path of the captured stderr/stdout.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything logged so far, without ANSI escapes.
+    pub fn log(&self) -> String {
+        let raw = std::fs::read(&self.log_path).unwrap_or_default();
+        strip_ansi(&String::from_utf8_lossy(&raw))
+    }
+
+    /// Waits until a log line satisfies `pred`, returning it.
+    pub fn wait_for_log(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log().lines().find(|l| pred(l)) {
+                return Ok(line.to_owned());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no matching log line within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Fails if the log shows a panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(
+            !log.contains("panicked"),
+            "keyless-origin panicked; log:\n{log}"
+        );
+    }
+
+    /// Sends `signal` with `kill(1)` (the workspace forbids `unsafe`, so no `libc::kill`).
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{}", signal.name()))
+            .arg(self.pid().to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{} {} failed: {status}", signal.name(), self.pid());
+        }
+        Ok(())
+    }
+
+    fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
+        if self.exit.is_none() {
+            self.exit = self
+                .child
+                .try_wait()
+                .context("waiting for keyless-origin")?;
+        }
+        Ok(self.exit)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.try_exit(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("keyless-origin still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub fn metrics_text(&self) -> Result<String> {
+        let (status, body) = http_get(self.metrics, "/metrics")?;
+        if status != 200 {
+            bail!("GET /metrics answered {status}: {body}");
+        }
+        Ok(body)
+    }
+}
+
+impl Drop for KeyServer {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if !self.report_on_drop {
+            return;
+        }
+        // libtest captures this and shows it only for a failed test, which is when the
+        // key server's side of the story is wanted (tests returning `Err` have dropped
+        // their servers before the harness learns of the failure).
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines.len().saturating_sub(LOG_TAIL_LINES);
+        eprintln!(
+            "---- keyless-origin log {} (last {} of {} lines) ----\n{}\n----",
+            self.log_path.display(),
+            lines.len() - tail,
+            lines.len(),
+            lines.get(tail..).unwrap_or_default().join("\n")
+        );
+    }
+}
+
+/// Runs `keyless-origin --config CONFIG --test` and returns its output.
+pub fn check_config(config: &Path) -> Result<Output> {
+    let bin = bins::origin_bin()?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--test")
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG");
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok(out)
+}
+
+/// Removes ANSI escape sequences (colours), in case the logger emits them anyway.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in 0x40..=0x7e.
+            for c in chars.by_ref() {
+                if ('\u{40}'..='\u{7e}').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether an audit-style log line has `key=value` (or `key="value"`).
+pub fn has_field(line: &str, key: &str, value: &str) -> bool {
+    line.split_whitespace().any(|word| {
+        word.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('='))
+            .is_some_and(|v| v.trim_matches('"').trim_end_matches(',') == value)
+    })
+}
