@@ -1,4 +1,15 @@
-//! The admin listener: `GET /healthz` and `GET /metrics` (Prometheus text).
+//! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text) and the cache
+//! purge API:
+//!
+//! - `POST /cache/purge?url=URL` — every stored variant of one URL
+//!   (`https://example.com/a?x=1`; the query is part of the URL);
+//! - `POST /cache/purge?prefix=URL-PREFIX` — every object whose URL starts with it;
+//! - `POST /cache/purge?tag=KEY` — every object tagged `KEY` by its `Surrogate-Key`
+//!   or `Cache-Tag` response header.
+//!
+//! Purges need `Authorization: Bearer <[cache] purge_token>` (compared in constant
+//! time); without a configured token the purge API answers 404. Each purge takes
+//! effect in the memory and disk tiers and answers `purged N`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +21,16 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::Cache;
 use crate::metrics::Metrics;
 
 /// Serves the admin endpoints until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    cache: Option<Arc<Cache>>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -26,11 +43,28 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
             },
             () = shutdown.cancelled() => return,
         };
+        let peer = stream.peer_addr().ok();
         let metrics = metrics.clone();
+        let cache = cache.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&req, &metrics)) }
+                let cache = cache.clone();
+                async move {
+                    let (status, body) = route(&req, &metrics, cache.as_deref());
+                    if req.uri().path() == "/cache/purge" {
+                        tracing::info!(target: "audit", client = ?peer, query = req.uri().query().unwrap_or(""), status = status.as_u16(), result = %body.trim_end(), "cache purge");
+                    }
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    *resp.status_mut() = status;
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        ),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -41,17 +75,143 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
     }
 }
 
-fn route(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, metrics.render()),
+fn route(
+    req: &Request<hyper::body::Incoming>,
+    metrics: &Metrics,
+    cache: Option<&Cache>,
+) -> (StatusCode, String) {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            if let Some(cache) = cache {
+                cache.maintain();
+            }
+            (StatusCode::OK, metrics.render())
+        }
         (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
+        (&Method::POST, "/cache/purge") => purge(req, cache),
+        (_, "/cache/purge") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use POST /cache/purge\n".to_owned(),
+        ),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    }
+}
+
+fn purge(req: &Request<hyper::body::Incoming>, cache: Option<&Cache>) -> (StatusCode, String) {
+    let not_configured = || {
+        (
+            StatusCode::NOT_FOUND,
+            "purge API disabled: no [cache] purge_token\n".to_owned(),
+        )
     };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    resp
+    let Some(cache) = cache else {
+        return not_configured();
+    };
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    match cache.purge_authorized(token.as_bytes()) {
+        None => return not_configured(),
+        Some(false) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "bad or missing token\n".to_owned(),
+            )
+        }
+        Some(true) => {}
+    }
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let [(kind, value)] = pairs.as_slice() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "give exactly one of url=, prefix=, tag=\n".to_owned(),
+        );
+    };
+    if value.is_empty() {
+        return (StatusCode::BAD_REQUEST, format!("{kind}= is empty\n"));
+    }
+    let n = match kind.as_str() {
+        "url" | "prefix" => {
+            let Some(key) = url_key(value) else {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("{kind}= must be an absolute http(s) URL\n"),
+                );
+            };
+            if kind == "url" {
+                cache.purge_url(&key)
+            } else {
+                cache.purge_prefix(&key)
+            }
+        }
+        "tag" => cache.purge_tag(value),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "give exactly one of url=, prefix=, tag=\n".to_owned(),
+            )
+        }
+    };
+    (StatusCode::OK, format!("purged {n}\n"))
+}
+
+/// A purge URL in the cache's key form: scheme and host lowercase, no port; `None`
+/// when it is not an absolute http(s) URL.
+fn url_key(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = if authority.starts_with('[') {
+        // [v6]:port
+        &authority[..authority.find(']').map_or(authority.len(), |i| i + 1)]
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        }
+    };
+    if host.is_empty() || host.contains('@') {
+        return None;
+    }
+    Some(format!(
+        "{scheme}://{}{path}",
+        host.trim_end_matches('.').to_ascii_lowercase()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_key;
+
+    #[test]
+    fn purge_urls_take_the_cache_key_form() {
+        assert_eq!(
+            url_key("HTTPS://Example.COM:8443/a?x=1").as_deref(),
+            Some("https://example.com/a?x=1")
+        );
+        assert_eq!(
+            url_key("http://example.com").as_deref(),
+            Some("http://example.com")
+        );
+        assert_eq!(url_key("ftp://example.com/").as_deref(), None);
+        assert_eq!(url_key("/a").as_deref(), None);
+        assert_eq!(url_key("https://u@h/").as_deref(), None);
+        assert_eq!(
+            url_key("https://[::1]:8443/p").as_deref(),
+            Some("https://[::1]/p")
+        );
+    }
 }

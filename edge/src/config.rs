@@ -47,6 +47,9 @@ pub struct Config {
     /// Proxying to origins.
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// The HTTP cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// Customer sites.
     #[serde(rename = "site")]
     pub sites: Vec<SiteConfig>,
@@ -176,8 +179,100 @@ pub struct SiteConfig {
     pub domains: Vec<String>,
     /// Origin URL (`http://` or `https://`); its host is resolved through `[dns]`.
     pub origin: String,
+    /// How this site's responses are cached.
+    #[serde(default)]
+    pub cache: SiteCacheConfig,
 }
 
+/// `[cache]`: the shared HTTP cache (RFC 9111) of every site.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Whether responses are cached at all. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Memory tier size, bytes (bodies + headers). Default 256 MiB.
+    #[serde(default = "default_memory_bytes")]
+    pub memory_bytes: u64,
+    /// Largest response body stored, bytes; larger ones are streamed through
+    /// uncached. Default 64 MiB.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: u64,
+    /// Directory of the disk tier, which survives restarts; none = memory only.
+    #[serde(default)]
+    pub disk_dir: Option<PathBuf>,
+    /// Disk tier size, bytes. Default 1 GiB.
+    #[serde(default = "default_disk_bytes")]
+    pub disk_bytes: u64,
+    /// `stale-while-revalidate` applied when a response carries none (RFC 5861).
+    /// Default "0s".
+    #[serde(default, with = "humantime_serde")]
+    pub stale_while_revalidate: Option<Duration>,
+    /// `stale-if-error` applied when a response carries none (RFC 5861). Default "0s".
+    #[serde(default, with = "humantime_serde")]
+    pub stale_if_error: Option<Duration>,
+    /// Longest wait of a request for a concurrent miss of the same object before it
+    /// goes to the origin itself. Default "10s".
+    #[serde(default = "default_10s", with = "humantime_serde")]
+    pub coalesce_timeout: Duration,
+    /// Bearer token of the purge API on the admin listener; none = purge disabled.
+    #[serde(default)]
+    pub purge_token: Option<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            memory_bytes: default_memory_bytes(),
+            max_object_bytes: default_max_object_bytes(),
+            disk_dir: None,
+            disk_bytes: default_disk_bytes(),
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            coalesce_timeout: default_10s(),
+            purge_token: None,
+        }
+    }
+}
+
+/// `[site.cache]`: per-site cache settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteCacheConfig {
+    /// Whether this site's responses are cached. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Leave the query string out of the cache key. Default false.
+    #[serde(default)]
+    pub ignore_query: bool,
+    /// Request headers whose values are part of the cache key.
+    #[serde(default)]
+    pub key_headers: Vec<String>,
+}
+
+impl Default for SiteCacheConfig {
+    fn default() -> Self {
+        SiteCacheConfig {
+            enabled: true,
+            ignore_query: false,
+            key_headers: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_memory_bytes() -> u64 {
+    256 << 20
+}
+fn default_max_object_bytes() -> u64 {
+    64 << 20
+}
+fn default_disk_bytes() -> u64 {
+    1 << 30
+}
 fn default_https() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 443))
 }
@@ -238,6 +333,9 @@ impl Config {
         if let Some(p) = config.proxy.origin_ca.as_mut() {
             paths.push(p);
         }
+        if let Some(p) = config.cache.disk_dir.as_mut() {
+            paths.push(p);
+        }
         for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -245,6 +343,21 @@ impl Config {
         }
         if config.keyserver.servers.is_empty() {
             return Err(invalid("[keyserver] servers is empty".into()));
+        }
+        if config
+            .cache
+            .purge_token
+            .as_deref()
+            .is_some_and(|t| t.len() < 16)
+        {
+            return Err(invalid(
+                "[cache] purge_token must be at least 16 characters".into(),
+            ));
+        }
+        if config.cache.max_object_bytes == 0 || config.cache.memory_bytes == 0 {
+            return Err(invalid(
+                "[cache] memory_bytes and max_object_bytes must be positive".into(),
+            ));
         }
         if config.sites.is_empty() {
             return Err(invalid("no [[site]] configured".into()));
@@ -265,6 +378,14 @@ impl Config {
                     "site origin {:?} must be an http:// or https:// URL with a host",
                     site.origin
                 )));
+            }
+            for h in &site.cache.key_headers {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(invalid(format!(
+                        "site {:?}: cache key_headers entry {h:?} is not a header name",
+                        site.origin
+                    )));
+                }
             }
         }
         Ok(config)

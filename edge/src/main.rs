@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use keyless_edge::admin;
+use keyless_edge::cache::Cache;
 use keyless_edge::config::{Config, KeyServerConfig};
 use keyless_edge::keyserver::{ClientConfig, Endpoint, KeyServerClient};
 use keyless_edge::metrics::Metrics;
@@ -151,8 +152,24 @@ async fn serve(
         )
         .map_err(|e| anyhow::anyhow!(e))?,
     );
-    let proxy =
-        Arc::new(Proxy::new(&config, metrics.clone()).context("cannot set up the origin client")?);
+    let cache = if config.cache.enabled {
+        // Opening the disk tier reads its index: blocking, once, before serving.
+        let cache =
+            Cache::new(&config.cache, metrics.clone()).context("cannot set up the cache")?;
+        tracing::info!(
+            memory_bytes = config.cache.memory_bytes,
+            disk_dir = ?config.cache.disk_dir,
+            disk_bytes = config.cache.disk_dir.as_ref().map(|_| config.cache.disk_bytes),
+            "cache ready"
+        );
+        Some(Arc::new(cache))
+    } else {
+        None
+    };
+    let proxy = Arc::new(
+        Proxy::new(&config, metrics.clone(), cache.clone())
+            .context("cannot set up the origin client")?,
+    );
 
     let https = TcpListener::bind(config.listen.https)
         .await
@@ -175,6 +192,7 @@ async fn serve(
     tokio::spawn(admin::serve(
         admin_listener,
         metrics.clone(),
+        cache,
         shutdown.clone(),
     ));
     tracing::info!(

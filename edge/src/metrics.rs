@@ -44,6 +44,20 @@ pub struct OriginLabels {
     pub result: &'static str,
 }
 
+/// Cache lookup result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `hit`, `stale` (served stale), `miss`, `revalidated`, `bypass`.
+    pub result: &'static str,
+}
+
+/// Cache tier.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    /// `memory` or `disk`.
+    pub tier: &'static str,
+}
+
 fn latency() -> Histogram {
     // 50 µs .. ~13 s
     Histogram::new(exponential_buckets(50e-6, 2.5, 14))
@@ -68,6 +82,20 @@ pub struct Metrics {
     pub connections_active: Gauge,
     /// Certificate chains cached.
     pub certs_cached: Gauge,
+    /// Cache lookups by result.
+    pub cache_lookups: Family<CacheLabels, Counter>,
+    /// Bytes held by each cache tier.
+    pub cache_bytes: Family<TierLabels, Gauge>,
+    /// Objects held by each cache tier.
+    pub cache_objects: Family<TierLabels, Gauge>,
+    /// Objects evicted from each tier to respect its byte bound.
+    pub cache_evictions: Family<TierLabels, Counter>,
+    /// Requests served from another request's origin fetch.
+    pub cache_coalesced: Counter,
+    /// Responses stored.
+    pub cache_stores: Counter,
+    /// Objects removed through the purge API.
+    pub cache_purged: Counter,
 }
 
 impl Default for Metrics {
@@ -131,8 +159,57 @@ impl Metrics {
             "Certificate chains in the cache",
             certs_cached.clone(),
         );
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "keyless_edge_cache_lookups",
+            "Cache lookups by result",
+            cache_lookups.clone(),
+        );
+        let cache_bytes = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "keyless_edge_cache_bytes",
+            "Bytes held by each cache tier",
+            cache_bytes.clone(),
+        );
+        let cache_objects = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "keyless_edge_cache_objects",
+            "Objects held by each cache tier",
+            cache_objects.clone(),
+        );
+        let cache_evictions = Family::<TierLabels, Counter>::default();
+        registry.register(
+            "keyless_edge_cache_evictions",
+            "Objects evicted from each cache tier to respect its size",
+            cache_evictions.clone(),
+        );
+        let cache_coalesced = Counter::default();
+        registry.register(
+            "keyless_edge_cache_coalesced",
+            "Requests served from a concurrent request's origin fetch",
+            cache_coalesced.clone(),
+        );
+        let cache_stores = Counter::default();
+        registry.register(
+            "keyless_edge_cache_stores",
+            "Responses stored in the cache",
+            cache_stores.clone(),
+        );
+        let cache_purged = Counter::default();
+        registry.register(
+            "keyless_edge_cache_purged",
+            "Objects removed through the purge API",
+            cache_purged.clone(),
+        );
         Metrics {
             registry,
+            cache_lookups,
+            cache_bytes,
+            cache_objects,
+            cache_evictions,
+            cache_coalesced,
+            cache_stores,
+            cache_purged,
             handshakes,
             handshake_seconds,
             keyserver_ops,
@@ -165,6 +242,13 @@ impl Metrics {
         self.origin_seconds
             .get_or_create(&OriginLabels { result })
             .observe(took.as_secs_f64());
+    }
+
+    /// Records one cache lookup.
+    pub fn cache_lookup(&self, result: &'static str) {
+        self.cache_lookups
+            .get_or_create(&CacheLabels { result })
+            .inc();
     }
 
     /// Prometheus text exposition.

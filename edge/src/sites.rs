@@ -13,6 +13,12 @@ pub struct Site {
     /// Origin base URL (`http://host:port` or `https://...`); path and query of a client
     /// request are appended to its path.
     pub origin: http::Uri,
+    /// Whether this site's responses are cached.
+    pub cache_enabled: bool,
+    /// Leave the query out of cache keys.
+    pub cache_ignore_query: bool,
+    /// Request headers whose values are part of cache keys.
+    pub cache_key_headers: Vec<http::HeaderName>,
 }
 
 impl Site {
@@ -41,6 +47,17 @@ impl Sites {
             let site = Arc::new(Site {
                 domains: c.domains.iter().map(|d| normalize(d)).collect(),
                 origin,
+                cache_enabled: c.cache.enabled,
+                cache_ignore_query: c.cache.ignore_query,
+                cache_key_headers: c
+                    .cache
+                    .key_headers
+                    .iter()
+                    .map(|h| {
+                        http::HeaderName::from_bytes(h.as_bytes())
+                            .map_err(|_| format!("cache key header {h:?} is not a header name"))
+                    })
+                    .collect::<Result<_, _>>()?,
             });
             for d in &site.domains {
                 let (map, key) = match d.strip_prefix("*.") {
@@ -77,6 +94,7 @@ mod tests {
         SiteConfig {
             domains: domains.iter().map(|s| s.to_string()).collect(),
             origin: origin.into(),
+            cache: Default::default(),
         }
     }
 

@@ -31,6 +31,7 @@ use hyper::body::Incoming;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::sites::Site;
@@ -142,6 +143,11 @@ impl ProxyError {
         }
     }
 
+    /// The status the client is told (502, 504 or 400).
+    pub fn client_status(&self) -> StatusCode {
+        self.client_answer().0
+    }
+
     /// What the client is told: a status and a short text naming the failure class.
     fn client_answer(&self) -> (StatusCode, &'static str) {
         match self {
@@ -176,6 +182,8 @@ pub struct Proxy {
     /// Largest request header block accepted from clients.
     pub(crate) max_header_bytes: usize,
     pub(crate) metrics: Arc<Metrics>,
+    /// The HTTP cache; `None` when `[cache] enabled = false`.
+    cache: Option<Arc<Cache>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -190,7 +198,11 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Sets up the resolver of `[dns]` and the origin TLS trust (system roots plus
     /// `proxy.origin_ca`). Needs no runtime; connections are made on first use.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Proxy, ProxyError> {
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        cache: Option<Arc<Cache>>,
+    ) -> Result<Proxy, ProxyError> {
         let resolver = Resolver::new(&config.dns)?;
         let tls = origin_tls_config(config.proxy.origin_ca.as_deref())?;
         let p = &config.proxy;
@@ -200,41 +212,87 @@ impl Proxy {
             idle_timeout: p.idle_timeout,
             max_header_bytes: p.max_header_bytes.get(),
             metrics,
+            cache,
         })
+    }
+
+    /// The cache, if enabled.
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
+    }
+
+    /// Answers `req` for `site`: through the cache when it is enabled, else straight
+    /// from the origin.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        site: &Arc<Site>,
+        ctx: &ClientCtx,
+    ) -> Response<ProxyBody> {
+        match &self.cache {
+            Some(cache) => crate::cache::flow::handle(self, cache, req, site, ctx).await,
+            None => {
+                self.forward(req.map(BodyExt::boxed_unsync), site, ctx)
+                    .await
+            }
+        }
     }
 
     /// Sends `req` to `site`'s origin and returns its response (streaming), or a short
     /// `502`/`504`/`400` answer when that fails. Records [`Metrics::origin`].
     pub async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         site: &Site,
         ctx: &ClientCtx,
     ) -> Response<ProxyBody> {
+        match self.fetch(req, site, ctx).await {
+            Ok(response) => response,
+            Err(e) => self.error_response(&e, site, ctx),
+        }
+    }
+
+    /// Sends `req` to `site`'s origin: its response (streaming) or why it failed.
+    /// Records [`Metrics::origin`]; the response carries the origin time.
+    pub async fn fetch(
+        &self,
+        req: Request<ProxyBody>,
+        site: &Site,
+        ctx: &ClientCtx,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
         let result = self.exchange(req, site, ctx).await;
         let took = started.elapsed();
-        let mut response = match result {
-            Ok(response) => {
+        match result {
+            Ok(mut response) => {
                 self.metrics.origin("ok", took);
-                response
+                response.extensions_mut().insert(OriginTime(took));
+                Ok(response)
             }
             Err(e) => {
                 if !matches!(e, ProxyError::BadRequest(_)) {
                     self.metrics.origin(e.metric_result(), took);
                 }
-                tracing::warn!(site = site.name(), client = %ctx.client_addr.ip(), error = %e, "origin request failed");
-                let (status, text) = e.client_answer();
-                text_response(status, text)
+                Err(e)
             }
-        };
-        response.extensions_mut().insert(OriginTime(took));
-        response
+        }
+    }
+
+    /// The short answer to the client for an origin failure, logged.
+    pub fn error_response(
+        &self,
+        e: &ProxyError,
+        site: &Site,
+        ctx: &ClientCtx,
+    ) -> Response<ProxyBody> {
+        tracing::warn!(site = site.name(), client = %ctx.client_addr.ip(), error = %e, "origin request failed");
+        let (status, text) = e.client_answer();
+        text_response(status, text)
     }
 
     async fn exchange(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         site: &Site,
         ctx: &ClientCtx,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -261,7 +319,7 @@ impl Proxy {
             ctx,
             client_authority.as_ref().map(Authority::as_str),
         );
-        let mut upstream = Request::from_parts(parts, body.boxed_unsync());
+        let mut upstream = Request::from_parts(parts, body);
 
         let mut conn = self.pool.get(&origin).await?;
         let response = loop {

@@ -167,7 +167,7 @@ impl ConnState {
         } else if method == Method::CONNECT {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
         } else if let Some(site) = site {
-            self.proxy.forward(req, &site, &self.ctx).await
+            self.proxy.handle(req, &site, &self.ctx).await
         } else if self.ctx.scheme == "https" {
             text_response(
                 StatusCode::MISDIRECTED_REQUEST,

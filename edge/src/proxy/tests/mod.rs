@@ -160,7 +160,7 @@ origin = "{origin}"
     let mut config = Config::parse(&text, Path::new("/nonexistent/edge.toml")).unwrap();
     config.proxy.origin_ca = opts.origin_ca;
     let metrics = Arc::new(Metrics::new());
-    let proxy = Arc::new(Proxy::new(&config, metrics.clone()).unwrap());
+    let proxy = Arc::new(Proxy::new(&config, metrics.clone(), None).unwrap());
     let sites = Arc::new(Sites::new(&config.sites).unwrap());
     let default_site = opts
         .default_site

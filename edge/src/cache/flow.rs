@@ -1,0 +1,857 @@
+//! How a request goes through the cache: lookup, hit (with client conditionals,
+//! ranges and HEAD answered from the stored response), revalidation with the origin,
+//! stale serving (RFC 5861), request coalescing on misses, storing while streaming,
+//! and invalidation after unsafe methods. Every response gets a `Cache-Status`
+//! (RFC 9211) entry.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::conditional::{self, Precondition};
+use super::object::CachedObject;
+use super::policy::{self, Directives, ResponsePolicy, Usability};
+use super::range::{self, RangeAnswer};
+use super::{Cache, Entry, Flight, FlightGuard, Lookup};
+use crate::proxy::{request_authority, text_response, ClientCtx, Proxy, ProxyBody};
+use crate::sites::Site;
+
+/// This cache's name in `Cache-Status`.
+const CACHE_NAME: &str = "keyless";
+
+static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Request fields that make a request conditional or partial: such a request is
+/// forwarded as it is on a miss (its answer may still be stored when it is a full
+/// response) and does not lead a coalesced fetch.
+static CONDITIONAL: [HeaderName; 6] = [
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::RANGE,
+];
+
+/// Header fields a 304 does not update in the stored response (RFC 9111 §3.2).
+static NOT_UPDATED: [HeaderName; 4] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::TRANSFER_ENCODING,
+    header::CONTENT_RANGE,
+];
+
+/// One `Cache-Status` list member (RFC 9211).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CacheStatus {
+    hit: bool,
+    fwd: Option<&'static str>,
+    fwd_status: Option<u16>,
+    stored: bool,
+    collapsed: bool,
+    ttl: Option<i64>,
+    detail: Option<&'static str>,
+}
+
+impl CacheStatus {
+    fn hit(ttl: i64) -> CacheStatus {
+        CacheStatus {
+            hit: true,
+            ttl: Some(ttl),
+            ..CacheStatus::default()
+        }
+    }
+
+    fn fwd(reason: &'static str) -> CacheStatus {
+        CacheStatus {
+            fwd: Some(reason),
+            ..CacheStatus::default()
+        }
+    }
+
+    fn value(&self) -> HeaderValue {
+        let mut s = String::from(CACHE_NAME);
+        if self.hit {
+            s.push_str("; hit");
+        }
+        if let Some(f) = self.fwd {
+            s.push_str("; fwd=");
+            s.push_str(f);
+        }
+        if let Some(st) = self.fwd_status {
+            s.push_str(&format!("; fwd-status={st}"));
+        }
+        if self.stored {
+            s.push_str("; stored");
+        }
+        if self.collapsed {
+            s.push_str("; collapsed");
+        }
+        if let Some(t) = self.ttl {
+            s.push_str(&format!("; ttl={t}"));
+        }
+        if let Some(d) = self.detail {
+            s.push_str("; detail=");
+            s.push_str(d);
+        }
+        HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("keyless"))
+    }
+
+    /// Adds this entry to `response`'s `Cache-Status` list.
+    pub(crate) fn apply<B>(self, mut response: Response<B>) -> Response<B> {
+        response.headers_mut().append(&CACHE_STATUS, self.value());
+        response
+    }
+}
+
+/// What the cache needs of the client request after the request itself has gone to
+/// the origin.
+struct ReqInfo {
+    method: Method,
+    headers: HeaderMap,
+    directives: Directives,
+    primary: String,
+}
+
+/// Serves `req` for `site` through the cache.
+pub(crate) async fn handle(
+    proxy: &Arc<Proxy>,
+    cache: &Arc<Cache>,
+    req: Request<Incoming>,
+    site: &Arc<Site>,
+    ctx: &ClientCtx,
+) -> Response<ProxyBody> {
+    let req = req.map(BodyExt::boxed_unsync);
+    if !site.cache_enabled {
+        cache.metrics().cache_lookup("bypass");
+        return CacheStatus::fwd("bypass").apply(proxy.forward(req, site, ctx).await);
+    }
+    let method = req.method().clone();
+    let host = request_authority(&req)
+        .map(|a| a.host().to_owned())
+        .unwrap_or_else(|| site.name().to_owned());
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let primary = Cache::primary_key(site, ctx.scheme, &host, &path_and_query, req.headers());
+
+    if method != Method::GET && method != Method::HEAD {
+        cache.metrics().cache_lookup("bypass");
+        let headers = req.headers().clone();
+        let response = proxy.forward(req, site, ctx).await;
+        let s = response.status();
+        if policy::is_unsafe(&method) && (s.is_success() || s.is_redirection()) {
+            invalidate_after_unsafe(
+                cache,
+                site,
+                ctx,
+                &host,
+                &primary,
+                &headers,
+                response.headers(),
+            );
+        }
+        return CacheStatus::fwd("method").apply(response);
+    }
+
+    let info = ReqInfo {
+        directives: policy::request_directives(req.headers()),
+        headers: req.headers().clone(),
+        method,
+        primary,
+    };
+    match cache.lookup(&info.primary, &info.headers).await {
+        Lookup::Found(entry) => {
+            let now = SystemTime::now();
+            let age = entry.age(now);
+            match policy::usability(&entry.policy, age, &info.directives) {
+                Usability::Fresh | Usability::StaleAccepted => {
+                    cache
+                        .metrics()
+                        .cache_lookup(if age < entry.policy.lifetime {
+                            "hit"
+                        } else {
+                            "stale"
+                        });
+                    serve_stored(&info, &entry, now, CacheStatus::hit(entry.ttl(now)))
+                }
+                Usability::StaleWhileRevalidate => {
+                    cache.metrics().cache_lookup("stale");
+                    refresh_in_background(proxy, cache, &req, site, ctx, &entry);
+                    let status = CacheStatus {
+                        detail: Some("stale-while-revalidate"),
+                        ..CacheStatus::hit(entry.ttl(now))
+                    };
+                    serve_stored(&info, &entry, now, status)
+                }
+                Usability::Revalidate => {
+                    let fwd = if info.directives.no_cache {
+                        "request"
+                    } else {
+                        "stale"
+                    };
+                    revalidate(proxy, cache, req, site, ctx, &info, entry, fwd).await
+                }
+            }
+        }
+        Lookup::UriMiss => miss(proxy, cache, req, site, ctx, &info, "uri-miss", None).await,
+        Lookup::VaryMiss(key) => {
+            miss(proxy, cache, req, site, ctx, &info, "vary-miss", Some(key)).await
+        }
+    }
+}
+
+/// Forwards a request nothing stored can answer; stores the answer when it may.
+#[allow(clippy::too_many_arguments)]
+async fn miss(
+    proxy: &Arc<Proxy>,
+    cache: &Arc<Cache>,
+    req: Request<ProxyBody>,
+    site: &Arc<Site>,
+    ctx: &ClientCtx,
+    info: &ReqInfo,
+    fwd: &'static str,
+    full_key: Option<String>,
+) -> Response<ProxyBody> {
+    if info.directives.only_if_cached {
+        cache.metrics().cache_lookup("miss");
+        let status = CacheStatus {
+            detail: Some("only-if-cached"),
+            ..CacheStatus::fwd(fwd)
+        };
+        return status.apply(text_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "not in cache (only-if-cached)\n",
+        ));
+    }
+    let partial_or_conditional = CONDITIONAL.iter().any(|h| info.headers.contains_key(h));
+    let mut guard = None;
+    if info.method == Method::GET && !partial_or_conditional && !info.directives.no_store {
+        let key = full_key.as_deref().unwrap_or(&info.primary);
+        match cache.join_flight(&info.primary, key) {
+            Some(Flight::Leader(g)) => guard = Some(g),
+            Some(Flight::Follower(mut rx)) => {
+                // Whether the fetch ended or the wait timed out, look again; without a
+                // usable answer this request goes to the origin itself.
+                let _ = tokio::time::timeout(cache.coalesce_timeout, rx.changed()).await;
+                if let Lookup::Found(entry) = cache.lookup(&info.primary, &info.headers).await {
+                    let now = SystemTime::now();
+                    let age = entry.age(now);
+                    if matches!(
+                        policy::usability(&entry.policy, age, &info.directives),
+                        Usability::Fresh | Usability::StaleAccepted
+                    ) {
+                        cache.metrics().cache_lookup("hit");
+                        cache.metrics().cache_coalesced.inc();
+                        let status = CacheStatus {
+                            collapsed: true,
+                            ..CacheStatus::hit(entry.ttl(now))
+                        };
+                        return serve_stored(info, &entry, now, status);
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+    cache.metrics().cache_lookup("miss");
+    let request_time = SystemTime::now();
+    match proxy.fetch(req, site, ctx).await {
+        Err(e) => CacheStatus::fwd(fwd).apply(proxy.error_response(&e, site, ctx)),
+        Ok(response) => {
+            let status = CacheStatus::fwd(fwd);
+            store_or_pass(cache, info, response, request_time, guard, status)
+        }
+    }
+}
+
+/// Stores `response` (while it streams to the client) when RFC 9111 allows it.
+fn store_or_pass(
+    cache: &Arc<Cache>,
+    info: &ReqInfo,
+    response: Response<ProxyBody>,
+    request_time: SystemTime,
+    guard: Option<FlightGuard>,
+    mut status: CacheStatus,
+) -> Response<ProxyBody> {
+    let response_time = SystemTime::now();
+    if info.method != Method::GET {
+        return status.apply(response);
+    }
+    let policy = ResponsePolicy::new(
+        response.status(),
+        response.headers(),
+        response_time,
+        cache.defaults,
+    );
+    if let Some(reason) = policy.not_storable(
+        response.status(),
+        response.headers(),
+        &info.headers,
+        &info.directives,
+    ) {
+        if !matches!(reason, "request no-store" | "authorization") {
+            cache.mark_pass(&info.primary);
+        }
+        tracing::debug!(key = %info.primary, reason, "response not stored");
+        drop(guard);
+        return status.apply(response);
+    }
+    let too_large = response
+        .body()
+        .size_hint()
+        .exact()
+        .or_else(|| content_length(response.headers()))
+        .is_some_and(|n| n > cache.max_object_bytes);
+    if too_large {
+        status.detail = Some("too-large");
+        drop(guard);
+        return status.apply(response);
+    }
+    cache.clear_pass(&info.primary);
+    let names: Arc<[HeaderName]> = policy::vary_names(response.headers())
+        .unwrap_or_default()
+        .into();
+    let key = Cache::full_key(&info.primary, &names, &info.headers);
+    let vary = names
+        .iter()
+        .map(|n| (n.clone(), info.headers.get(n).cloned()))
+        .collect();
+    let (parts, body) = response.into_parts();
+    let template = CachedObject {
+        key,
+        status: parts.status,
+        headers: parts.headers.clone(),
+        body: Bytes::new(),
+        request_time,
+        response_time,
+        vary,
+    };
+    status.stored = true;
+    status.ttl = Some(i64::try_from(policy.lifetime.as_secs()).unwrap_or(i64::MAX));
+    let body = StoringBody {
+        inner: body,
+        sink: Some(Sink {
+            cache: cache.clone(),
+            expected: content_length(&parts.headers),
+            template,
+            names,
+            chunks: Vec::new(),
+            len: 0,
+            _flight: guard,
+        }),
+    };
+    status.apply(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// Revalidates a stored response that cannot be used as it is.
+#[allow(clippy::too_many_arguments)]
+async fn revalidate(
+    proxy: &Arc<Proxy>,
+    cache: &Arc<Cache>,
+    req: Request<ProxyBody>,
+    site: &Arc<Site>,
+    ctx: &ClientCtx,
+    info: &ReqInfo,
+    entry: Arc<Entry>,
+    fwd: &'static str,
+) -> Response<ProxyBody> {
+    cache.metrics().cache_lookup("revalidate");
+    let (parts, _body) = req.into_parts();
+    let conditional = conditional_request(parts, &entry.obj);
+    let request_time = SystemTime::now();
+    let result = proxy.fetch(conditional, site, ctx).await;
+    let now = SystemTime::now();
+    let stale_ok = policy::may_serve_stale_on_error(&entry.policy, entry.age(now));
+    match result {
+        Err(e) if stale_ok => {
+            tracing::warn!(key = %info.primary, error = %e, "origin failed; serving stale (stale-if-error)");
+            cache.metrics().cache_lookup("stale");
+            let status = CacheStatus {
+                fwd: Some("stale"),
+                fwd_status: Some(e.client_status().as_u16()),
+                ttl: Some(entry.ttl(now)),
+                detail: Some("stale-if-error"),
+                ..CacheStatus::default()
+            };
+            serve_stored(info, &entry, now, status)
+        }
+        Err(e) => CacheStatus::fwd(fwd).apply(proxy.error_response(&e, site, ctx)),
+        Ok(response) if response.status() == StatusCode::NOT_MODIFIED => {
+            let updated = merge_not_modified(&entry.obj, response.headers(), request_time, now);
+            let names: Arc<[HeaderName]> = entry.obj.vary.iter().map(|(n, _)| n.clone()).collect();
+            let entry = cache.store(updated, names);
+            let status = CacheStatus {
+                fwd: Some(fwd),
+                fwd_status: Some(304),
+                stored: true,
+                ttl: Some(entry.ttl(now)),
+                ..CacheStatus::default()
+            };
+            serve_stored(info, &entry, now, status)
+        }
+        Ok(response) if is_error_status(response.status()) && stale_ok => {
+            tracing::warn!(key = %info.primary, status = response.status().as_u16(), "origin error; serving stale (stale-if-error)");
+            cache.metrics().cache_lookup("stale");
+            let status = CacheStatus {
+                fwd: Some("stale"),
+                fwd_status: Some(response.status().as_u16()),
+                ttl: Some(entry.ttl(now)),
+                detail: Some("stale-if-error"),
+                ..CacheStatus::default()
+            };
+            drop(response);
+            serve_stored(info, &entry, now, status)
+        }
+        Ok(response) => {
+            let status = CacheStatus {
+                fwd_status: Some(response.status().as_u16()),
+                ..CacheStatus::fwd(fwd)
+            };
+            let response = store_or_pass(cache, info, response, request_time, None, status);
+            // The client's own conditionals were not sent; answer them here.
+            answer_client_conditionals(info, response)
+        }
+    }
+}
+
+/// Statuses after which `stale-if-error` may serve a stale response.
+fn is_error_status(s: StatusCode) -> bool {
+    matches!(s.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// A full (200) response from the origin to a request that had conditionals the
+/// origin did not see: answers `304`/`412` when they say so.
+fn answer_client_conditionals(
+    info: &ReqInfo,
+    response: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    match conditional::evaluate(&info.method, &info.headers, response.headers()) {
+        Precondition::Proceed => response,
+        Precondition::NotModified => {
+            let (parts, body) = response.into_parts();
+            drain_in_background(body);
+            let mut headers = conditional::not_modified_headers(&parts.headers);
+            for v in parts.headers.get_all(&CACHE_STATUS) {
+                headers.append(&CACHE_STATUS, v.clone());
+            }
+            let mut r = Response::new(empty());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            *r.headers_mut() = headers;
+            r
+        }
+        Precondition::Failed => {
+            let (parts, body) = response.into_parts();
+            drain_in_background(body);
+            let mut r = text_response(StatusCode::PRECONDITION_FAILED, "precondition failed\n");
+            for v in parts.headers.get_all(&CACHE_STATUS) {
+                r.headers_mut().append(&CACHE_STATUS, v.clone());
+            }
+            r
+        }
+    }
+}
+
+/// Reads a body to its end in a task (so a response being stored completes even
+/// when the client gets a 304).
+fn drain_in_background(mut body: ProxyBody) {
+    tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+}
+
+/// The request that revalidates `obj`: the client's, minus its own conditionals and
+/// range, with the stored validators, as a GET without body.
+fn conditional_request(parts: http::request::Parts, obj: &CachedObject) -> Request<ProxyBody> {
+    let mut req = Request::from_parts(parts, empty());
+    *req.method_mut() = Method::GET;
+    let h = req.headers_mut();
+    for name in &CONDITIONAL {
+        h.remove(name);
+    }
+    h.remove(header::CONTENT_LENGTH);
+    if let Some(etag) = obj.headers.get(header::ETAG) {
+        h.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(lm) = obj.headers.get(header::LAST_MODIFIED) {
+        h.insert(header::IF_MODIFIED_SINCE, lm.clone());
+    }
+    req
+}
+
+/// The stored response updated by a 304's header fields (RFC 9111 §4.3.4).
+fn merge_not_modified(
+    obj: &CachedObject,
+    fresh: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> CachedObject {
+    let mut headers = obj.headers.clone();
+    let mut replaced: Vec<&HeaderName> = Vec::new();
+    for (name, value) in fresh {
+        if NOT_UPDATED.contains(name) || *name == CACHE_STATUS {
+            continue;
+        }
+        if !replaced.contains(&name) {
+            headers.remove(name);
+            replaced.push(name);
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    // An Age of the old response no longer applies.
+    if !fresh.contains_key(header::AGE) {
+        headers.remove(header::AGE);
+    }
+    CachedObject {
+        key: obj.key.clone(),
+        status: obj.status,
+        headers,
+        body: obj.body.clone(),
+        request_time,
+        response_time,
+        vary: obj.vary.clone(),
+    }
+}
+
+/// Refreshes a stale entry in a task (stale-while-revalidate), once at a time.
+fn refresh_in_background(
+    proxy: &Arc<Proxy>,
+    cache: &Arc<Cache>,
+    req: &Request<ProxyBody>,
+    site: &Arc<Site>,
+    ctx: &ClientCtx,
+    entry: &Arc<Entry>,
+) {
+    let Some(guard) = cache.begin_refresh(&entry.obj.key) else {
+        return;
+    };
+    let mut builder = Request::builder()
+        .method(Method::GET)
+        .uri(req.uri().clone())
+        .version(req.version());
+    if let Some(h) = builder.headers_mut() {
+        *h = req.headers().clone();
+    }
+    let Ok(parts) = builder.body(()).map(|r| r.into_parts().0) else {
+        return;
+    };
+    let info = ReqInfo {
+        method: Method::GET,
+        directives: policy::request_directives(&parts.headers),
+        headers: parts.headers.clone(),
+        primary: split_primary(&entry.obj.key).to_owned(),
+    };
+    let request = conditional_request(parts, &entry.obj);
+    let (proxy, cache, site, ctx, entry) = (
+        proxy.clone(),
+        cache.clone(),
+        site.clone(),
+        *ctx,
+        entry.clone(),
+    );
+    tokio::spawn(async move {
+        let _guard = guard;
+        let request_time = SystemTime::now();
+        match proxy.fetch(request, &site, &ctx).await {
+            Err(e) => {
+                tracing::warn!(key = %info.primary, error = %e, "background refresh failed");
+            }
+            Ok(response) if response.status() == StatusCode::NOT_MODIFIED => {
+                let now = SystemTime::now();
+                let updated = merge_not_modified(&entry.obj, response.headers(), request_time, now);
+                let names: Arc<[HeaderName]> =
+                    entry.obj.vary.iter().map(|(n, _)| n.clone()).collect();
+                cache.store(updated, names);
+            }
+            Ok(response) => {
+                let response = store_or_pass(
+                    &cache,
+                    &info,
+                    response,
+                    request_time,
+                    None,
+                    CacheStatus::default(),
+                );
+                let mut body = response.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+            }
+        }
+    });
+}
+
+fn split_primary(key: &str) -> &str {
+    key.split('\0').next().unwrap_or(key)
+}
+
+/// Answers from a stored response: client conditionals (304/412), ranges (206/416),
+/// HEAD, or the whole body; with `Age` and `Cache-Status`.
+fn serve_stored(
+    info: &ReqInfo,
+    entry: &Entry,
+    now: SystemTime,
+    status: CacheStatus,
+) -> Response<ProxyBody> {
+    let obj = &entry.obj;
+    let age = HeaderValue::from(entry.age(now).as_secs());
+    let mut response = match conditional::evaluate(&info.method, &info.headers, &obj.headers) {
+        Precondition::NotModified => {
+            let mut r = Response::new(empty());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            *r.headers_mut() = conditional::not_modified_headers(&obj.headers);
+            r
+        }
+        Precondition::Failed => {
+            text_response(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
+        }
+        Precondition::Proceed => {
+            let mut headers = obj.headers.clone();
+            let (code, body) =
+                match range::answer(&info.method, &info.headers, &obj.headers, &obj.body) {
+                    RangeAnswer::Full => {
+                        let body = if info.method == Method::HEAD {
+                            empty()
+                        } else {
+                            full(obj.body.clone())
+                        };
+                        (obj.status, body)
+                    }
+                    RangeAnswer::Partial {
+                        content_type,
+                        content_range,
+                        body,
+                        len,
+                    } => {
+                        if let Some(ct) = content_type {
+                            headers.insert(header::CONTENT_TYPE, ct);
+                        }
+                        if let Some(cr) = content_range {
+                            headers.insert(header::CONTENT_RANGE, cr);
+                        }
+                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                        let body = match body.len() {
+                            1 => body.into_iter().next().unwrap_or_default(),
+                            _ => {
+                                let mut all =
+                                    BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+                                for part in body {
+                                    all.extend_from_slice(&part);
+                                }
+                                all.freeze()
+                            }
+                        };
+                        (StatusCode::PARTIAL_CONTENT, full(body))
+                    }
+                    RangeAnswer::Unsatisfiable { content_range } => {
+                        headers.insert(header::CONTENT_RANGE, content_range);
+                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
+                        (StatusCode::RANGE_NOT_SATISFIABLE, empty())
+                    }
+                };
+            let mut r = Response::new(body);
+            *r.status_mut() = code;
+            *r.headers_mut() = headers;
+            r
+        }
+    };
+    response.headers_mut().insert(header::AGE, age);
+    status.apply(response)
+}
+
+/// Invalidates the target URI and same-host `Location` / `Content-Location` after a
+/// successful unsafe request (RFC 9111 §4.4).
+fn invalidate_after_unsafe(
+    cache: &Cache,
+    site: &Site,
+    ctx: &ClientCtx,
+    host: &str,
+    primary: &str,
+    req_headers: &HeaderMap,
+    resp_headers: &HeaderMap,
+) {
+    let mut n = cache.invalidate(primary);
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(target) = resp_headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let Ok(uri) = target.parse::<http::Uri>() else {
+            continue;
+        };
+        let same_host = match uri.host() {
+            None => true,
+            Some(h) => h.eq_ignore_ascii_case(host),
+        };
+        if !same_host || (uri.scheme().is_some() && uri.scheme_str() != Some(ctx.scheme)) {
+            continue;
+        }
+        let Some(pq) = uri.path_and_query().map(|p| p.as_str()) else {
+            continue;
+        };
+        if !pq.starts_with('/') {
+            continue;
+        }
+        let key = Cache::primary_key(site, ctx.scheme, host, pq, req_headers);
+        n += cache.invalidate(&key);
+    }
+    if n > 0 {
+        tracing::debug!(key = %primary, removed = n, "invalidated after unsafe method");
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn full(b: Bytes) -> ProxyBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Collects a streamed body for the cache and stores the object once it is whole.
+struct Sink {
+    cache: Arc<Cache>,
+    template: CachedObject,
+    names: Arc<[HeaderName]>,
+    expected: Option<u64>,
+    chunks: Vec<Bytes>,
+    len: u64,
+    /// Held until the object is stored (or given up), so that coalesced requests
+    /// wait for it.
+    _flight: Option<FlightGuard>,
+}
+
+impl Sink {
+    /// Adds a chunk; false when the object grew past the size bound.
+    fn push(&mut self, data: &Bytes) -> bool {
+        self.len += data.len() as u64;
+        if self.len > self.cache.max_object_bytes {
+            return false;
+        }
+        self.chunks.push(data.clone());
+        true
+    }
+
+    fn complete(&self) -> bool {
+        self.expected.is_some_and(|e| self.len >= e)
+    }
+
+    fn finish(mut self) {
+        if self.expected.is_some_and(|e| e != self.len) {
+            tracing::debug!(key = %self.template.key, "body length differs from Content-Length; not stored");
+            return;
+        }
+        let body = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.pop().unwrap_or_default(),
+            _ => {
+                let mut all = BytesMut::with_capacity(usize::try_from(self.len).unwrap_or(0));
+                for c in &self.chunks {
+                    all.extend_from_slice(c);
+                }
+                all.freeze()
+            }
+        };
+        let mut obj = std::mem::replace(
+            &mut self.template,
+            CachedObject {
+                key: String::new(),
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+                request_time: SystemTime::UNIX_EPOCH,
+                response_time: SystemTime::UNIX_EPOCH,
+                vary: Vec::new(),
+            },
+        );
+        obj.body = body;
+        self.cache.store(obj, self.names.clone());
+        // `_flight` drops here, after the store: waiters find the object.
+    }
+}
+
+/// A response body passed through to the client while a copy is collected for the
+/// cache. The copy is dropped if the body fails, is cut short (the client went away)
+/// or grows past `max_object_bytes`; it is stored only when whole.
+struct StoringBody {
+    inner: ProxyBody,
+    sink: Option<Sink>,
+}
+
+impl Body for StoringBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(sink) = this.sink.as_mut() {
+                        if !sink.push(data) {
+                            tracing::debug!(key = %sink.template.key, "object larger than max_object_bytes; not stored");
+                            this.sink = None;
+                        }
+                    }
+                }
+                let done =
+                    this.inner.is_end_stream() || this.sink.as_ref().is_some_and(Sink::complete);
+                if done {
+                    if let Some(sink) = this.sink.take() {
+                        sink.finish();
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.sink = None,
+            Poll::Ready(None) => {
+                if let Some(sink) = this.sink.take() {
+                    sink.finish();
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for StoringBody {
+    fn drop(&mut self) {
+        if let Some(sink) = &self.sink {
+            // An empty body (e.g. 204) may never be polled.
+            if sink.expected == Some(0) || (sink.expected.is_none() && self.inner.is_end_stream()) {
+                if let Some(sink) = self.sink.take() {
+                    sink.finish();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! The edge's shared HTTP cache (RFC 9111, RFC 5861, RFC 9211, RFC 9213).
+//!
+//! Storage: a memory tier (`moka`, bounded in bytes by a weigher, TinyLFU admission
+//! and LRU eviction) in front of an optional disk tier ([`disk`]) that survives
+//! restarts. Objects are addressed by a *full key*: the primary key (scheme, host
+//! without port, path, query — per-site options may drop the query or add request
+//! headers) and, when the response had `Vary`, the names it listed and a hash of the
+//! request's values for them. A small index maps each primary key to its `Vary` names,
+//! so a lookup costs two hash-map probes.
+//!
+//! The HTTP flow (hits, revalidation, stale serving, coalescing, invalidation) is in
+//! [`flow`]; the RFC rules in [`policy`].
+
+pub mod conditional;
+pub mod disk;
+pub(crate) mod flow;
+pub mod object;
+pub mod policy;
+pub mod range;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName};
+use moka::notification::RemovalCause;
+use tokio::sync::watch;
+
+use crate::config::CacheConfig;
+use crate::metrics::{Metrics, TierLabels};
+use crate::sites::Site;
+use disk::DiskTier;
+use object::CachedObject;
+use policy::{ResponsePolicy, StaleDefaults};
+
+/// How long a "not cacheable" answer exempts its URL from request coalescing.
+const PASS_TTL: Duration = Duration::from_secs(30);
+/// Primary keys remembered with their `Vary` names.
+const VARY_INDEX_ENTRIES: u64 = 4_000_000;
+/// Hit-for-pass markers remembered.
+const PASS_ENTRIES: u64 = 100_000;
+
+/// A stored object with what every hit needs precomputed.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) obj: CachedObject,
+    pub(crate) policy: ResponsePolicy,
+    /// RFC 9111 §4.2.3 `corrected_initial_age`.
+    corrected_initial_age: Duration,
+}
+
+impl Entry {
+    fn new(obj: CachedObject, defaults: StaleDefaults) -> Entry {
+        let policy = ResponsePolicy::new(obj.status, &obj.headers, obj.response_time, defaults);
+        let corrected_initial_age = policy::current_age(
+            &obj.headers,
+            obj.request_time,
+            obj.response_time,
+            obj.response_time,
+        );
+        Entry {
+            obj,
+            policy,
+            corrected_initial_age,
+        }
+    }
+
+    /// The object's current age.
+    pub(crate) fn age(&self, now: SystemTime) -> Duration {
+        self.corrected_initial_age
+            + now
+                .duration_since(self.obj.response_time)
+                .unwrap_or(Duration::ZERO)
+    }
+
+    /// Seconds of freshness left (negative when stale), for `Cache-Status: ttl`.
+    pub(crate) fn ttl(&self, now: SystemTime) -> i64 {
+        let lifetime = i64::try_from(self.policy.lifetime.as_secs()).unwrap_or(i64::MAX);
+        let age = i64::try_from(self.age(now).as_secs()).unwrap_or(i64::MAX);
+        lifetime.saturating_sub(age)
+    }
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup {
+    /// A stored response for this request's variant.
+    Found(Arc<Entry>),
+    /// Nothing stored under this URL (`fwd=uri-miss`).
+    UriMiss,
+    /// Responses stored under this URL, none for this request's `Vary` values
+    /// (`fwd=vary-miss`); the request's full key.
+    VaryMiss(String),
+}
+
+/// Registers the one origin fetch of a cache key; dropping it (stored, abandoned or
+/// not cacheable) releases the requests waiting for it.
+pub(crate) struct FlightGuard {
+    cache: Arc<Cache>,
+    key: Arc<str>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.cache.inflight.lock() {
+            map.remove(&self.key);
+        }
+    }
+}
+
+/// The outcome of [`Cache::join_flight`].
+pub(crate) enum Flight {
+    /// This request fetches; others wait for it.
+    Leader(FlightGuard),
+    /// Another request is fetching: wait on this (it ends when the fetch does).
+    Follower(watch::Receiver<()>),
+}
+
+/// The cache shared by every connection.
+pub struct Cache {
+    memory: moka::sync::Cache<Arc<str>, Arc<Entry>>,
+    /// Primary key → the `Vary` names of its stored responses.
+    vary: moka::sync::Cache<Arc<str>, Arc<[HeaderName]>>,
+    /// Primary keys whose last answer was not cacheable (no coalescing for them).
+    pass: moka::sync::Cache<Arc<str>, ()>,
+    disk: Option<Arc<DiskTier>>,
+    /// Full keys being fetched → the channel their waiters watch.
+    inflight: Mutex<HashMap<Arc<str>, watch::Sender<()>>>,
+    /// Full keys being refreshed in the background (stale-while-revalidate).
+    refreshing: Mutex<std::collections::HashSet<Arc<str>>>,
+    pub(crate) max_object_bytes: u64,
+    pub(crate) defaults: StaleDefaults,
+    pub(crate) coalesce_timeout: Duration,
+    pub(crate) purge_token: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("memory_objects", &self.memory.entry_count())
+            .field("memory_bytes", &self.memory.weighted_size())
+            .field("disk", &self.disk.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// Builds the cache of `[cache]`, opening (and indexing) the disk tier if one is
+    /// configured. Blocking when there is a disk tier: call it before serving.
+    pub fn new(config: &CacheConfig, metrics: Arc<Metrics>) -> std::io::Result<Cache> {
+        let evictions = metrics
+            .cache_evictions
+            .get_or_create(&TierLabels { tier: "memory" })
+            .clone();
+        let memory = moka::sync::Cache::builder()
+            .max_capacity(config.memory_bytes)
+            .weigher(|_k: &Arc<str>, e: &Arc<Entry>| {
+                u32::try_from(e.obj.weight()).unwrap_or(u32::MAX)
+            })
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == RemovalCause::Size {
+                    evictions.inc();
+                }
+            })
+            .build();
+        let disk = match &config.disk_dir {
+            Some(dir) => {
+                let tier = DiskTier::open(dir, config.disk_bytes).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cache disk_dir {}: {e}", dir.display()))
+                })?;
+                Some(Arc::new(tier))
+            }
+            None => None,
+        };
+        let cache = Cache {
+            memory,
+            vary: moka::sync::Cache::builder()
+                .max_capacity(VARY_INDEX_ENTRIES)
+                .build(),
+            pass: moka::sync::Cache::builder()
+                .max_capacity(PASS_ENTRIES)
+                .time_to_live(PASS_TTL)
+                .build(),
+            disk,
+            inflight: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(std::collections::HashSet::new()),
+            max_object_bytes: config.max_object_bytes,
+            defaults: StaleDefaults {
+                while_revalidate: config.stale_while_revalidate.unwrap_or_default(),
+                if_error: config.stale_if_error.unwrap_or_default(),
+            },
+            coalesce_timeout: config.coalesce_timeout,
+            purge_token: config.purge_token.clone(),
+            metrics,
+        };
+        cache.rebuild_vary_index();
+        cache.update_gauges();
+        Ok(cache)
+    }
+
+    /// After a restart, the disk tier's keys tell which `Vary` names each URL had.
+    fn rebuild_vary_index(&self) {
+        let Some(disk) = &self.disk else {
+            return;
+        };
+        let found: Mutex<Vec<(Arc<str>, Arc<[HeaderName]>)>> = Mutex::new(Vec::new());
+        disk.remove_matching(&|key: &str| {
+            let (primary, names) = split_full_key(key);
+            if let Ok(mut f) = found.lock() {
+                f.push((primary.into(), names.into()));
+            }
+            false
+        });
+        for (primary, names) in found.into_inner().unwrap_or_default() {
+            self.vary.insert(primary, names);
+        }
+    }
+
+    /// The primary key of a request for `path_and_query` at `host` over `scheme`.
+    pub(crate) fn primary_key(
+        site: &Site,
+        scheme: &str,
+        host: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> String {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let target = if site.cache_ignore_query {
+            path_and_query.split('?').next().unwrap_or("/")
+        } else {
+            path_and_query
+        };
+        let mut key = String::with_capacity(scheme.len() + host.len() + target.len() + 3);
+        key.push_str(scheme);
+        key.push_str("://");
+        key.push_str(&host);
+        key.push_str(target);
+        for name in &site.cache_key_headers {
+            key.push('\n');
+            key.push_str(name.as_str());
+            key.push('=');
+            let values: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
+            key.push_str(&String::from_utf8_lossy(&values.join(&b","[..])));
+        }
+        key
+    }
+
+    /// Finds the stored response for a request (memory, then disk).
+    pub(crate) async fn lookup(&self, primary: &str, headers: &HeaderMap) -> Lookup {
+        let Some(names) = self.vary.get(primary) else {
+            return Lookup::UriMiss;
+        };
+        let full = full_key(primary, &names, headers);
+        if let Some(e) = self.memory.get(full.as_str()) {
+            return Lookup::Found(e);
+        }
+        if let Some(disk) = &self.disk {
+            if let Some(obj) = disk.get(&full).await {
+                let entry = Arc::new(Entry::new(obj, self.defaults));
+                if entry.obj.weight() <= self.max_object_bytes {
+                    self.memory.insert(full.into(), entry.clone());
+                }
+                return Lookup::Found(entry);
+            }
+        }
+        if names.is_empty() {
+            Lookup::UriMiss
+        } else {
+            Lookup::VaryMiss(full)
+        }
+    }
+
+    /// The full key of `primary` for a response varying on `names`.
+    pub(crate) fn full_key(primary: &str, names: &[HeaderName], headers: &HeaderMap) -> String {
+        full_key(primary, names, headers)
+    }
+
+    /// Stores a complete response in memory (and, in the background, on disk).
+    pub(crate) fn store(
+        self: &Arc<Self>,
+        obj: CachedObject,
+        names: Arc<[HeaderName]>,
+    ) -> Arc<Entry> {
+        let (primary, _) = split_full_key(&obj.key);
+        let primary: Arc<str> = primary.into();
+        let key: Arc<str> = obj.key.as_str().into();
+        let entry = Arc::new(Entry::new(obj, self.defaults));
+        self.vary.insert(primary, names);
+        self.memory.insert(key, entry.clone());
+        self.metrics.cache_stores.inc();
+        if let Some(disk) = &self.disk {
+            let disk = disk.clone();
+            let entry = entry.clone();
+            let cache = self.clone();
+            tokio::spawn(async move {
+                disk.put(&entry.obj).await;
+                cache.update_gauges();
+            });
+        }
+        self.update_gauges();
+        entry
+    }
+
+    /// Forgets every stored variant of `primary` (unsafe-method invalidation).
+    pub(crate) fn invalidate(&self, primary: &str) -> usize {
+        self.vary.invalidate(primary);
+        self.remove_where(&|key| belongs_to(key, primary))
+    }
+
+    /// Removes the objects whose full key satisfies `pred` from both tiers.
+    fn remove_where(&self, pred: &dyn Fn(&str) -> bool) -> usize {
+        let keys: Vec<Arc<str>> = self
+            .memory
+            .iter()
+            .filter(|(k, _)| pred(k))
+            .map(|(k, _)| k.as_ref().clone())
+            .collect();
+        let mut removed = keys.len();
+        for k in keys {
+            self.memory.invalidate(&k);
+        }
+        if let Some(disk) = &self.disk {
+            // Objects on both tiers count once.
+            removed = removed.max(disk.remove_matching(pred));
+        }
+        self.update_gauges();
+        removed
+    }
+
+    /// Purge API: every variant of one URL (`scheme://host/path?query`).
+    pub fn purge_url(&self, url: &str) -> usize {
+        let n = self.invalidate(url);
+        self.metrics.cache_purged.inc_by(n as u64);
+        n
+    }
+
+    /// Purge API: every object whose URL starts with `prefix`.
+    pub fn purge_prefix(&self, prefix: &str) -> usize {
+        let n = self.remove_where(&|key| key.starts_with(prefix));
+        self.metrics.cache_purged.inc_by(n as u64);
+        n
+    }
+
+    /// Purge API: every object tagged `tag` (`Surrogate-Key` / `Cache-Tag`).
+    pub fn purge_tag(&self, tag: &str) -> usize {
+        let keys: Vec<Arc<str>> = self
+            .memory
+            .iter()
+            .filter(|(_, e)| e.obj.tags().iter().any(|t| t == tag))
+            .map(|(k, _)| k.as_ref().clone())
+            .collect();
+        let mut removed = keys.len();
+        for k in keys {
+            self.memory.invalidate(&k);
+        }
+        if let Some(disk) = &self.disk {
+            removed = removed.max(disk.remove_tag(tag));
+        }
+        self.update_gauges();
+        self.metrics.cache_purged.inc_by(removed as u64);
+        removed
+    }
+
+    /// Whether the purge API is enabled (`None` when not) and `token` is its bearer
+    /// token. Both sides are hashed first, so the comparison time depends neither on
+    /// where they differ nor on the token's length.
+    pub fn purge_authorized(&self, token: &[u8]) -> Option<bool> {
+        use subtle::ConstantTimeEq;
+        let expected = self.purge_token.as_ref()?;
+        let a = ring::digest::digest(&ring::digest::SHA256, expected.as_bytes());
+        let b = ring::digest::digest(&ring::digest::SHA256, token);
+        Some(bool::from(a.as_ref().ct_eq(b.as_ref())))
+    }
+
+    /// Joins the fetch of `key`: the first caller leads, the others follow. `None`
+    /// when the key is marked not cacheable (no coalescing).
+    pub(crate) fn join_flight(self: &Arc<Self>, primary: &str, key: &str) -> Option<Flight> {
+        if self.pass.contains_key(primary) {
+            return None;
+        }
+        let mut map = self.inflight.lock().ok()?;
+        if let Some(tx) = map.get(key) {
+            return Some(Flight::Follower(tx.subscribe()));
+        }
+        let key: Arc<str> = key.into();
+        let (tx, _rx) = watch::channel(());
+        map.insert(key.clone(), tx);
+        Some(Flight::Leader(FlightGuard {
+            cache: self.clone(),
+            key,
+        }))
+    }
+
+    /// Marks `primary` as not cacheable for a while: requests for it skip coalescing.
+    pub(crate) fn mark_pass(&self, primary: &str) {
+        self.pass.insert(primary.into(), ());
+    }
+
+    /// Clears a pass mark (the URL answered with something cacheable).
+    pub(crate) fn clear_pass(&self, primary: &str) {
+        self.pass.invalidate(primary);
+    }
+
+    /// Starts a background refresh of `key` unless one is running; the returned guard
+    /// ends it.
+    pub(crate) fn begin_refresh(self: &Arc<Self>, key: &str) -> Option<RefreshGuard> {
+        let mut set = self.refreshing.lock().ok()?;
+        let key: Arc<str> = key.into();
+        set.insert(key.clone()).then(|| RefreshGuard {
+            cache: self.clone(),
+            key,
+        })
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Refreshes the tier gauges.
+    pub fn update_gauges(&self) {
+        let m = &self.metrics;
+        let memory = TierLabels { tier: "memory" };
+        m.cache_bytes
+            .get_or_create(&memory)
+            .set(i64::try_from(self.memory.weighted_size()).unwrap_or(i64::MAX));
+        m.cache_objects
+            .get_or_create(&memory)
+            .set(i64::try_from(self.memory.entry_count()).unwrap_or(i64::MAX));
+        if let Some(disk) = &self.disk {
+            let tier = TierLabels { tier: "disk" };
+            m.cache_bytes
+                .get_or_create(&tier)
+                .set(i64::try_from(disk.bytes()).unwrap_or(i64::MAX));
+            m.cache_objects
+                .get_or_create(&tier)
+                .set(i64::try_from(disk.len()).unwrap_or(i64::MAX));
+            let evicted = disk.evictions();
+            let counter = m.cache_evictions.get_or_create(&tier);
+            let seen = counter.get();
+            if evicted > seen {
+                counter.inc_by(evicted - seen);
+            }
+        }
+    }
+
+    /// Runs the memory tier's pending maintenance (evictions) and refreshes gauges;
+    /// called before metrics are rendered.
+    pub fn maintain(&self) {
+        self.memory.run_pending_tasks();
+        self.update_gauges();
+    }
+}
+
+/// Ends a background refresh when dropped.
+pub(crate) struct RefreshGuard {
+    cache: Arc<Cache>,
+    key: Arc<str>,
+}
+
+impl Drop for RefreshGuard {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.cache.refreshing.lock() {
+            set.remove(&self.key);
+        }
+    }
+}
+
+/// Separates variant keys from their primary key.
+const VARY_SEP: char = '\0';
+
+/// `primary` itself when `names` is empty, else
+/// `primary \0 name,name \0 sha256(values)` (hex).
+fn full_key(primary: &str, names: &[HeaderName], headers: &HeaderMap) -> String {
+    if names.is_empty() {
+        return primary.to_owned();
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut key = String::with_capacity(primary.len() + 80);
+    key.push_str(primary);
+    key.push(VARY_SEP);
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            key.push(',');
+        }
+        key.push_str(name.as_str());
+        // The request's value of the field: its lines combined, whitespace around
+        // commas normalized (RFC 9111 §4.1).
+        let mut first = true;
+        for v in headers.get_all(name) {
+            for part in v.as_bytes().split(|&b| b == b',') {
+                if !first {
+                    ctx.update(b",");
+                }
+                first = false;
+                ctx.update(part.trim_ascii());
+            }
+        }
+        ctx.update(if first { b"\x01" } else { b"\x00" });
+    }
+    key.push(VARY_SEP);
+    for b in ctx.finish().as_ref().iter().take(16) {
+        key.push_str(&format!("{b:02x}"));
+    }
+    key
+}
+
+/// The primary key and `Vary` names encoded in a full key.
+fn split_full_key(key: &str) -> (&str, Vec<HeaderName>) {
+    match key.split_once(VARY_SEP) {
+        None => (key, Vec::new()),
+        Some((primary, rest)) => {
+            let names = rest
+                .split(VARY_SEP)
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect();
+            (primary, names)
+        }
+    }
+}
+
+/// Whether `key` is `primary` or one of its variants (or a per-site key-header
+/// extension of it).
+fn belongs_to(key: &str, primary: &str) -> bool {
+    key.strip_prefix(primary)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(VARY_SEP) || rest.starts_with('\n'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn full_keys_split_back_and_normalize_values() {
+        let names = vec![HeaderName::from_static("accept-language")];
+        let mut a = HeaderMap::new();
+        a.insert("accept-language", HeaderValue::from_static("en,  fr"));
+        let mut b = HeaderMap::new();
+        b.insert("accept-language", HeaderValue::from_static("en, fr"));
+        let empty = HeaderMap::new();
+        let ka = full_key("https://x/a", &names, &a);
+        assert_eq!(ka, full_key("https://x/a", &names, &b));
+        assert_ne!(ka, full_key("https://x/a", &names, &empty));
+        let (primary, n) = split_full_key(&ka);
+        assert_eq!(primary, "https://x/a");
+        assert_eq!(n, names);
+        assert!(belongs_to(&ka, "https://x/a"));
+        assert!(!belongs_to(&ka, "https://x/"));
+        assert!(belongs_to("https://x/a", "https://x/a"));
+        assert!(!belongs_to("https://x/ab", "https://x/a"));
+    }
+}

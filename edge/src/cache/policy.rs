@@ -1,0 +1,784 @@
+//! RFC 9111 shared-cache rules: directive parsing, storability (§3), freshness
+//! lifetime (§4.2.1–4.2.2), age (§4.2.3), request directives (§5.2.1), stale serving
+//! (§4.2.4 and RFC 5861) and `CDN-Cache-Control` (RFC 9213).
+//!
+//! Written here rather than taken from `http-cache-semantics` (3.0): that crate follows
+//! RFC 7234, does not know `CDN-Cache-Control`, `stale-while-revalidate` or
+//! `stale-if-error`, splits directives without honouring quoted strings, and clones
+//! both header maps on every lookup, which a hit path meant to beat nginx cannot pay.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+/// RFC 9111 §1.2.2: a delta-seconds too large to represent counts as 2^31.
+const DELTA_MAX: u64 = 2_147_483_648;
+/// Heuristic freshness is this fraction of the time since `Last-Modified` ...
+const HEURISTIC_FRACTION: f64 = 0.1;
+/// ... capped at this (RFC 9111 §4.2.2 leaves the cap to the cache).
+const HEURISTIC_MAX: Duration = Duration::from_secs(24 * 3600);
+
+static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+
+/// A delta-seconds directive value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Delta {
+    /// Not present.
+    #[default]
+    Absent,
+    /// Present with a valid value (seconds).
+    Secs(u64),
+    /// Present but malformed or given twice with different values: the response's
+    /// freshness information is invalid (RFC 9111 §4.2.1: treat as stale).
+    Invalid,
+}
+
+impl Delta {
+    fn set(&mut self, value: Option<&str>) {
+        let parsed = value.and_then(parse_delta);
+        *self = match (*self, parsed) {
+            (Delta::Absent, Some(v)) => Delta::Secs(v),
+            (Delta::Secs(old), Some(v)) if old == v => Delta::Secs(v),
+            _ => Delta::Invalid,
+        };
+    }
+
+    /// The value, if valid.
+    pub fn secs(self) -> Option<u64> {
+        match self {
+            Delta::Secs(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn is_present(self) -> bool {
+        self != Delta::Absent
+    }
+}
+
+/// delta-seconds = 1*DIGIT; overflow counts as 2^31 (RFC 9111 §1.2.2).
+fn parse_delta(v: &str) -> Option<u64> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(v.parse::<u64>().unwrap_or(DELTA_MAX).min(DELTA_MAX))
+}
+
+/// Cache-Control directives (of a request or a response), as this cache uses them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Directives {
+    /// `no-store`.
+    pub no_store: bool,
+    /// `no-cache` (qualified forms are treated as unqualified, which RFC 9111
+    /// §5.2.2.4 allows).
+    pub no_cache: bool,
+    /// `private` (qualified forms treated as unqualified: a shared cache stores none).
+    pub private: bool,
+    /// `public`.
+    pub public: bool,
+    /// `must-revalidate`.
+    pub must_revalidate: bool,
+    /// `proxy-revalidate`.
+    pub proxy_revalidate: bool,
+    /// `only-if-cached` (request).
+    pub only_if_cached: bool,
+    /// `max-age`.
+    pub max_age: Delta,
+    /// `s-maxage`.
+    pub s_maxage: Delta,
+    /// `min-fresh` (request).
+    pub min_fresh: Delta,
+    /// `max-stale` (request): `Some(None)` for any staleness, `Some(Some(n))` for at
+    /// most `n` seconds.
+    pub max_stale: Option<Option<u64>>,
+    /// `stale-while-revalidate` (RFC 5861).
+    pub stale_while_revalidate: Delta,
+    /// `stale-if-error` (RFC 5861).
+    pub stale_if_error: Delta,
+}
+
+impl Directives {
+    /// Parses every field line of `values` (comma-separated directives, quoted
+    /// strings honoured, names case-insensitive). Unknown directives are ignored.
+    pub fn parse<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> Directives {
+        let mut d = Directives::default();
+        for value in values {
+            for (name, arg) in split_directives(value.as_bytes()) {
+                d.apply(&name, arg.as_deref());
+            }
+        }
+        d
+    }
+
+    fn apply(&mut self, name: &str, arg: Option<&str>) {
+        match name {
+            "no-store" => self.no_store = true,
+            "no-cache" => self.no_cache = true,
+            "private" => self.private = true,
+            "public" => self.public = true,
+            "must-revalidate" => self.must_revalidate = true,
+            "proxy-revalidate" => self.proxy_revalidate = true,
+            "only-if-cached" => self.only_if_cached = true,
+            "max-age" => self.max_age.set(arg),
+            "s-maxage" => self.s_maxage.set(arg),
+            "min-fresh" => self.min_fresh.set(arg),
+            "max-stale" => {
+                self.max_stale = Some(match arg {
+                    None => None,
+                    // A malformed max-stale allows no staleness.
+                    Some(v) => Some(parse_delta(v).unwrap_or(0)),
+                })
+            }
+            "stale-while-revalidate" => self.stale_while_revalidate.set(arg),
+            "stale-if-error" => self.stale_if_error.set(arg),
+            _ => {}
+        }
+    }
+}
+
+/// Splits `a, b=1, c="x, y"` into (lowercase name, unquoted argument) pairs. Malformed
+/// pieces (an unterminated quote, an empty name) end or skip parsing without error.
+fn split_directives(bytes: &[u8]) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let n = bytes.len();
+    while i < n {
+        // name
+        while i < n && (bytes[i] == b',' || bytes[i].is_ascii_whitespace()) {
+            i += 1;
+        }
+        let start = i;
+        while i < n && bytes[i] != b'=' && bytes[i] != b',' && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let name = String::from_utf8_lossy(&bytes[start..i]).to_ascii_lowercase();
+        while i < n && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let mut arg = None;
+        if i < n && bytes[i] == b'=' {
+            i += 1;
+            while i < n && bytes[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            if i < n && bytes[i] == b'"' {
+                i += 1;
+                let mut v = Vec::new();
+                let mut closed = false;
+                while i < n {
+                    match bytes[i] {
+                        b'\\' if i + 1 < n => {
+                            v.push(bytes[i + 1]);
+                            i += 2;
+                        }
+                        b'"' => {
+                            closed = true;
+                            i += 1;
+                            break;
+                        }
+                        b => {
+                            v.push(b);
+                            i += 1;
+                        }
+                    }
+                }
+                if !closed {
+                    break;
+                }
+                arg = Some(String::from_utf8_lossy(&v).into_owned());
+            } else {
+                let s = i;
+                while i < n && bytes[i] != b',' {
+                    i += 1;
+                }
+                arg = Some(String::from_utf8_lossy(&bytes[s..i]).trim().to_owned());
+            }
+        }
+        // Anything up to the next comma is junk of this directive.
+        while i < n && bytes[i] != b',' {
+            i += 1;
+        }
+        if !name.is_empty() {
+            out.push((name, arg));
+        }
+    }
+    out
+}
+
+/// The directives of a request, with `Pragma: no-cache` honoured when the request has
+/// no `Cache-Control` (RFC 9111 §5.4).
+pub fn request_directives(headers: &HeaderMap) -> Directives {
+    let mut d = Directives::parse(headers.get_all(header::CACHE_CONTROL));
+    if !headers.contains_key(header::CACHE_CONTROL)
+        && headers
+            .get_all(header::PRAGMA)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("no-cache"))
+    {
+        d.no_cache = true;
+    }
+    d
+}
+
+/// Statuses this cache stores (it does not store 206 or 304, nor 1xx).
+fn understood(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 302 | 303 | 307 | 308 | 404 | 405 | 410 | 414 | 451 | 501
+    )
+}
+
+/// Statuses heuristically cacheable (RFC 9110 §15.1), minus 206 which is not stored.
+fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 451 | 501
+    )
+}
+
+/// Operator defaults applied when a response carries no RFC 5861 directive.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StaleDefaults {
+    /// Default `stale-while-revalidate`.
+    pub while_revalidate: Duration,
+    /// Default `stale-if-error`.
+    pub if_error: Duration,
+}
+
+/// What this cache knows of a stored (or storable) response's caching rules.
+#[derive(Clone, Debug)]
+pub struct ResponsePolicy {
+    /// The governing directives: `CDN-Cache-Control` when present, else
+    /// `Cache-Control` (+ `Pragma: no-cache` when it has none).
+    pub directives: Directives,
+    /// Whether `CDN-Cache-Control` governs (then `Expires` is ignored too).
+    pub cdn: bool,
+    /// Freshness lifetime.
+    pub lifetime: Duration,
+    /// Whether the lifetime is heuristic (RFC 9111 §4.2.2).
+    pub heuristic: bool,
+    /// Stale serving forbidden (`must-revalidate`, `proxy-revalidate`, `s-maxage`,
+    /// `no-cache`).
+    pub no_stale: bool,
+    /// Allowed staleness while revalidating in the background.
+    pub stale_while_revalidate: Duration,
+    /// Allowed staleness when the origin fails.
+    pub stale_if_error: Duration,
+}
+
+impl ResponsePolicy {
+    /// The policy of a response with `status` and `headers`, received at
+    /// `response_time`.
+    pub fn new(
+        status: StatusCode,
+        headers: &HeaderMap,
+        response_time: SystemTime,
+        defaults: StaleDefaults,
+    ) -> ResponsePolicy {
+        let cdn_values = headers.get_all(&CDN_CACHE_CONTROL);
+        let cdn = cdn_values.iter().next().is_some();
+        let directives = if cdn {
+            Directives::parse(cdn_values)
+        } else {
+            let mut d = Directives::parse(headers.get_all(header::CACHE_CONTROL));
+            if !headers.contains_key(header::CACHE_CONTROL)
+                && headers
+                    .get_all(header::PRAGMA)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.to_ascii_lowercase().contains("no-cache"))
+            {
+                d.no_cache = true;
+            }
+            d
+        };
+        let date = date_value(headers).unwrap_or(response_time);
+        let (lifetime, heuristic) = freshness_lifetime(status, headers, &directives, cdn, date);
+        let no_stale = directives.must_revalidate
+            || directives.proxy_revalidate
+            || directives.s_maxage.is_present()
+            || directives.no_cache;
+        let pick = |d: Delta, default: Duration| match d {
+            Delta::Secs(s) => Duration::from_secs(s),
+            Delta::Invalid => Duration::ZERO,
+            Delta::Absent => default,
+        };
+        ResponsePolicy {
+            stale_while_revalidate: pick(
+                directives.stale_while_revalidate,
+                defaults.while_revalidate,
+            ),
+            stale_if_error: pick(directives.stale_if_error, defaults.if_error),
+            directives,
+            cdn,
+            lifetime,
+            heuristic,
+            no_stale,
+        }
+    }
+
+    /// Why a response to a GET may not be stored, or `None` when it may (RFC 9111 §3).
+    pub fn not_storable(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        request: &HeaderMap,
+        request_directives: &Directives,
+    ) -> Option<&'static str> {
+        let d = &self.directives;
+        if request_directives.no_store {
+            return Some("request no-store");
+        }
+        if !understood(status) {
+            return Some("status");
+        }
+        if d.no_store {
+            return Some("no-store");
+        }
+        if d.private {
+            return Some("private");
+        }
+        if request.contains_key(header::AUTHORIZATION)
+            && !(d.public || d.must_revalidate || d.s_maxage.is_present())
+        {
+            return Some("authorization");
+        }
+        if vary_names(headers).is_none() {
+            return Some("vary *");
+        }
+        let explicit = (!self.cdn && headers.contains_key(header::EXPIRES))
+            || d.max_age.is_present()
+            || d.s_maxage.is_present();
+        if !(explicit || d.public || heuristically_cacheable(status)) {
+            return Some("no freshness");
+        }
+        None
+    }
+}
+
+/// RFC 9111 §4.2.1: s-maxage, then max-age, then Expires − Date, then a heuristic.
+fn freshness_lifetime(
+    status: StatusCode,
+    headers: &HeaderMap,
+    d: &Directives,
+    cdn: bool,
+    date: SystemTime,
+) -> (Duration, bool) {
+    match d.s_maxage {
+        Delta::Secs(s) => return (Duration::from_secs(s), false),
+        Delta::Invalid => return (Duration::ZERO, false),
+        Delta::Absent => {}
+    }
+    match d.max_age {
+        Delta::Secs(s) => return (Duration::from_secs(s), false),
+        Delta::Invalid => return (Duration::ZERO, false),
+        Delta::Absent => {}
+    }
+    if !cdn {
+        let mut expires = headers.get_all(header::EXPIRES).iter();
+        if let Some(first) = expires.next() {
+            // Several Expires lines, or an invalid date (e.g. "0"): already expired.
+            if expires.next().is_some() {
+                return (Duration::ZERO, false);
+            }
+            return match parse_http_date(first) {
+                Some(exp) => (exp.duration_since(date).unwrap_or(Duration::ZERO), false),
+                None => (Duration::ZERO, false),
+            };
+        }
+    }
+    if heuristically_cacheable(status) || d.public {
+        if let Some(lm) = headers.get(header::LAST_MODIFIED).and_then(parse_http_date) {
+            if let Ok(since) = date.duration_since(lm) {
+                let h = since.mul_f64(HEURISTIC_FRACTION).min(HEURISTIC_MAX);
+                return (h, true);
+            }
+        }
+    }
+    (Duration::ZERO, false)
+}
+
+/// The `Date` of a response, if present and valid.
+pub fn date_value(headers: &HeaderMap) -> Option<SystemTime> {
+    headers.get(header::DATE).and_then(parse_http_date)
+}
+
+/// An HTTP-date (IMF-fixdate, RFC 850 or asctime; RFC 9110 §5.6.7).
+pub fn parse_http_date(v: &HeaderValue) -> Option<SystemTime> {
+    httpdate::parse_http_date(v.to_str().ok()?.trim()).ok()
+}
+
+/// The names a response's `Vary` lists (lowercase, deduplicated, sorted); `None` for
+/// `Vary: *` (never matches, RFC 9111 §4.1).
+pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::VARY) {
+        let Ok(s) = v.to_str() else {
+            // Unreadable Vary: safest is never to match.
+            return None;
+        };
+        for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if t == "*" {
+                return None;
+            }
+            let Ok(name) = HeaderName::from_bytes(t.as_bytes()) else {
+                return None;
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Some(names)
+}
+
+/// The current age of a stored response (RFC 9111 §4.2.3), whole seconds.
+pub fn current_age(
+    headers: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+    now: SystemTime,
+) -> Duration {
+    let date = date_value(headers).unwrap_or(response_time);
+    let age_value = headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_delta(v.trim()))
+        .map_or(Duration::ZERO, Duration::from_secs);
+    let apparent_age = response_time.duration_since(date).unwrap_or(Duration::ZERO);
+    let response_delay = response_time
+        .duration_since(request_time)
+        .unwrap_or(Duration::ZERO);
+    let corrected_age_value = age_value + response_delay;
+    let corrected_initial_age = apparent_age.max(corrected_age_value);
+    let resident_time = now.duration_since(response_time).unwrap_or(Duration::ZERO);
+    corrected_initial_age + resident_time
+}
+
+/// What a request may get from a stored response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Usability {
+    /// Fresh enough for this request: serve it.
+    Fresh,
+    /// Stale, but `stale-while-revalidate` allows serving it while one background
+    /// request refreshes it.
+    StaleWhileRevalidate,
+    /// Stale and the request's `max-stale` accepts it.
+    StaleAccepted,
+    /// Must be revalidated (or fetched) before use; `stale-if-error` may still allow
+    /// it when the origin fails.
+    Revalidate,
+}
+
+/// Decides whether a stored response with `policy` and current `age` can serve a
+/// request with directives `req` (RFC 9111 §4.2, §5.2.1; RFC 5861).
+pub fn usability(policy: &ResponsePolicy, age: Duration, req: &Directives) -> Usability {
+    if req.no_cache || policy.directives.no_cache {
+        return Usability::Revalidate;
+    }
+    let lifetime = policy.lifetime;
+    let fresh = age < lifetime;
+    if fresh {
+        let too_old = matches!(req.max_age, Delta::Secs(m) if age > Duration::from_secs(m))
+            || req.max_age == Delta::Invalid;
+        let not_fresh_enough = match req.min_fresh {
+            Delta::Secs(m) => lifetime - age < Duration::from_secs(m),
+            _ => false,
+        };
+        if !too_old && !not_fresh_enough {
+            return Usability::Fresh;
+        }
+        return Usability::Revalidate;
+    }
+    if policy.no_stale {
+        return Usability::Revalidate;
+    }
+    let staleness = age - lifetime;
+    if let Some(max_stale) = req.max_stale {
+        let ok = max_stale.is_none_or(|m| staleness <= Duration::from_secs(m));
+        let age_ok = !matches!(req.max_age, Delta::Secs(m) if age > Duration::from_secs(m));
+        if ok && age_ok {
+            return Usability::StaleAccepted;
+        }
+    }
+    if staleness <= policy.stale_while_revalidate && req.max_age == Delta::Absent {
+        return Usability::StaleWhileRevalidate;
+    }
+    Usability::Revalidate
+}
+
+/// Whether a stale response may be served because the origin failed (RFC 5861 §4).
+pub fn may_serve_stale_on_error(policy: &ResponsePolicy, age: Duration) -> bool {
+    if policy.no_stale {
+        return false;
+    }
+    age.saturating_sub(policy.lifetime) <= policy.stale_if_error
+}
+
+/// Whether `method` is unsafe, so that a non-error response to it invalidates stored
+/// responses (RFC 9111 §4.4).
+pub fn is_unsafe(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn policy(pairs: &[(&str, &str)]) -> ResponsePolicy {
+        let now = SystemTime::now();
+        let mut h = headers(pairs);
+        if !h.contains_key(header::DATE) {
+            h.insert(
+                header::DATE,
+                HeaderValue::from_str(&httpdate::fmt_http_date(now)).unwrap(),
+            );
+        }
+        ResponsePolicy::new(StatusCode::OK, &h, now, StaleDefaults::default())
+    }
+
+    #[test]
+    fn directives_parse_quoted_strings_and_case() {
+        let d = Directives::parse(&[
+            HeaderValue::from_static("Max-Age=60, no-cache=\"set-cookie, x\""),
+            HeaderValue::from_static("s-maxage=\"30\"  , PUBLIC"),
+        ]);
+        assert_eq!(d.max_age, Delta::Secs(60));
+        assert_eq!(d.s_maxage, Delta::Secs(30));
+        assert!(d.no_cache && d.public);
+        assert!(!d.private);
+    }
+
+    #[test]
+    fn malformed_and_conflicting_values_are_invalid() {
+        assert_eq!(
+            policy(&[("cache-control", "max-age=abc")]).lifetime,
+            Duration::ZERO
+        );
+        assert_eq!(
+            policy(&[("cache-control", "max-age=60, max-age=120")]).lifetime,
+            Duration::ZERO
+        );
+        assert_eq!(
+            policy(&[
+                ("cache-control", "max-age=60"),
+                ("cache-control", "max-age=60")
+            ])
+            .lifetime,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            policy(&[("cache-control", "max-age=99999999999999999999")]).lifetime,
+            Duration::from_secs(DELTA_MAX)
+        );
+        assert_eq!(policy(&[("expires", "0")]).lifetime, Duration::ZERO);
+    }
+
+    #[test]
+    fn s_maxage_beats_max_age_beats_expires() {
+        let p = policy(&[
+            ("cache-control", "max-age=10, s-maxage=100"),
+            ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+        ]);
+        assert_eq!(p.lifetime, Duration::from_secs(100));
+        assert!(p.no_stale, "s-maxage implies proxy-revalidate");
+        let p = policy(&[
+            ("cache-control", "max-age=10"),
+            ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+        ]);
+        assert_eq!(p.lifetime, Duration::from_secs(10));
+        let p = policy(&[("expires", "Thu, 01 Jan 2099 00:00:00 GMT")]);
+        assert!(p.lifetime > Duration::from_secs(3600 * 24 * 365));
+    }
+
+    #[test]
+    fn cdn_cache_control_takes_precedence() {
+        let p = policy(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=60"),
+        ]);
+        assert!(p.cdn);
+        assert_eq!(p.lifetime, Duration::from_secs(60));
+        assert!(p
+            .not_storable(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                &HeaderMap::new(),
+                &Directives::default()
+            )
+            .is_none());
+        let p = policy(&[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "no-store"),
+        ]);
+        assert_eq!(
+            p.not_storable(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                &HeaderMap::new(),
+                &Directives::default()
+            ),
+            Some("no-store")
+        );
+    }
+
+    #[test]
+    fn heuristic_freshness_from_last_modified() {
+        let ten_days = SystemTime::now() - Duration::from_secs(10 * 24 * 3600);
+        let p = policy(&[("last-modified", &httpdate::fmt_http_date(ten_days))]);
+        assert!(p.heuristic);
+        assert!(p.lifetime >= Duration::from_secs(23 * 3600));
+    }
+
+    #[test]
+    fn storability_rules() {
+        let none = Directives::default();
+        let req = HeaderMap::new();
+        let auth = headers(&[("authorization", "Bearer x")]);
+        let p = policy(&[("cache-control", "private, max-age=60")]);
+        assert_eq!(
+            p.not_storable(StatusCode::OK, &HeaderMap::new(), &req, &none),
+            Some("private")
+        );
+        let p = policy(&[("cache-control", "max-age=60")]);
+        assert_eq!(
+            p.not_storable(StatusCode::OK, &HeaderMap::new(), &auth, &none),
+            Some("authorization")
+        );
+        let p = policy(&[("cache-control", "s-maxage=60")]);
+        assert_eq!(
+            p.not_storable(StatusCode::OK, &HeaderMap::new(), &auth, &none),
+            None
+        );
+        let p = policy(&[]);
+        assert_eq!(
+            p.not_storable(StatusCode::FOUND, &HeaderMap::new(), &req, &none),
+            Some("no freshness")
+        );
+        assert_eq!(
+            p.not_storable(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &HeaderMap::new(),
+                &req,
+                &none
+            ),
+            Some("status")
+        );
+        let vary_star = headers(&[("vary", "accept, *")]);
+        assert_eq!(
+            p.not_storable(StatusCode::OK, &vary_star, &req, &none),
+            Some("vary *")
+        );
+    }
+
+    #[test]
+    fn request_directives_decide_usability() {
+        let p = policy(&[("cache-control", "max-age=100")]);
+        let age = Duration::from_secs(50);
+        let req = |v: &str| request_directives(&headers(&[("cache-control", v)]));
+        assert_eq!(usability(&p, age, &Directives::default()), Usability::Fresh);
+        assert_eq!(
+            usability(&p, age, &req("max-age=10")),
+            Usability::Revalidate
+        );
+        assert_eq!(
+            usability(&p, age, &req("min-fresh=60")),
+            Usability::Revalidate
+        );
+        assert_eq!(usability(&p, age, &req("min-fresh=40")), Usability::Fresh);
+        assert_eq!(usability(&p, age, &req("no-cache")), Usability::Revalidate);
+        let pragma = request_directives(&headers(&[("pragma", "no-cache")]));
+        assert_eq!(usability(&p, age, &pragma), Usability::Revalidate);
+        let old = Duration::from_secs(150);
+        assert_eq!(
+            usability(&p, old, &Directives::default()),
+            Usability::Revalidate
+        );
+        assert_eq!(
+            usability(&p, old, &req("max-stale")),
+            Usability::StaleAccepted
+        );
+        assert_eq!(
+            usability(&p, old, &req("max-stale=60")),
+            Usability::StaleAccepted
+        );
+        assert_eq!(
+            usability(&p, old, &req("max-stale=10")),
+            Usability::Revalidate
+        );
+        let mr = policy(&[("cache-control", "max-age=100, must-revalidate")]);
+        assert_eq!(
+            usability(&mr, old, &req("max-stale")),
+            Usability::Revalidate
+        );
+    }
+
+    #[test]
+    fn stale_while_revalidate_and_if_error_windows() {
+        let p = policy(&[(
+            "cache-control",
+            "max-age=10, stale-while-revalidate=30, stale-if-error=60",
+        )]);
+        let none = Directives::default();
+        assert_eq!(
+            usability(&p, Duration::from_secs(20), &none),
+            Usability::StaleWhileRevalidate
+        );
+        assert_eq!(
+            usability(&p, Duration::from_secs(50), &none),
+            Usability::Revalidate
+        );
+        assert!(may_serve_stale_on_error(&p, Duration::from_secs(50)));
+        assert!(!may_serve_stale_on_error(&p, Duration::from_secs(80)));
+        let mr = policy(&[(
+            "cache-control",
+            "max-age=10, must-revalidate, stale-if-error=60",
+        )]);
+        assert!(!may_serve_stale_on_error(&mr, Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn age_follows_rfc_9111_section_4_2_3() {
+        let now = SystemTime::now();
+        let date = now - Duration::from_secs(10);
+        let h = headers(&[("date", &httpdate::fmt_http_date(date)), ("age", "30")]);
+        let age = current_age(
+            &h,
+            now - Duration::from_secs(2),
+            now,
+            now + Duration::from_secs(5),
+        );
+        // corrected_age_value = 30 + 2 > apparent 10; + 5 resident.
+        assert_eq!(age.as_secs(), 37);
+    }
+
+    #[test]
+    fn vary_names_normalized_and_star() {
+        let h = headers(&[
+            ("vary", "Accept-Language, accept-encoding"),
+            ("vary", "accept-language"),
+        ]);
+        let names = vary_names(&h).unwrap();
+        assert_eq!(names.len(), 2);
+        assert_eq!(names[0].as_str(), "accept-encoding");
+        assert!(vary_names(&headers(&[("vary", "*")])).is_none());
+    }
+}
