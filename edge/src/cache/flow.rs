@@ -603,7 +603,14 @@ fn serve_stored(
 ) -> Response<ProxyBody> {
     let obj = &entry.obj;
     let age = HeaderValue::from(entry.age(now).as_secs());
-    let mut response = match conditional::evaluate(&info.method, &info.headers, &obj.headers) {
+    // Preconditions apply to a stored 2xx only, ranges to a stored 200 only (RFC 9110
+    // §13.2.1, §14.2).
+    let precondition = if obj.status.is_success() {
+        conditional::evaluate(&info.method, &info.headers, &obj.headers)
+    } else {
+        Precondition::Proceed
+    };
+    let mut response = match precondition {
         Precondition::NotModified => {
             let mut r = Response::new(empty());
             *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -615,48 +622,52 @@ fn serve_stored(
         }
         Precondition::Proceed => {
             let mut headers = obj.headers.clone();
-            let (code, body) =
-                match range::answer(&info.method, &info.headers, &obj.headers, &obj.body) {
-                    RangeAnswer::Full => {
-                        let body = if info.method == Method::HEAD {
-                            empty()
-                        } else {
-                            full(obj.body.clone())
-                        };
-                        (obj.status, body)
+            let ranged = if obj.status == StatusCode::OK {
+                range::answer(&info.method, &info.headers, &obj.headers, &obj.body)
+            } else {
+                RangeAnswer::Full
+            };
+            let (code, body) = match ranged {
+                RangeAnswer::Full => {
+                    let body = if info.method == Method::HEAD {
+                        empty()
+                    } else {
+                        full(obj.body.clone())
+                    };
+                    (obj.status, body)
+                }
+                RangeAnswer::Partial {
+                    content_type,
+                    content_range,
+                    body,
+                    len,
+                } => {
+                    if let Some(ct) = content_type {
+                        headers.insert(header::CONTENT_TYPE, ct);
                     }
-                    RangeAnswer::Partial {
-                        content_type,
-                        content_range,
-                        body,
-                        len,
-                    } => {
-                        if let Some(ct) = content_type {
-                            headers.insert(header::CONTENT_TYPE, ct);
-                        }
-                        if let Some(cr) = content_range {
-                            headers.insert(header::CONTENT_RANGE, cr);
-                        }
-                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                        let body = match body.len() {
-                            1 => body.into_iter().next().unwrap_or_default(),
-                            _ => {
-                                let mut all =
-                                    BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
-                                for part in body {
-                                    all.extend_from_slice(&part);
-                                }
-                                all.freeze()
+                    if let Some(cr) = content_range {
+                        headers.insert(header::CONTENT_RANGE, cr);
+                    }
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                    let body = match body.len() {
+                        1 => body.into_iter().next().unwrap_or_default(),
+                        _ => {
+                            let mut all =
+                                BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+                            for part in body {
+                                all.extend_from_slice(&part);
                             }
-                        };
-                        (StatusCode::PARTIAL_CONTENT, full(body))
-                    }
-                    RangeAnswer::Unsatisfiable { content_range } => {
-                        headers.insert(header::CONTENT_RANGE, content_range);
-                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
-                        (StatusCode::RANGE_NOT_SATISFIABLE, empty())
-                    }
-                };
+                            all.freeze()
+                        }
+                    };
+                    (StatusCode::PARTIAL_CONTENT, full(body))
+                }
+                RangeAnswer::Unsatisfiable { content_range } => {
+                    headers.insert(header::CONTENT_RANGE, content_range);
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
+                    (StatusCode::RANGE_NOT_SATISFIABLE, empty())
+                }
+            };
             let mut r = Response::new(body);
             *r.status_mut() = code;
             *r.headers_mut() = headers;

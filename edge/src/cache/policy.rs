@@ -406,10 +406,7 @@ pub fn date_value(headers: &HeaderMap) -> Option<SystemTime> {
     headers.get(header::DATE).and_then(parse_http_date)
 }
 
-/// An HTTP-date (IMF-fixdate, RFC 850 or asctime; RFC 9110 §5.6.7).
-pub fn parse_http_date(v: &HeaderValue) -> Option<SystemTime> {
-    httpdate::parse_http_date(v.to_str().ok()?.trim()).ok()
-}
+pub use super::conditional::parse_http_date;
 
 /// The names a response's `Vary` lists (lowercase, deduplicated, sorted); `None` for
 /// `Vary: *` (never matches, RFC 9111 §4.1).
@@ -549,7 +546,7 @@ mod tests {
         if !h.contains_key(header::DATE) {
             h.insert(
                 header::DATE,
-                HeaderValue::from_str(&httpdate::fmt_http_date(now)).unwrap(),
+                HeaderValue::from_str(&super::super::conditional::fmt_http_date(now)).unwrap(),
             );
         }
         ResponsePolicy::new(StatusCode::OK, &h, now, StaleDefaults::default())
@@ -643,7 +640,10 @@ mod tests {
     #[test]
     fn heuristic_freshness_from_last_modified() {
         let ten_days = SystemTime::now() - Duration::from_secs(10 * 24 * 3600);
-        let p = policy(&[("last-modified", &httpdate::fmt_http_date(ten_days))]);
+        let p = policy(&[(
+            "last-modified",
+            &super::super::conditional::fmt_http_date(ten_days),
+        )]);
         assert!(p.heuristic);
         assert!(p.lifetime >= Duration::from_secs(23 * 3600));
     }
@@ -759,7 +759,10 @@ mod tests {
     fn age_follows_rfc_9111_section_4_2_3() {
         let now = SystemTime::now();
         let date = now - Duration::from_secs(10);
-        let h = headers(&[("date", &httpdate::fmt_http_date(date)), ("age", "30")]);
+        let h = headers(&[
+            ("date", &super::super::conditional::fmt_http_date(date)),
+            ("age", "30"),
+        ]);
         let age = current_age(
             &h,
             now - Duration::from_secs(2),
