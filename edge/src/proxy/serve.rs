@@ -197,6 +197,11 @@ impl ConnState {
             bytes = %Dash(response.body().size_hint().exact()),
             duration_ms = millis(started.elapsed()),
             origin_ms = %Dash(origin_ms),
+            cache = response
+                .headers()
+                .get("cache-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
             "request"
         );
         response
