@@ -163,12 +163,17 @@ pub(crate) async fn handle(
         return CacheStatus::fwd("method").apply(response);
     }
 
+    // The header map moves into `info` (hits need no copy); a request that goes to the
+    // origin gets a copy back.
+    let (mut parts, body) = req.into_parts();
+    let headers = std::mem::take(&mut parts.headers);
     let info = ReqInfo {
-        directives: policy::request_directives(req.headers()),
-        headers: req.headers().clone(),
+        directives: policy::request_directives(&headers),
+        headers,
         method,
         primary,
     };
+    let req = Held { parts, body };
     match cache.lookup(&info.primary, &info.headers).await {
         Lookup::Found(entry) => {
             let now = SystemTime::now();
@@ -186,7 +191,7 @@ pub(crate) async fn handle(
                 }
                 Usability::StaleWhileRevalidate => {
                     cache.metrics().cache_lookup("stale");
-                    refresh_in_background(proxy, cache, &req, site, ctx, &entry);
+                    refresh_in_background(proxy, cache, &req, &info, site, ctx, &entry);
                     let status = CacheStatus {
                         detail: Some("stale-while-revalidate"),
                         ..CacheStatus::hit(entry.ttl(now))
@@ -210,12 +215,27 @@ pub(crate) async fn handle(
     }
 }
 
+/// A client request whose header map is in its [`ReqInfo`].
+struct Held {
+    parts: http::request::Parts,
+    body: ProxyBody,
+}
+
+impl Held {
+    /// The request again, with a copy of `headers`.
+    fn into_request(self, headers: &HeaderMap) -> Request<ProxyBody> {
+        let mut parts = self.parts;
+        parts.headers = headers.clone();
+        Request::from_parts(parts, self.body)
+    }
+}
+
 /// Forwards a request nothing stored can answer; stores the answer when it may.
 #[allow(clippy::too_many_arguments)]
 async fn miss(
     proxy: &Arc<Proxy>,
     cache: &Arc<Cache>,
-    req: Request<ProxyBody>,
+    req: Held,
     site: &Arc<Site>,
     ctx: &ClientCtx,
     info: &ReqInfo,
@@ -265,7 +285,10 @@ async fn miss(
     }
     cache.metrics().cache_lookup("miss");
     let request_time = SystemTime::now();
-    match proxy.fetch(req, site, ctx).await {
+    match proxy
+        .fetch(req.into_request(&info.headers), site, ctx)
+        .await
+    {
         Err(e) => CacheStatus::fwd(fwd).apply(proxy.error_response(&e, site, ctx)),
         Ok(response) => {
             let status = CacheStatus::fwd(fwd);
@@ -358,7 +381,7 @@ fn store_or_pass(
 async fn revalidate(
     proxy: &Arc<Proxy>,
     cache: &Arc<Cache>,
-    req: Request<ProxyBody>,
+    req: Held,
     site: &Arc<Site>,
     ctx: &ClientCtx,
     info: &ReqInfo,
@@ -366,7 +389,8 @@ async fn revalidate(
     fwd: &'static str,
 ) -> Response<ProxyBody> {
     cache.metrics().cache_lookup("revalidate");
-    let (parts, _body) = req.into_parts();
+    let mut parts = req.parts;
+    parts.headers = info.headers.clone();
     let conditional = conditional_request(parts, &entry.obj);
     let request_time = SystemTime::now();
     let result = proxy.fetch(conditional, site, ctx).await;
@@ -527,7 +551,8 @@ fn merge_not_modified(
 fn refresh_in_background(
     proxy: &Arc<Proxy>,
     cache: &Arc<Cache>,
-    req: &Request<ProxyBody>,
+    req: &Held,
+    client: &ReqInfo,
     site: &Arc<Site>,
     ctx: &ClientCtx,
     entry: &Arc<Entry>,
@@ -537,10 +562,10 @@ fn refresh_in_background(
     };
     let mut builder = Request::builder()
         .method(Method::GET)
-        .uri(req.uri().clone())
-        .version(req.version());
+        .uri(req.parts.uri.clone())
+        .version(req.parts.version);
     if let Some(h) = builder.headers_mut() {
-        *h = req.headers().clone();
+        *h = client.headers.clone();
     }
     let Ok(parts) = builder.body(()).map(|r| r.into_parts().0) else {
         return;
