@@ -40,6 +40,9 @@ const VARY_INDEX_ENTRIES: u64 = 4_000_000;
 /// Hit-for-pass markers remembered.
 const PASS_ENTRIES: u64 = 100_000;
 
+/// A primary key and the `Vary` names of its responses.
+type VaryIndexEntry = (Arc<str>, Arc<[HeaderName]>);
+
 /// A stored object with what every hit needs precomputed.
 #[derive(Debug)]
 pub(crate) struct Entry {
@@ -203,7 +206,7 @@ impl Cache {
         let Some(disk) = &self.disk else {
             return;
         };
-        let found: Mutex<Vec<(Arc<str>, Arc<[HeaderName]>)>> = Mutex::new(Vec::new());
+        let found: Mutex<Vec<VaryIndexEntry>> = Mutex::new(Vec::new());
         disk.remove_matching(&|key: &str| {
             let (primary, names) = split_full_key(key);
             if let Ok(mut f) = found.lock() {

@@ -124,11 +124,8 @@ impl Directives {
             "s-maxage" => self.s_maxage.set(arg),
             "min-fresh" => self.min_fresh.set(arg),
             "max-stale" => {
-                self.max_stale = Some(match arg {
-                    None => None,
-                    // A malformed max-stale allows no staleness.
-                    Some(v) => Some(parse_delta(v).unwrap_or(0)),
-                })
+                // A malformed max-stale allows no staleness.
+                self.max_stale = Some(arg.map(|v| parse_delta(v).unwrap_or(0)))
             }
             "stale-while-revalidate" => self.stale_while_revalidate.set(arg),
             "stale-if-error" => self.stale_if_error.set(arg),
