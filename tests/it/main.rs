@@ -3,6 +3,12 @@
 //! real mutual TLS. Tests run in parallel.
 
 mod auth;
+mod cache_purge;
+mod cache_semantics;
+mod cache_stale;
+mod cache_storage;
+mod cache_support;
+mod cache_validation;
 mod certs;
 mod chain;
 mod config;

@@ -5,7 +5,8 @@
 //! test can also hand it something odd. The config file lives in the deployment
 //! directory, so the `edge/...` paths `keyless-certs init` made resolve from it.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,6 +47,8 @@ pub struct SiteEntry {
     pub domains: Vec<String>,
     /// Origin URL.
     pub origin: String,
+    /// `[site.cache]` keys (`ignore_query`, `key_headers`, ...); none when empty.
+    pub cache: toml::Table,
 }
 
 /// An `edge.toml` for a deployment, built field by field.
@@ -67,6 +70,8 @@ pub struct EdgeConfig {
     pub tls: toml::Table,
     /// `[proxy]` keys.
     pub proxy: toml::Table,
+    /// `[cache]` keys.
+    pub cache: toml::Table,
     /// `[[site]]` entries.
     pub sites: Vec<SiteEntry>,
 }
@@ -86,6 +91,7 @@ impl EdgeConfig {
             nameservers: Vec::new(),
             tls: toml::Table::new(),
             proxy: toml::Table::new(),
+            cache: toml::Table::new(),
             sites: Vec::new(),
         })
     }
@@ -126,11 +132,32 @@ impl EdgeConfig {
         self
     }
 
+    /// Sets a `[cache]` key (`memory_bytes = 4096`, `purge_token = "..."`, ...).
+    pub fn cache_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        self.cache.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets a `[site.cache]` key of the last site added.
+    ///
+    /// # Panics
+    ///
+    /// If no site was added yet.
+    pub fn site_cache_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        let site = self
+            .sites
+            .last_mut()
+            .expect("site_cache_option needs a site added before it");
+        site.cache.insert(key.into(), value.into());
+        self
+    }
+
     /// Adds a site serving `domains` from `origin`.
     pub fn site(mut self, domains: &[&str], origin: &str) -> EdgeConfig {
         self.sites.push(SiteEntry {
             domains: domains.iter().map(|d| d.to_string()).collect(),
             origin: origin.to_owned(),
+            cache: toml::Table::new(),
         });
         self
     }
@@ -176,6 +203,9 @@ impl EdgeConfig {
         if !self.proxy.is_empty() {
             root.insert("proxy".into(), self.proxy.clone().into());
         }
+        if !self.cache.is_empty() {
+            root.insert("cache".into(), self.cache.clone().into());
+        }
         let sites = self
             .sites
             .iter()
@@ -186,6 +216,9 @@ impl EdgeConfig {
                     toml::Value::Array(s.domains.iter().map(|d| d.as_str().into()).collect()),
                 );
                 t.insert("origin".into(), s.origin.as_str().into());
+                if !s.cache.is_empty() {
+                    t.insert("cache".into(), s.cache.clone().into());
+                }
                 toml::Value::Table(t)
             })
             .collect();
@@ -368,6 +401,57 @@ impl Edge {
             bail!("GET /metrics answered {status}: {body}");
         }
         Ok(body)
+    }
+
+    /// A request to the admin listener (HTTP/1.0, `extra_headers` as `Name: value`
+    /// lines): (status, body).
+    pub fn admin_request(
+        &self,
+        method: &str,
+        target: &str,
+        extra_headers: &[&str],
+    ) -> Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(5))
+            .with_context(|| format!("connecting to the admin listener {}", self.admin))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut req = format!(
+            "{method} {target} HTTP/1.0\r\nHost: {}\r\nContent-Length: 0\r\n",
+            self.admin
+        );
+        for h in extra_headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .with_context(|| format!("reading the admin answer to {method} {target}"))?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no header end in the admin answer {text:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        Ok((status, body.to_owned()))
+    }
+
+    /// `POST /cache/purge?QUERY` on the admin listener with `Authorization: Bearer
+    /// TOKEN` when a token is given: (status, body).
+    pub fn purge(&self, query: &str, token: Option<&str>) -> Result<(u16, String)> {
+        let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+        let headers: Vec<&str> = auth.iter().map(String::as_str).collect();
+        self.admin_request("POST", &format!("/cache/purge?{query}"), &headers)
+    }
+
+    /// Kills the process (SIGKILL) and waits for it, freeing its ports.
+    pub fn kill(&mut self) -> Result<()> {
+        self.process.kill()?;
+        Ok(())
     }
 
     /// Whether the process is still running.

@@ -1,13 +1,16 @@
 //! A running `keyless-test-origin`: the content origin behind the edge in end-to-end
-//! tests (`/`, `/echo`, `/slow?ms=N`, `/bytes?n=N`, `/status/N`, `/upload`, `/__count`).
+//! tests (`/`, `/echo`, `/slow?ms=N`, `/bytes?n=N`, `/status/N`, `/upload`, `/__count`),
+//! which logs the requests it gets ([`TestOrigin::requests`]) and answers scripted
+//! responses ([`TestOrigin::script`], [`Scripted`]).
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::bins::{binary, Profile};
 use crate::net::{free_addr, http_get, wait_for_port};
@@ -92,5 +95,441 @@ impl TestOrigin {
     pub fn stop(&mut self) -> Result<()> {
         self.process.kill()?;
         Ok(())
+    }
+
+    /// The requests this origin logged whose path (without query) is `path`, oldest
+    /// first.
+    pub fn requests(&self, path: &str) -> Result<Vec<SeenRequest>> {
+        let (status, body) =
+            self.call("GET", &format!("/__requests?path={}", encode(path)), b"")?;
+        if status != 200 {
+            bail!("GET /__requests answered {status}: {body}");
+        }
+        SeenRequest::parse_log(&body)
+    }
+
+    /// How many requests to `path` (any query) the origin logged.
+    pub fn count(&self, path: &str) -> Result<usize> {
+        Ok(self.requests(path)?.len())
+    }
+
+    /// Waits up to `timeout` until the origin logged at least `n` requests to `path`;
+    /// returns them.
+    pub fn wait_for_requests(
+        &self,
+        path: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<SeenRequest>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.requests(path)?;
+            if seen.len() >= n {
+                return Ok(seen);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the origin saw {} requests to {path} within {timeout:?}, expected {n}: {seen:#?}",
+                    seen.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Appends `responses` to `path`'s script: requests to `path` (any method, any
+    /// query) take them in order, and the last one answers every later request.
+    pub fn script(&self, path: &str, responses: &[Scripted]) -> Result<()> {
+        for r in responses {
+            let (status, body) = self.call(
+                "POST",
+                &format!("/__script?path={}", encode(path)),
+                &r.to_text(),
+            )?;
+            if status != 200 {
+                bail!("POST /__script answered {status}: {body}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the request log and every script.
+    pub fn reset(&self) -> Result<()> {
+        let (status, body) = self.call("POST", "/__reset", b"")?;
+        if status != 200 {
+            bail!("POST /__reset answered {status}: {body}");
+        }
+        Ok(())
+    }
+
+    /// One HTTP/1.0 exchange with the origin's control routes: (status, body).
+    fn call(&self, method: &str, target: &str, body: &[u8]) -> Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
+            .with_context(|| format!("connecting to the test origin at {}", self.addr))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut req = format!(
+            "{method} {target} HTTP/1.0\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        stream.write_all(&req)?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .with_context(|| format!("reading the test origin's answer to {method} {target}"))?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no header end in {text:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        Ok((status, body.to_owned()))
+    }
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A request the origin logged.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    /// `GET`, `HEAD`, ...
+    pub method: String,
+    /// The request target as received (path and query).
+    pub uri: String,
+    /// The header fields in order, names lowercase.
+    pub headers: Vec<(String, String)>,
+    /// When it arrived, since the origin started.
+    pub at: Duration,
+}
+
+impl SeenRequest {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Parses the `/__requests` text: per request `> METHOD URI MILLIS`, header lines
+    /// `name: value`, an empty line.
+    fn parse_log(text: &str) -> Result<Vec<SeenRequest>> {
+        let mut out: Vec<SeenRequest> = Vec::new();
+        for line in text.lines() {
+            if let Some(first) = line.strip_prefix("> ") {
+                let mut parts = first.split(' ');
+                let (Some(method), Some(uri), Some(ms)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    bail!("bad request line {line:?} in the origin's log");
+                };
+                out.push(SeenRequest {
+                    method: method.to_owned(),
+                    uri: uri.to_owned(),
+                    headers: Vec::new(),
+                    at: Duration::from_millis(ms.parse()?),
+                });
+            } else if let Some((k, v)) = line.split_once(": ") {
+                let Some(last) = out.last_mut() else {
+                    bail!("header line {line:?} before any request in the origin's log");
+                };
+                last.headers.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A scripted origin response, built step by step and sent with [`TestOrigin::script`].
+///
+/// Its wire form (the body of `POST /__script`) is a first line `STATUS` followed by
+/// options (`delay=MS`, `auto-304`, `ranges`, `body-bytes=N`, `body-delay=MS`,
+/// `fail-mid-body`),
+/// then `Name: Value` header lines, an empty line, and the body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scripted {
+    /// The status code.
+    pub status: u16,
+    /// Header fields, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (unless `body_bytes`).
+    pub body: Vec<u8>,
+    /// Sleep this long before answering.
+    pub delay_ms: u64,
+    /// Answer 304 (with these headers, no body) to a request whose `If-None-Match`
+    /// matches the `ETag` or whose `If-Modified-Since` is not before `Last-Modified`.
+    pub auto_304: bool,
+    /// Answer a request with one satisfiable `Range: bytes=...` with 206 and that
+    /// slice of the body.
+    pub ranges: bool,
+    /// The body is [`pattern_body`] of this many bytes, streamed in chunks.
+    pub body_bytes: Option<usize>,
+    /// Send the header section, then the body's first chunk, then the rest spread over
+    /// this many milliseconds.
+    pub body_delay_ms: u64,
+    /// Send half the body (with the full `Content-Length`), then abort the connection.
+    pub fail_mid_body: bool,
+}
+
+impl Scripted {
+    /// A response with `status`, no header fields and an empty body.
+    pub fn new(status: u16) -> Scripted {
+        Scripted {
+            status,
+            ..Scripted::default()
+        }
+    }
+
+    /// Adds a header field.
+    pub fn header(mut self, name: &str, value: &str) -> Scripted {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl AsRef<[u8]>) -> Scripted {
+        self.body = body.as_ref().to_vec();
+        self
+    }
+
+    /// Sleeps `ms` before answering.
+    pub fn delay(mut self, ms: u64) -> Scripted {
+        self.delay_ms = ms;
+        self
+    }
+
+    /// Answers matching conditional requests with 304.
+    pub fn auto_304(mut self) -> Scripted {
+        self.auto_304 = true;
+        self
+    }
+
+    /// Answers single byte ranges with 206.
+    pub fn ranges(mut self) -> Scripted {
+        self.ranges = true;
+        self
+    }
+
+    /// A body of `n` bytes ([`pattern_body`]), streamed in chunks.
+    pub fn body_bytes(mut self, n: usize) -> Scripted {
+        self.body_bytes = Some(n);
+        self
+    }
+
+    /// Sends the body slowly: the first chunk at once, the rest over `ms`.
+    pub fn body_delay_ms(mut self, ms: u64) -> Scripted {
+        self.body_delay_ms = ms;
+        self
+    }
+
+    /// Sends half the body, then aborts the connection.
+    pub fn fail_mid_body(mut self) -> Scripted {
+        self.fail_mid_body = true;
+        self
+    }
+
+    /// The value of header `name` (case-insensitive), if set.
+    pub fn header_value(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The wire form.
+    pub fn to_text(&self) -> Vec<u8> {
+        let mut first = self.status.to_string();
+        if self.delay_ms > 0 {
+            first.push_str(&format!(" delay={}", self.delay_ms));
+        }
+        if self.auto_304 {
+            first.push_str(" auto-304");
+        }
+        if self.ranges {
+            first.push_str(" ranges");
+        }
+        if let Some(n) = self.body_bytes {
+            first.push_str(&format!(" body-bytes={n}"));
+        }
+        if self.body_delay_ms > 0 {
+            first.push_str(&format!(" body-delay={}", self.body_delay_ms));
+        }
+        if self.fail_mid_body {
+            first.push_str(" fail-mid-body");
+        }
+        let mut text = first;
+        text.push('\n');
+        for (k, v) in &self.headers {
+            text.push_str(&format!("{k}: {v}\n"));
+        }
+        text.push('\n');
+        let mut out = text.into_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Parses the wire form.
+    pub fn parse(raw: &[u8]) -> std::result::Result<Scripted, String> {
+        let split = raw
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .ok_or("no empty line after the header section")?;
+        let (head, body) = raw.split_at(split);
+        let head = std::str::from_utf8(head).map_err(|_| "header section is not UTF-8")?;
+        let mut lines = head.lines();
+        let first = lines.next().ok_or("empty spec")?;
+        let mut words = first.split_whitespace();
+        let status = words
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or("first line must start with a status code")?;
+        let mut spec = Scripted::new(status);
+        spec.body = body.get(2..).unwrap_or_default().to_vec();
+        for w in words {
+            let (k, v) = w.split_once('=').unwrap_or((w, ""));
+            let num = || v.parse::<u64>().map_err(|_| format!("bad option {w:?}"));
+            match k {
+                "delay" => spec.delay_ms = num()?,
+                "auto-304" => spec.auto_304 = true,
+                "ranges" => spec.ranges = true,
+                "body-bytes" => spec.body_bytes = Some(num()? as usize),
+                "body-delay" => spec.body_delay_ms = num()?,
+                "fail-mid-body" => spec.fail_mid_body = true,
+                _ => return Err(format!("unknown option {w:?}")),
+            }
+        }
+        for line in lines {
+            let (k, v) = line
+                .split_once(':')
+                .ok_or_else(|| format!("bad header line {line:?}"))?;
+            spec.headers
+                .push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        Ok(spec)
+    }
+}
+
+/// The body of [`Scripted::body_bytes`]: 16-byte lines each holding its own offset
+/// (`000000000000016\n`), cut at `n` bytes, so any slice shows where it came from.
+pub fn pattern_body(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 16);
+    let mut at = 0usize;
+    while out.len() < n {
+        out.extend_from_slice(format!("{at:015}\n").as_bytes());
+        at += 16;
+    }
+    out.truncate(n);
+    out
+}
+
+const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// `t` as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the HTTP date format.
+pub fn http_date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{}, {d:02} {} {y} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        MONTHS[(m - 1) as usize],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Parses an IMF-fixdate; `None` for anything else.
+pub fn parse_http_date(s: &str) -> Option<SystemTime> {
+    let mut w = s.split_whitespace();
+    let _day = w.next()?;
+    let d: u32 = w.next()?.parse().ok()?;
+    let month = w.next()?;
+    let m = MONTHS.iter().position(|&n| n == month)? as u32 + 1;
+    let y: i64 = w.next()?.parse().ok()?;
+    let mut hms = w.next()?.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, mi, se) = (hms.next()??, hms.next()??, hms.next()??);
+    if w.next()? != "GMT" {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + mi * 60 + se;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_dates_round_trip() {
+        assert_eq!(
+            http_date(UNIX_EPOCH + Duration::from_secs(784_111_777)),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_000_123);
+        assert_eq!(parse_http_date(&http_date(now)), Some(now));
+    }
+
+    #[test]
+    fn scripts_round_trip() {
+        let s = Scripted::new(203)
+            .header("Cache-Control", "max-age=60")
+            .body("a\n\nb")
+            .delay(5)
+            .auto_304()
+            .ranges()
+            .body_bytes(7)
+            .body_delay_ms(9)
+            .fail_mid_body();
+        assert_eq!(Scripted::parse(&s.to_text()), Ok(s));
+        assert_eq!(&pattern_body(20)[..], b"000000000000000\n0000");
     }
 }

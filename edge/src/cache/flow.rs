@@ -257,30 +257,39 @@ async fn miss(
     let mut guard = None;
     if info.method == Method::GET && !partial_or_conditional && !info.directives.no_store {
         let key = full_key.as_deref().unwrap_or(&info.primary);
-        match cache.join_flight(&info.primary, key) {
-            Some(Flight::Leader(g)) => guard = Some(g),
-            Some(Flight::Follower(mut rx)) => {
-                // Whether the fetch ended or the wait timed out, look again; without a
-                // usable answer this request goes to the origin itself.
-                let _ = tokio::time::timeout(cache.coalesce_timeout, rx.changed()).await;
-                if let Lookup::Found(entry) = cache.lookup(&info.primary, &info.headers).await {
-                    let now = SystemTime::now();
-                    let age = entry.age(now);
-                    if matches!(
-                        policy::usability(&entry.policy, age, &info.directives),
-                        Usability::Fresh | Usability::StaleAccepted
-                    ) {
-                        cache.metrics().cache_lookup("hit");
-                        cache.metrics().cache_coalesced.inc();
-                        let status = CacheStatus {
-                            collapsed: true,
-                            ..CacheStatus::hit(entry.ttl(now))
-                        };
-                        return serve_stored(info, &entry, now, status);
-                    }
+        let deadline = tokio::time::Instant::now() + cache.coalesce_timeout;
+        // Follow the fetch in progress; when it ends without a usable object (its
+        // client went away before the body was stored, or the fetch failed), one of
+        // the waiters leads the next attempt. A URL marked not cacheable, or the
+        // deadline, sends this request to the origin on its own.
+        while let Some(flight) = cache.join_flight(&info.primary, key) {
+            let mut rx = match flight {
+                Flight::Leader(g) => {
+                    guard = Some(g);
+                    break;
+                }
+                Flight::Follower(rx) => rx,
+            };
+            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+            if let Lookup::Found(entry) = cache.lookup(&info.primary, &info.headers).await {
+                let now = SystemTime::now();
+                let age = entry.age(now);
+                if matches!(
+                    policy::usability(&entry.policy, age, &info.directives),
+                    Usability::Fresh | Usability::StaleAccepted
+                ) {
+                    cache.metrics().cache_lookup("hit");
+                    cache.metrics().cache_coalesced.inc();
+                    let status = CacheStatus {
+                        collapsed: true,
+                        ..CacheStatus::hit(entry.ttl(now))
+                    };
+                    return serve_stored(info, &entry, now, status);
                 }
             }
-            None => {}
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
         }
     }
     cache.metrics().cache_lookup("miss");
@@ -881,13 +890,51 @@ impl Body for StoringBody {
 
 impl Drop for StoringBody {
     fn drop(&mut self) {
-        if let Some(sink) = &self.sink {
-            // An empty body (e.g. 204) may never be polled.
-            if sink.expected == Some(0) || (sink.expected.is_none() && self.inner.is_end_stream()) {
-                if let Some(sink) = self.sink.take() {
-                    sink.finish();
+        let Some(sink) = self.sink.take() else {
+            return;
+        };
+        // An empty body (e.g. 204) may never be polled.
+        if sink.expected == Some(0) || (sink.expected.is_none() && self.inner.is_end_stream()) {
+            sink.finish();
+            return;
+        }
+        // The client went away before the end: the rest of the body is read in the
+        // background (bounded in time and size) so that the object is still stored
+        // whole for the requests waiting for it, or dropped.
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = std::mem::replace(&mut self.inner, empty());
+        handle.spawn(async move {
+            let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain_into(inner, sink)).await;
+            if drained.is_err() {
+                tracing::debug!("origin body not finished within {DRAIN_TIMEOUT:?} after the client left; not stored");
+            }
+        });
+    }
+}
+
+/// Longest time the rest of a body is read for the cache after its client left.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads `body` to its end into `sink`, then stores the object (if whole and within
+/// the size bound).
+async fn drain_into(mut body: ProxyBody, mut sink: Sink) {
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if !sink.push(data) {
+                        return;
+                    }
+                }
+                if sink.complete() || body.is_end_stream() {
+                    break;
                 }
             }
+            Some(Err(_)) => return,
+            None => break,
         }
     }
+    sink.finish();
 }

@@ -7,24 +7,35 @@
 //! - `/bytes?n=N` — N bytes (streamed in 64 KiB chunks);
 //! - `/status/N` — an empty response with status N;
 //! - `/upload` — reads the body, answers its length and SHA-256;
-//! - `/__count` — how many requests this origin has answered.
+//! - `/__count` — how many requests this origin has answered;
+//! - `GET /__requests?path=/p` — the log of requests to `/p` (any query), in the
+//!   format of [`keyless_tests::SeenRequest`]: per request a line `> METHOD URI MILLIS`
+//!   (milliseconds since the origin started), its header lines, and an empty line;
+//! - `POST /__script?path=/p` — appends the response spec in the body to `/p`'s queue:
+//!   requests to `/p` take the specs in order, the last one answering every later
+//!   request (format and options in [`keyless_tests::Scripted`]);
+//! - `POST /__reset` — forgets the log and every script.
 //!
-//! Query parameters `cc=...` and `h=Name:Value` (repeatable) add `Cache-Control` and
-//! other response headers.
+//! Every request whose path does not start with `/__` is logged. Query parameters
+//! `cc=...` and `h=Name:Value` (repeatable) add `Cache-Control` and other response
+//! headers to the built-in routes; `sleep=MS` delays them.
 #![forbid(unsafe_code)]
 
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use keyless_tests::{parse_http_date, pattern_body, Scripted};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
@@ -41,10 +52,27 @@ struct Cli {
     name: String,
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+type Body = BoxBody<Bytes, std::io::Error>;
 
 fn full(s: impl Into<Bytes>) -> Body {
-    Full::new(s.into()).boxed()
+    Full::new(s.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+/// One logged request, already in its text form.
+struct Seen {
+    path: String,
+    text: String,
+}
+
+/// What every connection shares.
+struct State {
+    count: AtomicU64,
+    name: Arc<str>,
+    started: Instant,
+    log: Mutex<Vec<Seen>>,
+    scripts: Mutex<HashMap<String, VecDeque<Scripted>>>,
 }
 
 #[tokio::main]
@@ -55,16 +83,20 @@ async fn main() -> anyhow::Result<()> {
         "keyless-test-origin listening on {}",
         listener.local_addr()?
     );
-    let count = Arc::new(AtomicU64::new(0));
-    let name: Arc<str> = cli.name.into();
+    let state = Arc::new(State {
+        count: AtomicU64::new(0),
+        name: cli.name.into(),
+        started: Instant::now(),
+        log: Mutex::new(Vec::new()),
+        scripts: Mutex::new(HashMap::new()),
+    });
     loop {
         let (tcp, _) = listener.accept().await?;
-        let count = count.clone();
-        let name = name.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let n = count.fetch_add(1, Ordering::Relaxed) + 1;
-                handle(req, n, name.clone())
+                let n = state.count.fetch_add(1, Ordering::Relaxed) + 1;
+                handle(req, n, state.clone())
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -118,16 +150,125 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads a whole request body (the control routes' input).
+async fn read_body(req: Request<Incoming>) -> Vec<u8> {
+    match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r
+}
+
+/// Records `req` in the log.
+fn record(state: &State, req: &Request<Incoming>) {
+    let mut text = format!(
+        "> {} {} {}\n",
+        req.method(),
+        req.uri(),
+        state.started.elapsed().as_millis()
+    );
+    for (k, v) in req.headers() {
+        text.push_str(&format!(
+            "{}: {}\n",
+            k,
+            String::from_utf8_lossy(v.as_bytes())
+        ));
+    }
+    text.push('\n');
+    let path = req.uri().path().to_owned();
+    state
+        .log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Seen { path, text });
+}
+
+/// The next scripted response for `path`, if `path` has a script: the queue's front,
+/// removed unless it is the last one.
+fn next_script(state: &State, path: &str) -> Option<Scripted> {
+    let mut scripts = state.scripts.lock().unwrap_or_else(|p| p.into_inner());
+    let queue = scripts.get_mut(path)?;
+    if queue.len() > 1 {
+        queue.pop_front()
+    } else {
+        queue.front().cloned()
+    }
+}
+
+async fn control(req: Request<Incoming>, state: &State, count: u64) -> Response<Body> {
+    let q = query(&req);
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    match req.uri().path() {
+        "/__count" => text(StatusCode::OK, format!("{count}\n")),
+        "/__requests" => {
+            let Some(path) = get("path") else {
+                return text(StatusCode::BAD_REQUEST, "path= missing\n");
+            };
+            let log = state.log.lock().unwrap_or_else(|p| p.into_inner());
+            let body: String = log
+                .iter()
+                .filter(|s| s.path == path)
+                .map(|s| s.text.as_str())
+                .collect();
+            text(StatusCode::OK, body)
+        }
+        "/__script" => {
+            let Some(path) = get("path") else {
+                return text(StatusCode::BAD_REQUEST, "path= missing\n");
+            };
+            let body = read_body(req).await;
+            match Scripted::parse(&body) {
+                Ok(spec) => {
+                    state
+                        .scripts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(path)
+                        .or_default()
+                        .push_back(spec);
+                    text(StatusCode::OK, "ok\n")
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        "/__reset" => {
+            state.log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            state
+                .scripts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            text(StatusCode::OK, "ok\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     count: u64,
-    name: Arc<str>,
+    state: Arc<State>,
 ) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if path.starts_with("/__") {
+        return Ok(control(req, &state, count).await);
+    }
+    record(&state, &req);
+    if let Some(spec) = next_script(&state, &path) {
+        return Ok(scripted(&req, spec, count).await);
+    }
     let q = query(&req);
     let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-    let path = req.uri().path().to_owned();
+    if let Some(ms) = get("sleep").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let mut resp = match path.as_str() {
-        "/" => Response::new(full(format!("hello from {name}\n"))),
+        "/" => Response::new(full(format!("hello from {}\n", state.name))),
         "/echo" => {
             let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
             for (k, v) in req.headers() {
@@ -149,7 +290,7 @@ async fn handle(
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
             let chunks = (0..n.div_ceil(64 * 1024)).map(move |i| {
                 let len = (n - i * 64 * 1024).min(64 * 1024);
-                Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+                Ok::<_, std::io::Error>(Frame::data(chunk.slice(..len)))
             });
             let mut r = Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
                 chunks,
@@ -174,19 +315,14 @@ async fn handle(
             }
             Response::new(full(format!("{len} {}\n", hex::encode(ctx.finish()))))
         }
-        "/__count" => Response::new(full(format!("{count}\n"))),
         p if p.starts_with("/status/") => {
             let code = p["/status/".len()..].parse().unwrap_or(500);
-            let mut r = Response::new(full(""));
-            *r.status_mut() =
-                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            r
+            text(
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                "",
+            )
         }
-        _ => {
-            let mut r = Response::new(full("not found\n"));
-            *r.status_mut() = StatusCode::NOT_FOUND;
-            r
-        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     if let Some(cc) = get("cc") {
         if let Ok(v) = cc.parse() {
@@ -197,8 +333,8 @@ async fn handle(
         if k == "h" {
             if let Some((name, value)) = v.split_once(':') {
                 if let (Ok(n), Ok(v)) = (
-                    hyper::header::HeaderName::from_bytes(name.trim().as_bytes()),
-                    hyper::header::HeaderValue::from_str(value.trim()),
+                    HeaderName::from_bytes(name.trim().as_bytes()),
+                    HeaderValue::from_str(value.trim()),
                 ) {
                     resp.headers_mut().append(n, v);
                 }
@@ -207,4 +343,145 @@ async fn handle(
     }
     resp.headers_mut().insert("x-origin-count", count.into());
     Ok(resp)
+}
+
+/// Whether `req`'s conditionals match `spec`'s validators (its `ETag`, else its
+/// `Last-Modified`), as RFC 9110 §13.2.2 orders them.
+fn not_modified(req: &Request<Incoming>, spec: &Scripted) -> bool {
+    let header = |name: &str| -> Option<String> {
+        let values: Vec<String> = req
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    };
+    if let Some(inm) = header("if-none-match") {
+        let Some(etag) = spec.header_value("etag") else {
+            return false;
+        };
+        let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        return inm
+            .split(',')
+            .any(|t| t.trim() == "*" || weak(t) == weak(etag));
+    }
+    if let (Some(ims), Some(lm)) = (
+        header("if-modified-since"),
+        spec.header_value("last-modified"),
+    ) {
+        if let (Some(ims), Some(lm)) = (parse_http_date(&ims), parse_http_date(lm)) {
+            return ims >= lm;
+        }
+    }
+    false
+}
+
+async fn scripted(req: &Request<Incoming>, spec: Scripted, count: u64) -> Response<Body> {
+    if spec.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(spec.delay_ms)).await;
+    }
+    let add_headers = |resp: &mut Response<Body>| {
+        for (k, v) in &spec.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                resp.headers_mut().append(n, v);
+            }
+        }
+        resp.headers_mut().insert("x-origin-count", count.into());
+    };
+    if spec.auto_304 && not_modified(req, &spec) {
+        let mut resp = Response::new(Empty::new().map_err(|e: Infallible| match e {}).boxed());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        add_headers(&mut resp);
+        return resp;
+    }
+    let mut body: Bytes = match spec.body_bytes {
+        Some(n) => pattern_body(n).into(),
+        None => spec.body.clone().into(),
+    };
+    let mut content_range = None;
+    if spec.ranges {
+        if let Some((start, end)) = single_range(req, body.len()) {
+            content_range = Some(format!("bytes {start}-{end}/{}", body.len()));
+            body = body.slice(start..end + 1);
+        }
+    }
+    let len = body.len();
+    let streamed = spec.body_bytes.is_some() || spec.body_delay_ms > 0 || spec.fail_mid_body;
+    let mut resp = if streamed {
+        Response::new(stream_body(body, spec.body_delay_ms, spec.fail_mid_body))
+    } else {
+        Response::new(full(body))
+    };
+    *resp.status_mut() = StatusCode::from_u16(spec.status).unwrap_or(StatusCode::OK);
+    add_headers(&mut resp);
+    if let Some(cr) = content_range.and_then(|cr| HeaderValue::from_str(&cr).ok()) {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        resp.headers_mut().insert("content-range", cr);
+    }
+    if streamed && !resp.headers().contains_key("content-length") {
+        resp.headers_mut().insert("content-length", len.into());
+    }
+    resp
+}
+
+/// The one satisfiable range of a `Range: bytes=A-B` / `A-` / `-N` request header for a
+/// body of `len` bytes, as inclusive offsets.
+fn single_range(req: &Request<Incoming>, len: usize) -> Option<(usize, usize)> {
+    let spec = req.headers().get("range")?.to_str().ok()?;
+    let spec = spec.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || len == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: usize = n.parse().ok()?;
+            (len.checked_sub(n.min(len))?, len - 1)
+        }
+        (a, "") => (a.parse().ok()?, len - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<usize>().ok()?.min(len - 1)),
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+/// `body` in chunks of at most 16 KiB (at least two when it is delayed or fails):
+/// with `delay_ms`, the first chunk goes at once and the others are spread over
+/// `delay_ms`; with `fail`, the stream errs after half the body, which makes hyper
+/// abort the connection.
+fn stream_body(body: Bytes, delay_ms: u64, fail: bool) -> Body {
+    const CHUNK: usize = 16 * 1024;
+    let len = body.len();
+    let min_chunks = if delay_ms > 0 || fail { 2 } else { 1 };
+    let n = len.div_ceil(CHUNK).max(min_chunks).max(1);
+    let size = len.div_ceil(n).max(1);
+    let pause = if n > 1 {
+        Duration::from_millis(delay_ms) / (n as u32 - 1)
+    } else {
+        Duration::ZERO
+    };
+    let stop_at = if fail { len / 2 } else { usize::MAX };
+    let stream = futures_util::stream::unfold(0usize, move |at| {
+        let body = body.clone();
+        async move {
+            if at >= len {
+                return None;
+            }
+            if at >= stop_at {
+                // Let the half that was sent reach the peer before the abort.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let err = std::io::Error::other("scripted failure mid-body");
+                return Some((Err(err), usize::MAX));
+            }
+            if at > 0 && !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            let end = (at + size).min(len).min(stop_at.max(at + 1));
+            Some((Ok(Frame::data(body.slice(at..end))), end))
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
 }
