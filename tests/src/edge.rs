@@ -428,16 +428,7 @@ impl Edge {
         stream
             .read_to_end(&mut raw)
             .with_context(|| format!("reading the admin answer to {method} {target}"))?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .with_context(|| format!("no header end in the admin answer {text:?}"))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("no status in {head:?}"))?;
-        Ok((status, body.to_owned()))
+        crate::net::parse_reply(&raw)
     }
 
     /// `POST /cache/purge?QUERY` on the admin listener with `Authorization: Bearer

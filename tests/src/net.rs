@@ -58,10 +58,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     stream
         .read_to_end(&mut raw)
         .with_context(|| format!("reading the reply of {addr}{path}"))?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    parse_reply(&raw).with_context(|| format!("the reply of {addr}{path}"))
+}
+
+/// (status code, body) of a whole HTTP/1.x reply read until the connection closed.
+pub(crate) fn parse_reply(raw: &[u8]) -> Result<(u16, String)> {
+    let text = String::from_utf8_lossy(raw).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .with_context(|| format!("no header end in the reply of {addr}{path}: {text:?}"))?;
+        .with_context(|| format!("no header end in {text:?}"))?;
     let status = head
         .split_whitespace()
         .nth(1)
