@@ -343,7 +343,7 @@ fn report(setup: &mut Setup, signs: u64, strict: bool) -> Result<bool> {
 }
 
 /// Builds the release binaries this benchmark starts (a no-op when they are fresh).
-fn build_release() -> Result<()> {
+pub(crate) fn build_release() -> Result<()> {
     // keyless-origin and keyless-certs, honouring KEYLESS_TESTS_NO_BUILD.
     ensure_built(Profile::Release)?;
     if std::env::var_os("KEYLESS_TESTS_NO_BUILD").is_some() {

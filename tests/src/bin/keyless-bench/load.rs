@@ -313,7 +313,7 @@ impl Sample {
 }
 
 /// CPU seconds the whole machine has been busy (Linux `/proc/stat`; 0 elsewhere).
-fn machine_busy_seconds() -> f64 {
+pub(crate) fn machine_busy_seconds() -> f64 {
     // USER_HZ is 100 on every Linux ABI this runs on.
     const TICKS_PER_SEC: f64 = 100.0;
     let Ok(stat) = std::fs::read_to_string("/proc/stat") else {

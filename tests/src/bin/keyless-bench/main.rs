@@ -3,9 +3,12 @@
 //!
 //! - `keyserver`: key server sign ops/s over mTLS against raw `ring` in this process;
 //! - `edge`: full TLS 1.3 handshakes/s through the edge (keyless ECDSA P-256) against
-//!   a local-key rustls server (`reference-server`, this binary re-executed).
+//!   a local-key rustls server (`reference-server`, this binary re-executed);
+//! - `cache`: HTTPS keep-alive requests/s for a cached object through the edge against
+//!   nginx with `proxy_cache`, both driven by wrk.
 #![forbid(unsafe_code)]
 
+mod cache;
 mod edge;
 mod keyserver;
 mod load;
@@ -34,6 +37,9 @@ enum Command {
     /// Full TLS 1.3 handshakes/s through the edge (keyless ECDSA P-256) vs a rustls
     /// server holding the same key.
     Edge(edge::EdgeArgs),
+    /// HTTPS keep-alive requests/s for a cached 1 KiB and 1 MiB object through the
+    /// edge vs nginx with proxy_cache (same certificate, origin, wrk and connections).
+    Cache(cache::CacheArgs),
     /// The local-key reference server of `edge` (started by `edge` itself).
     #[command(hide = true)]
     ReferenceServer(reference::ReferenceArgs),
@@ -51,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keyserver(args) => keyserver::run(args),
         Command::Edge(args) => edge::run(args),
+        Command::Cache(args) => cache::run(args),
         Command::ReferenceServer(args) => reference::run(args).map(|()| true),
     };
     match result {

@@ -1,5 +1,6 @@
-//! The processes `edge` starts (key server, edge, test origin, reference server): each
-//! with its stderr and stdout in a log file, killed when dropped.
+//! The processes the benchmarks start (key server, edge, test origin, reference server,
+//! nginx): each with its stderr and stdout in a log file, stopped when dropped; and what
+//! `/proc` tells about them (children, resident memory).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -13,12 +14,16 @@ use keyless_tests::{http_get, strip_ansi, wait_for_port};
 
 /// How long a process may take to become ready after it was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a process given a stop signal may take to exit before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running child process.
 pub(crate) struct Proc {
     name: &'static str,
     child: Child,
     log_path: PathBuf,
+    /// Signal (`kill -NAME`) sent on drop before SIGKILL; none = SIGKILL at once.
+    stop_signal: Option<&'static str>,
 }
 
 impl Proc {
@@ -56,7 +61,16 @@ impl Proc {
             name,
             child,
             log_path,
+            stop_signal: None,
         })
+    }
+
+    /// Makes dropping send `kill -SIGNAL` and wait up to [`STOP_TIMEOUT`] before
+    /// SIGKILL: for a process that must stop its own children (nginx's master stops its
+    /// workers; killed outright, it would leave them serving).
+    pub(crate) fn stop_with(mut self, signal: &'static str) -> Proc {
+        self.stop_signal = Some(signal);
+        self
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -147,7 +161,74 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Some(signal) = self.stop_signal {
+            let sent = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(self.pid().to_string())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while sent && Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Pids of the live children of `pid` (Linux `/proc`; none elsewhere).
+pub(crate) fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Fields after the parenthesised command name: state, ppid, ...
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Resident set size (`VmRSS`) of `pid` in bytes, if it is alive (Linux `/proc`).
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// The state letter of `pid` (`R`, `S`, `Z`, ...) from `/proc/PID/stat`.
+pub(crate) fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().next()?.chars().next()
+}
+
+/// The first executable called `name` in `PATH`, then in the sbin directories (where
+/// Debian puts nginx, and which a non-root `PATH` may lack).
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
 }
