@@ -27,10 +27,20 @@ pub struct ServerArgs {
     pub log_format: LogFormat,
 }
 
-/// Logs to stderr at the level of `KEYLESS_LOG` (default `info`).
+/// Logs to stderr at the level of `KEYLESS_LOG` (default `info`). rustls' own
+/// messages are kept to errors unless `KEYLESS_LOG` names `rustls`: its warnings are
+/// about what single clients send (e.g. an IP address as SNI) and would log a line per
+/// connection; our handshake logs already say why a handshake failed.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYLESS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    const DEFAULT: &str = "info";
+    let spec = std::env::var("KEYLESS_LOG").unwrap_or_else(|_| DEFAULT.to_owned());
+    let spec = if spec.contains("rustls") {
+        spec
+    } else {
+        format!("{spec},rustls=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{DEFAULT},rustls=error")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
