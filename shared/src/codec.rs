@@ -394,6 +394,27 @@ mod tests {
     }
 
     #[test]
+    fn frames_one_or_two_bytes_short_of_1024_stay_unpadded() {
+        // Header (8) + opcode item (4) + payload item (3 + n): n = 1007 and 1008 leave
+        // 2 and 1 bytes, fewer than a padding item takes; the reference sends those
+        // frames as they are.
+        for n in 1000..1020 {
+            let msg = Message {
+                id: 7,
+                op: Operation::new(Opcode::Ping, vec![0x5a; n]),
+            };
+            let mut buf = BytesMut::new();
+            encode_message(&msg, &mut buf).unwrap();
+            let expected = match 8 + 4 + 3 + n {
+                len @ (1022 | 1023) => len,
+                len => len.max(PAD_TO),
+            };
+            assert_eq!(buf.len(), expected, "payload {n}");
+            assert_eq!(decode_message(&mut buf).unwrap().unwrap(), msg);
+        }
+    }
+
+    #[test]
     fn duplicate_known_tag_is_format_error() {
         let mut buf = frame(9, &[(0x11, &[0xF1]), (0x11, &[0xF1])]);
         let err = decode_message(&mut buf).unwrap_err();
@@ -498,7 +519,9 @@ mod tests {
             let msg = Message { id, op };
             let mut buf = BytesMut::new();
             encode_message(&msg, &mut buf).unwrap();
-            prop_assert!(buf.len() >= PAD_TO);
+            // Padded to PAD_TO unless the padding item's header would not fit
+            // (PROTOCOL.md, as the reference does it).
+            prop_assert!(buf.len() >= PAD_TO - ITEM_HEADER_LEN + 1);
             // Split arbitrarily: the decoder waits for the whole frame.
             let mut partial = buf.split_to(buf.len() / 2);
             prop_assert!(decode_message(&mut partial).unwrap().is_none());
