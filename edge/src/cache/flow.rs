@@ -20,7 +20,7 @@ use super::object::CachedObject;
 use super::policy::{self, Directives, ResponsePolicy, Usability};
 use super::range::{self, RangeAnswer};
 use super::{Cache, Entry, Flight, FlightGuard, Lookup};
-use crate::proxy::{request_authority, text_response, ClientCtx, Proxy, ProxyBody};
+use crate::proxy::{text_response, ClientCtx, Proxy, ProxyBody};
 use crate::sites::Site;
 
 /// This cache's name in `Cache-Status`.
@@ -101,7 +101,8 @@ impl CacheStatus {
             s.push_str("; detail=");
             s.push_str(d);
         }
-        HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("keyless"))
+        HeaderValue::from_maybe_shared(Bytes::from(s))
+            .unwrap_or(HeaderValue::from_static("keyless"))
     }
 
     /// Adds this entry to `response`'s `Cache-Status` list.
@@ -125,6 +126,7 @@ pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
     cache: &Arc<Cache>,
     req: Request<Incoming>,
+    host: Option<&str>,
     site: &Arc<Site>,
     ctx: &ClientCtx,
 ) -> Response<ProxyBody> {
@@ -134,15 +136,9 @@ pub(crate) async fn handle(
         return CacheStatus::fwd("bypass").apply(proxy.forward(req, site, ctx).await);
     }
     let method = req.method().clone();
-    let host = request_authority(&req)
-        .map(|a| a.host().to_owned())
-        .unwrap_or_else(|| site.name().to_owned());
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let primary = Cache::primary_key(site, ctx.scheme, &host, &path_and_query, req.headers());
+    let host = host.unwrap_or_else(|| site.name());
+    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let primary = Cache::primary_key(site, ctx.scheme, host, path_and_query, req.headers());
 
     if method != Method::GET && method != Method::HEAD {
         cache.metrics().cache_lookup("bypass");
@@ -154,7 +150,7 @@ pub(crate) async fn handle(
                 cache,
                 site,
                 ctx,
-                &host,
+                host,
                 &primary,
                 &headers,
                 response.headers(),

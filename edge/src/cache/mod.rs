@@ -253,15 +253,19 @@ impl Cache {
         let Some(names) = self.vary.get(primary) else {
             return Lookup::UriMiss;
         };
-        let full = full_key(primary, &names, headers);
-        if let Some(e) = self.memory.get(full.as_str()) {
+        let full: std::borrow::Cow<'_, str> = if names.is_empty() {
+            std::borrow::Cow::Borrowed(primary)
+        } else {
+            std::borrow::Cow::Owned(full_key(primary, &names, headers))
+        };
+        if let Some(e) = self.memory.get(full.as_ref()) {
             return Lookup::Found(e);
         }
         if let Some(disk) = &self.disk {
             if let Some(obj) = disk.get(&full).await {
                 let entry = Arc::new(Entry::new(obj, self.defaults));
                 if entry.obj.weight() <= self.max_object_bytes {
-                    self.memory.insert(full.into(), entry.clone());
+                    self.memory.insert(full.as_ref().into(), entry.clone());
                 }
                 return Lookup::Found(entry);
             }
@@ -269,7 +273,7 @@ impl Cache {
         if names.is_empty() {
             Lookup::UriMiss
         } else {
-            Lookup::VaryMiss(full)
+            Lookup::VaryMiss(full.into_owned())
         }
     }
 

@@ -223,14 +223,16 @@ impl Proxy {
 
     /// Answers `req` for `site`: through the cache when it is enabled, else straight
     /// from the origin.
+    /// `host` is the host the request named (without port), if any.
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
+        host: Option<&str>,
         site: &Arc<Site>,
         ctx: &ClientCtx,
     ) -> Response<ProxyBody> {
         match &self.cache {
-            Some(cache) => crate::cache::flow::handle(self, cache, req, site, ctx).await,
+            Some(cache) => crate::cache::flow::handle(self, cache, req, host, site, ctx).await,
             None => {
                 self.forward(req.map(BodyExt::boxed_unsync), site, ctx)
                     .await

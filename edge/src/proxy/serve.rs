@@ -152,7 +152,9 @@ impl ConnState {
         let in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Only the access log needs a copy of the path.
+        let path = tracing::enabled!(target: "access", tracing::Level::INFO)
+            .then(|| req.uri().path().to_owned());
         let authority = request_authority(&req);
         let host = authority.as_ref().map(|a| a.host().to_owned());
         let bad_host = authority.is_none()
@@ -167,7 +169,9 @@ impl ConnState {
         } else if method == Method::CONNECT {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
         } else if let Some(site) = site {
-            self.proxy.handle(req, &site, &self.ctx).await
+            self.proxy
+                .handle(req, host.as_deref(), &site, &self.ctx)
+                .await
         } else if self.ctx.scheme == "https" {
             text_response(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -192,7 +196,7 @@ impl ConnState {
             client = %self.ctx.client_addr.ip(),
             method = %method,
             host = host.as_deref().unwrap_or("-"),
-            path = %path,
+            path = path.as_deref().unwrap_or("-"),
             status,
             bytes = %Dash(response.body().size_hint().exact()),
             duration_ms = millis(started.elapsed()),

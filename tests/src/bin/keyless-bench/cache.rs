@@ -58,7 +58,7 @@ const BACKGROUND_WARNING: f64 = 0.15;
 pub(crate) struct CacheArgs {
     /// Measurement time per side and object, split over the rounds (whole seconds per
     /// round, at least 1); each side and object first gets a 1 s unmeasured wrk run.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     seconds: u64,
     /// wrk connections (kept alive for the whole run), the same for both sides.
     #[arg(long, default_value_t = 32)]
@@ -66,8 +66,9 @@ pub(crate) struct CacheArgs {
     /// wrk threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Alternate edge and nginx this many times per object (edge first in odd rounds).
-    #[arg(long, default_value_t = 2)]
+    /// Alternate edge and nginx this many times per object (edge first in odd rounds);
+    /// more rounds even out the drift of a shared 2-core machine.
+    #[arg(long, default_value_t = 4)]
     rounds: u64,
     /// Measure even if a side does not serve the objects from its cache (to run the
     /// harness against an edge without a cache; the ratios then mean little).
