@@ -150,6 +150,18 @@ fn non_heuristically_cacheable_statuses_are_not_stored_without_freshness() -> Re
 }
 
 #[test]
+fn response_without_freshness_or_validator_is_not_stored_but_max_age_0_is() -> Result<()> {
+    let s = default_stack()?;
+    // A dynamic page: nothing says how long it is fresh, nothing to revalidate it with.
+    s.script("/dynamic", &[Scripted::new(200).body("now")])?;
+    assert_never_stored(&s, "/dynamic", 200, "now")?;
+    // An explicit max-age=0 is kept (max-stale requests may use it).
+    s.script("/zero", &[ok("max-age=0", "zero")])?;
+    s.get("/zero")?.expect(200, "zero")?.expect_stored()?;
+    Ok(())
+}
+
+#[test]
 fn s_maxage_takes_precedence_over_max_age() -> Result<()> {
     let s = default_stack()?;
     s.script("/shared-longer", &[ok("max-age=0, s-maxage=60", "a")])?;

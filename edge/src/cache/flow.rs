@@ -17,7 +17,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::conditional::{self, Precondition};
 use super::object::CachedObject;
-use super::policy::{self, Directives, ResponsePolicy, Usability};
+use super::policy::{self, Delta, Directives, ResponsePolicy, Usability};
 use super::range::{self, RangeAnswer};
 use super::{Cache, Entry, Flight, FlightGuard, Lookup};
 use crate::proxy::{text_response, ClientCtx, Proxy, ProxyBody};
@@ -321,12 +321,15 @@ fn store_or_pass(
         response_time,
         cache.defaults,
     );
-    if let Some(reason) = policy.not_storable(
-        response.status(),
-        response.headers(),
-        &info.headers,
-        &info.directives,
-    ) {
+    if let Some(reason) = policy
+        .not_storable(
+            response.status(),
+            response.headers(),
+            &info.headers,
+            &info.directives,
+        )
+        .or_else(|| useless(&policy, response.headers()))
+    {
         if !matches!(reason, "request no-store" | "authorization") {
             cache.mark_pass(&info.primary);
         }
@@ -451,6 +454,24 @@ async fn revalidate(
             answer_client_conditionals(info, response)
         }
     }
+}
+
+/// Why a storable response is not worth storing: no freshness information at all
+/// (no `max-age`, `s-maxage`, `Expires`, nor `Last-Modified` for a heuristic), nothing
+/// to revalidate it with, and no stale serving allowed. Such a typical dynamic page
+/// could serve only `max-stale` requests; storing is never required (RFC 9111 §3), so
+/// it costs no cache churn. An explicit `max-age=0` is still stored.
+fn useless(policy: &ResponsePolicy, headers: &HeaderMap) -> Option<&'static str> {
+    let explicit = policy.directives.max_age != Delta::Absent
+        || policy.directives.s_maxage != Delta::Absent
+        || (!policy.cdn && headers.contains_key(header::EXPIRES));
+    let dead = !explicit
+        && policy.lifetime.is_zero()
+        && policy.stale_while_revalidate.is_zero()
+        && policy.stale_if_error.is_zero()
+        && !headers.contains_key(header::ETAG)
+        && !headers.contains_key(header::LAST_MODIFIED);
+    dead.then_some("stale on arrival, no validator")
 }
 
 /// Statuses after which `stale-if-error` may serve a stale response.
