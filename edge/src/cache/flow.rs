@@ -801,12 +801,15 @@ struct Sink {
 }
 
 impl Sink {
-    /// Adds a chunk; false when the object grew past the size bound.
+    /// Adds a chunk; false when the object grew past the size bound, or when the
+    /// bodies being collected by all requests together would exceed the memory tier's
+    /// size (then this one is not stored).
     fn push(&mut self, data: &Bytes) -> bool {
-        self.len += data.len() as u64;
-        if self.len > self.cache.max_object_bytes {
+        let n = data.len() as u64;
+        if self.len + n > self.cache.max_object_bytes || !self.cache.reserve_collecting(n) {
             return false;
         }
+        self.len += n;
         self.chunks.push(data.clone());
         true
     }
@@ -846,6 +849,12 @@ impl Sink {
         obj.body = body;
         self.cache.store(obj, self.names.clone());
         // `_flight` drops here, after the store: waiters find the object.
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.cache.release_collecting(self.len);
     }
 }
 

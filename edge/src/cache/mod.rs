@@ -19,6 +19,7 @@ pub mod policy;
 pub mod range;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -131,6 +132,10 @@ pub struct Cache {
     /// Full keys being refreshed in the background (stale-while-revalidate).
     refreshing: Mutex<std::collections::HashSet<Arc<str>>>,
     pub(crate) max_object_bytes: u64,
+    /// Bytes of response bodies being collected for storing, by all requests; at
+    /// most `collect_budget`.
+    collecting: AtomicU64,
+    collect_budget: u64,
     pub(crate) defaults: StaleDefaults,
     pub(crate) coalesce_timeout: Duration,
     pub(crate) purge_token: Option<String>,
@@ -188,6 +193,8 @@ impl Cache {
             inflight: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(std::collections::HashSet::new()),
             max_object_bytes: config.max_object_bytes,
+            collecting: AtomicU64::new(0),
+            collect_budget: config.memory_bytes,
             defaults: StaleDefaults {
                 while_revalidate: config.stale_while_revalidate.unwrap_or_default(),
                 if_error: config.stale_if_error.unwrap_or_default(),
@@ -419,6 +426,22 @@ impl Cache {
         })
     }
 
+    /// Accounts `n` more bytes being collected; false (and nothing accounted) when
+    /// that would exceed the budget.
+    pub(crate) fn reserve_collecting(&self, n: u64) -> bool {
+        let budget = self.collect_budget;
+        self.collecting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                cur.checked_add(n).filter(|&total| total <= budget)
+            })
+            .is_ok()
+    }
+
+    /// Returns `n` collected bytes to the budget.
+    pub(crate) fn release_collecting(&self, n: u64) {
+        self.collecting.fetch_sub(n, Ordering::AcqRel);
+    }
+
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -539,6 +562,21 @@ fn belongs_to(key: &str, primary: &str) -> bool {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn bodies_being_collected_share_the_memory_budget() {
+        let config = CacheConfig {
+            memory_bytes: 100,
+            ..CacheConfig::default()
+        };
+        let cache = Cache::new(&config, Arc::new(Metrics::new())).unwrap();
+        assert!(cache.reserve_collecting(60));
+        assert!(!cache.reserve_collecting(50));
+        assert!(cache.reserve_collecting(40));
+        cache.release_collecting(60);
+        assert!(cache.reserve_collecting(50));
+        assert!(!cache.reserve_collecting(u64::MAX));
+    }
 
     #[test]
     fn full_keys_split_back_and_normalize_values() {
