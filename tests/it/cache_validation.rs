@@ -574,6 +574,62 @@ fn range_miss_does_not_store_a_partial_body() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn range_miss_fills_the_cache_in_the_background() -> Result<()> {
+    let s = default_stack()?;
+    s.script(
+        "/r",
+        &[Scripted::new(200)
+            .header("Cache-Control", "max-age=60")
+            .body_bytes(1000)
+            .ranges()],
+    )?;
+    let full = pattern_body(1000);
+    let r = s.req("/r").header("Range: bytes=0-9").send()?;
+    ensure!(
+        r.status == 206 && r.body == full[..10],
+        "expected 206 with bytes 0-9: {}",
+        r.show()
+    );
+    // The range went to the origin as it was; one full GET without Range followed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = s.origin_requests("/r")?;
+        if seen.len() >= 2 {
+            ensure!(
+                seen.len() == 2 && seen.iter().filter(|q| q.header("range").is_none()).count() == 1,
+                "expected the range request and one full fetch, origin saw {seen:?}"
+            );
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no background full fetch after a range miss"
+        );
+        sleep_ms(50);
+    }
+    // Wait until stored, then the next range is a hit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = s.req("/r").header("Range: bytes=100-199").send()?;
+        if r.cs().hit() {
+            ensure!(
+                r.status == 206 && r.body == full[100..200],
+                "a range served from the filled cache: {}",
+                r.show()
+            );
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "range requests still miss: {}",
+            r.show()
+        );
+        sleep_ms(50);
+    }
+    Ok(())
+}
+
 /// A stored 1000-byte pattern body at `/r`, fetched once in full.
 fn stored_pattern(s: &CacheStack) -> Result<Vec<u8>> {
     s.script(

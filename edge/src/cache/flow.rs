@@ -288,6 +288,24 @@ async fn miss(
             }
         }
     }
+    // A range request that misses goes to the origin as it is; the whole object is
+    // fetched in the background (once, as a coalesced flight) so that the next range
+    // requests are served from the cache.
+    let only_range = info.headers.contains_key(header::RANGE)
+        && CONDITIONAL.iter().all(|h| {
+            *h == header::RANGE || *h == header::IF_RANGE || !info.headers.contains_key(h)
+        });
+    if info.method == Method::GET && only_range && !info.directives.no_store {
+        let key = full_key.as_deref().unwrap_or(&info.primary);
+        if let Some(Flight::Leader(flight)) = cache.join_flight(&info.primary, key) {
+            let background = Background {
+                entry: None,
+                flight: Some(flight),
+                _refresh: None,
+            };
+            fetch_in_background(proxy, cache, &req, info, site, ctx, background);
+        }
+    }
     cache.metrics().cache_lookup("miss");
     let request_time = SystemTime::now();
     match proxy
@@ -399,7 +417,7 @@ async fn revalidate(
     cache.metrics().cache_lookup("revalidate");
     let mut parts = req.parts;
     parts.headers = info.headers.clone();
-    let conditional = conditional_request(parts, &entry.obj);
+    let conditional = conditional_request(parts, Some(&entry.obj));
     let request_time = SystemTime::now();
     let result = proxy.fetch(conditional, site, ctx).await;
     let now = SystemTime::now();
@@ -522,7 +540,10 @@ fn drain_in_background(mut body: ProxyBody) {
 
 /// The request that revalidates `obj`: the client's, minus its own conditionals and
 /// range, with the stored validators, as a GET without body.
-fn conditional_request(parts: http::request::Parts, obj: &CachedObject) -> Request<ProxyBody> {
+fn conditional_request(
+    parts: http::request::Parts,
+    obj: Option<&CachedObject>,
+) -> Request<ProxyBody> {
     let mut req = Request::from_parts(parts, empty());
     *req.method_mut() = Method::GET;
     let h = req.headers_mut();
@@ -530,11 +551,13 @@ fn conditional_request(parts: http::request::Parts, obj: &CachedObject) -> Reque
         h.remove(name);
     }
     h.remove(header::CONTENT_LENGTH);
-    if let Some(etag) = obj.headers.get(header::ETAG) {
-        h.insert(header::IF_NONE_MATCH, etag.clone());
-    }
-    if let Some(lm) = obj.headers.get(header::LAST_MODIFIED) {
-        h.insert(header::IF_MODIFIED_SINCE, lm.clone());
+    if let Some(obj) = obj {
+        if let Some(etag) = obj.headers.get(header::ETAG) {
+            h.insert(header::IF_NONE_MATCH, etag.clone());
+        }
+        if let Some(lm) = obj.headers.get(header::LAST_MODIFIED) {
+            h.insert(header::IF_MODIFIED_SINCE, lm.clone());
+        }
     }
     req
 }
@@ -586,6 +609,36 @@ fn refresh_in_background(
     let Some(guard) = cache.begin_refresh(&entry.obj.key) else {
         return;
     };
+    let background = Background {
+        entry: Some(entry.clone()),
+        flight: None,
+        _refresh: Some(guard),
+    };
+    fetch_in_background(proxy, cache, req, client, site, ctx, background);
+}
+
+/// What a background fetch updates and holds.
+struct Background {
+    /// The stored response being refreshed (its validators are sent); none to fill.
+    entry: Option<Arc<Entry>>,
+    /// The flight this fetch leads, released once the object is stored.
+    flight: Option<FlightGuard>,
+    /// The refresh this fetch is, ended with it.
+    _refresh: Option<super::RefreshGuard>,
+}
+
+/// Fetches the full response for the client's request in a task and stores it:
+/// revalidating `background.entry` when there is one, else filling the cache (after a
+/// range request missed). The client's own conditionals and range are not sent.
+fn fetch_in_background(
+    proxy: &Arc<Proxy>,
+    cache: &Arc<Cache>,
+    req: &Held,
+    client: &ReqInfo,
+    site: &Arc<Site>,
+    ctx: &ClientCtx,
+    background: Background,
+) {
     let mut builder = Request::builder()
         .method(Method::GET)
         .uri(req.parts.uri.clone())
@@ -600,37 +653,35 @@ fn refresh_in_background(
         method: Method::GET,
         directives: policy::request_directives(&parts.headers),
         headers: parts.headers.clone(),
-        primary: split_primary(&entry.obj.key).to_owned(),
+        primary: client.primary.clone(),
     };
-    let request = conditional_request(parts, &entry.obj);
-    let (proxy, cache, site, ctx, entry) = (
-        proxy.clone(),
-        cache.clone(),
-        site.clone(),
-        *ctx,
-        entry.clone(),
-    );
+    let request = conditional_request(parts, background.entry.as_ref().map(|e| &e.obj));
+    let (proxy, cache, site, ctx) = (proxy.clone(), cache.clone(), site.clone(), *ctx);
     tokio::spawn(async move {
-        let _guard = guard;
+        let Background {
+            entry,
+            flight,
+            _refresh,
+        } = background;
         let request_time = SystemTime::now();
-        match proxy.fetch(request, &site, &ctx).await {
-            Err(e) => {
-                tracing::warn!(key = %info.primary, error = %e, "background refresh failed");
+        match (proxy.fetch(request, &site, &ctx).await, entry) {
+            (Err(e), _) => {
+                tracing::warn!(key = %info.primary, error = %e, "background fetch failed");
             }
-            Ok(response) if response.status() == StatusCode::NOT_MODIFIED => {
+            (Ok(response), Some(entry)) if response.status() == StatusCode::NOT_MODIFIED => {
                 let now = SystemTime::now();
                 let updated = merge_not_modified(&entry.obj, response.headers(), request_time, now);
                 let names: Arc<[HeaderName]> =
                     entry.obj.vary.iter().map(|(n, _)| n.clone()).collect();
                 cache.store(updated, names);
             }
-            Ok(response) => {
+            (Ok(response), _) => {
                 let response = store_or_pass(
                     &cache,
                     &info,
                     response,
                     request_time,
-                    None,
+                    flight,
                     CacheStatus::default(),
                 );
                 let mut body = response.into_body();
@@ -638,10 +689,6 @@ fn refresh_in_background(
             }
         }
     });
-}
-
-fn split_primary(key: &str) -> &str {
-    key.split('\0').next().unwrap_or(key)
 }
 
 /// Answers from a stored response: client conditionals (304/412), ranges (206/416),
