@@ -80,6 +80,13 @@ echo
 echo "the key server signed that handshake:"
 grep "op=ecdsa-sign" "$DIR/keyserver.log" | tail -1 | sed 's/^/  /'
 echo
+CACHED="https://example.com:$HTTPS/bytes?n=64&cc=max-age%3D60"
+echo "the edge caches what the origin allows (twice $CACHED):"
+for _ in 1 2; do
+    curl -sS -o /dev/null -D - --resolve example.com:$HTTPS:127.0.0.1 --cacert "$DIR/client/ca.pem" "$CACHED" \
+        | grep -i '^cache-status' | sed 's/^/  /'
+done
+echo
 echo "try it yourself:  $CURL"
 echo "                  curl -s http://127.0.0.1:$ADMIN/metrics | grep keyless_edge_handshakes"
 echo "Ctrl-C stops everything"
