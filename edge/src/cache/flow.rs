@@ -170,6 +170,12 @@ pub(crate) async fn handle(
         primary,
     };
     let req = Held { parts, body };
+    let scope = Scope {
+        proxy,
+        cache,
+        site,
+        ctx,
+    };
     match cache.lookup(&info.primary, &info.headers).await {
         Lookup::Found(entry) => {
             let now = SystemTime::now();
@@ -187,7 +193,7 @@ pub(crate) async fn handle(
                 }
                 Usability::StaleWhileRevalidate => {
                     cache.metrics().cache_lookup("stale");
-                    refresh_in_background(proxy, cache, &req, &info, site, ctx, &entry);
+                    refresh_in_background(scope, &req, &info, &entry);
                     let status = CacheStatus {
                         detail: Some("stale-while-revalidate"),
                         ..CacheStatus::hit(entry.ttl(now))
@@ -200,15 +206,22 @@ pub(crate) async fn handle(
                     } else {
                         "stale"
                     };
-                    revalidate(proxy, cache, req, site, ctx, &info, entry, fwd).await
+                    revalidate(scope, req, &info, entry, fwd).await
                 }
             }
         }
-        Lookup::UriMiss => miss(proxy, cache, req, site, ctx, &info, "uri-miss", None).await,
-        Lookup::VaryMiss(key) => {
-            miss(proxy, cache, req, site, ctx, &info, "vary-miss", Some(key)).await
-        }
+        Lookup::UriMiss => miss(scope, req, &info, "uri-miss", None).await,
+        Lookup::VaryMiss(key) => miss(scope, req, &info, "vary-miss", Some(key)).await,
     }
+}
+
+/// What every step of a request's way through the cache uses.
+#[derive(Clone, Copy)]
+struct Scope<'a> {
+    proxy: &'a Arc<Proxy>,
+    cache: &'a Arc<Cache>,
+    site: &'a Arc<Site>,
+    ctx: &'a ClientCtx,
 }
 
 /// A client request whose header map is in its [`ReqInfo`].
@@ -227,17 +240,19 @@ impl Held {
 }
 
 /// Forwards a request nothing stored can answer; stores the answer when it may.
-#[allow(clippy::too_many_arguments)]
 async fn miss(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<Cache>,
+    scope: Scope<'_>,
     req: Held,
-    site: &Arc<Site>,
-    ctx: &ClientCtx,
     info: &ReqInfo,
     fwd: &'static str,
     full_key: Option<String>,
 ) -> Response<ProxyBody> {
+    let Scope {
+        proxy,
+        cache,
+        site,
+        ctx,
+    } = scope;
     if info.directives.only_if_cached {
         cache.metrics().cache_lookup("miss");
         let status = CacheStatus {
@@ -303,7 +318,7 @@ async fn miss(
                 flight: Some(flight),
                 _refresh: None,
             };
-            fetch_in_background(proxy, cache, &req, info, site, ctx, background);
+            fetch_in_background(scope, &req, info, background);
         }
     }
     cache.metrics().cache_lookup("miss");
@@ -403,17 +418,19 @@ fn store_or_pass(
 }
 
 /// Revalidates a stored response that cannot be used as it is.
-#[allow(clippy::too_many_arguments)]
 async fn revalidate(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<Cache>,
+    scope: Scope<'_>,
     req: Held,
-    site: &Arc<Site>,
-    ctx: &ClientCtx,
     info: &ReqInfo,
     entry: Arc<Entry>,
     fwd: &'static str,
 ) -> Response<ProxyBody> {
+    let Scope {
+        proxy,
+        cache,
+        site,
+        ctx,
+    } = scope;
     cache.metrics().cache_lookup("revalidate");
     let mut parts = req.parts;
     parts.headers = info.headers.clone();
@@ -597,16 +614,8 @@ fn merge_not_modified(
 }
 
 /// Refreshes a stale entry in a task (stale-while-revalidate), once at a time.
-fn refresh_in_background(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<Cache>,
-    req: &Held,
-    client: &ReqInfo,
-    site: &Arc<Site>,
-    ctx: &ClientCtx,
-    entry: &Arc<Entry>,
-) {
-    let Some(guard) = cache.begin_refresh(&entry.obj.key) else {
+fn refresh_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, entry: &Arc<Entry>) {
+    let Some(guard) = scope.cache.begin_refresh(&entry.obj.key) else {
         return;
     };
     let background = Background {
@@ -614,7 +623,7 @@ fn refresh_in_background(
         flight: None,
         _refresh: Some(guard),
     };
-    fetch_in_background(proxy, cache, req, client, site, ctx, background);
+    fetch_in_background(scope, req, client, background);
 }
 
 /// What a background fetch updates and holds.
@@ -630,15 +639,13 @@ struct Background {
 /// Fetches the full response for the client's request in a task and stores it:
 /// revalidating `background.entry` when there is one, else filling the cache (after a
 /// range request missed). The client's own conditionals and range are not sent.
-fn fetch_in_background(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<Cache>,
-    req: &Held,
-    client: &ReqInfo,
-    site: &Arc<Site>,
-    ctx: &ClientCtx,
-    background: Background,
-) {
+fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, background: Background) {
+    let Scope {
+        proxy,
+        cache,
+        site,
+        ctx,
+    } = scope;
     let mut builder = Request::builder()
         .method(Method::GET)
         .uri(req.parts.uri.clone())

@@ -318,15 +318,23 @@ impl Cache {
     /// Forgets every stored variant of `primary` (unsafe-method invalidation).
     pub(crate) fn invalidate(&self, primary: &str) -> usize {
         self.vary.invalidate(primary);
-        self.remove_where(&|key| belongs_to(key, primary))
+        let of_primary = |key: &str| belongs_to(key, primary);
+        self.remove_where(&|key, _| of_primary(key), &|disk| {
+            disk.remove_matching(&of_primary)
+        })
     }
 
-    /// Removes the objects whose full key satisfies `pred` from both tiers.
-    fn remove_where(&self, pred: &dyn Fn(&str) -> bool) -> usize {
+    /// Removes the memory objects for which `in_memory` holds and what `on_disk`
+    /// removes from the disk tier; objects on both tiers count once.
+    fn remove_where(
+        &self,
+        in_memory: &dyn Fn(&str, &Entry) -> bool,
+        on_disk: &dyn Fn(&DiskTier) -> usize,
+    ) -> usize {
         let keys: Vec<Arc<str>> = self
             .memory
             .iter()
-            .filter(|(k, _)| pred(k))
+            .filter(|(k, e)| in_memory(k, e))
             .map(|(k, _)| k.as_ref().clone())
             .collect();
         let mut removed = keys.len();
@@ -334,8 +342,7 @@ impl Cache {
             self.memory.invalidate(&k);
         }
         if let Some(disk) = &self.disk {
-            // Objects on both tiers count once.
-            removed = removed.max(disk.remove_matching(pred));
+            removed = removed.max(on_disk(disk));
         }
         self.update_gauges();
         removed
@@ -350,29 +357,21 @@ impl Cache {
 
     /// Purge API: every object whose URL starts with `prefix`.
     pub fn purge_prefix(&self, prefix: &str) -> usize {
-        let n = self.remove_where(&|key| key.starts_with(prefix));
+        let matches = |key: &str| key.starts_with(prefix);
+        let n = self.remove_where(&|key, _| matches(key), &|disk| {
+            disk.remove_matching(&matches)
+        });
         self.metrics.cache_purged.inc_by(n as u64);
         n
     }
 
     /// Purge API: every object tagged `tag` (`Surrogate-Key` / `Cache-Tag`).
     pub fn purge_tag(&self, tag: &str) -> usize {
-        let keys: Vec<Arc<str>> = self
-            .memory
-            .iter()
-            .filter(|(_, e)| e.obj.tags().iter().any(|t| t == tag))
-            .map(|(k, _)| k.as_ref().clone())
-            .collect();
-        let mut removed = keys.len();
-        for k in keys {
-            self.memory.invalidate(&k);
-        }
-        if let Some(disk) = &self.disk {
-            removed = removed.max(disk.remove_tag(tag));
-        }
-        self.update_gauges();
-        self.metrics.cache_purged.inc_by(removed as u64);
-        removed
+        let n = self.remove_where(&|_, e| e.obj.tags().iter().any(|t| t == tag), &|disk| {
+            disk.remove_tag(tag)
+        });
+        self.metrics.cache_purged.inc_by(n as u64);
+        n
     }
 
     /// Whether the purge API is enabled (`None` when not) and `token` is its bearer
