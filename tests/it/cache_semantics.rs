@@ -430,6 +430,18 @@ fn key_headers_make_separate_entries() -> Result<()> {
         .expect(200, "for b")?
         .expect_hit()?;
     ensure!(s.origin_count("/a")? == 2, "one entry per X-Tenant value");
+    // A POST to the URL (from any tenant) invalidates every tenant's entry.
+    s.req("/a")
+        .method("POST")
+        .header("X-Tenant: c")
+        .send()?
+        .expect(200, "for b")?;
+    for tenant in ["a", "b"] {
+        s.req("/a")
+            .header(&format!("X-Tenant: {tenant}"))
+            .send()?
+            .expect_forwarded()?;
+    }
     Ok(())
 }
 

@@ -794,7 +794,9 @@ fn invalidate_after_unsafe(
     req_headers: &HeaderMap,
     resp_headers: &HeaderMap,
 ) {
-    let mut n = cache.invalidate(primary);
+    // Every stored response for the URL goes, whatever its key-header values.
+    let url = |key: &str| key.split('\n').next().unwrap_or_default().to_owned();
+    let mut n = cache.invalidate(&url(primary));
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         let Some(target) = resp_headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
@@ -816,7 +818,7 @@ fn invalidate_after_unsafe(
             continue;
         }
         let key = Cache::primary_key(site, ctx.scheme, host, pq, req_headers);
-        n += cache.invalidate(&key);
+        n += cache.invalidate(&url(&key));
     }
     if n > 0 {
         tracing::debug!(key = %primary, removed = n, "invalidated after unsafe method");
