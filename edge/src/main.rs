@@ -52,8 +52,9 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let ks_tls = keyserver_tls(&config.keyserver)?;
     let endpoints = endpoints(&config.keyserver)?;
     if cli.test {
+        let cache = check_cache(&config.cache)?;
         println!(
-            "configuration {} is valid: {} site(s), {} key server(s)",
+            "configuration {} is valid: {} site(s), {} key server(s), {cache}",
             cli.config.display(),
             config.sites.len(),
             endpoints.len()
@@ -66,6 +67,34 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(config, sites, ks_tls, endpoints))
+}
+
+/// For `--test`: the cache's disk directory can be created and written; a summary.
+fn check_cache(cache: &keyless_edge::config::CacheConfig) -> anyhow::Result<String> {
+    if !cache.enabled {
+        return Ok("cache off".to_owned());
+    }
+    let mib = |b: u64| b >> 20;
+    let disk = match &cache.disk_dir {
+        None => "no disk tier".to_owned(),
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cache disk_dir {}", dir.display()))?;
+            let probe = dir.join(format!(".keyless-edge-test-{}", std::process::id()));
+            std::fs::write(&probe, b"")
+                .with_context(|| format!("cache disk_dir {} is not writable", dir.display()))?;
+            let _ = std::fs::remove_file(&probe);
+            format!(
+                "disk tier {} ({} MiB)",
+                dir.display(),
+                mib(cache.disk_bytes)
+            )
+        }
+    };
+    Ok(format!(
+        "cache {} MiB in memory, {disk}",
+        mib(cache.memory_bytes)
+    ))
 }
 
 /// The edge's mTLS client configuration towards key servers (TLS 1.3 only).
