@@ -37,6 +37,34 @@ fn config_test_mode_accepts_the_generated_config_and_names_a_bad_file() -> Resul
         stderr.contains(&bad.display().to_string()) && stderr.contains("no_such_key"),
         "the error should name the file and the key:\n{stderr}"
     );
+
+    // A cache disk directory that cannot be created is named; a short purge token too.
+    let blocker = d.dir().join("not-a-dir");
+    std::fs::write(&blocker, b"")?;
+    for (extra, expected) in [
+        (
+            format!("\n[cache]\ndisk_dir = {:?}\n", blocker.join("cache")),
+            "disk_dir",
+        ),
+        (
+            "\n[cache]\npurge_token = \"short\"\n".to_owned(),
+            "purge_token",
+        ),
+    ] {
+        let cache_bad = d.dir().join("edge-cache-bad.toml");
+        std::fs::write(&cache_bad, format!("{text}{extra}"))?;
+        let out = check_edge_config(&cache_bad)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains(expected),
+            "--test should refuse {extra:?} naming {expected}:\n{stderr}"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&check_edge_config(&generated)?.stdout).into_owned();
+    ensure!(
+        stdout.contains("cache 256 MiB in memory"),
+        "--test should summarize the cache: {stdout}"
+    );
     Ok(())
 }
 
