@@ -52,8 +52,6 @@ const OBJECTS: [Object; 2] = [
 ];
 /// Unmeasured wrk run before the first round of each side and object.
 const WARMUP_SECS: u64 = 1;
-/// Background load (cores) above which the figures get a warning.
-const BACKGROUND_WARNING: f64 = 0.15;
 #[derive(Args, Clone)]
 pub(crate) struct CacheArgs {
     /// Measurement time per side and object, split over the rounds (whole seconds per
@@ -420,23 +418,12 @@ fn report(setup: &Setup, results: &Results, rss_start: Option<u64>, strict: bool
             .map(|l| format!("\n  {l}"))
             .collect::<String>()
     );
-    if busiest > BACKGROUND_WARNING {
-        println!(
-            "warning: other processes used up to {busiest:.2} cores during a measurement; \
-             rates are only comparable on a quiet machine (or rerun with more --rounds)"
-        );
-    }
-    println!();
-    println!(
-        "edge vs nginx, target >= {TARGET:.2} for both objects: {}",
-        if pass_all { "PASS" } else { "FAIL" }
+    crate::print_verdict(
+        busiest,
+        &format!("edge vs nginx, target >= {TARGET:.2} for both objects"),
+        pass_all,
+        &setup.deployment.logs_dir(),
     );
-    if !pass_all {
-        println!(
-            "logs and wrk outputs: {} (kept only with KEEP_TEST_DIRS=1)",
-            setup.deployment.logs_dir().display()
-        );
-    }
     Ok(pass_all || !strict)
 }
 

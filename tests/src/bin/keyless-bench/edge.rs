@@ -28,8 +28,6 @@ use crate::procs::Proc;
 const TARGET: f64 = 0.75;
 /// The benchmark site (a `keyless-certs init` domain).
 const DOMAIN: &str = "example.com";
-/// Background load (cores) above which the figures get a warning.
-const BACKGROUND_WARNING: f64 = 0.15;
 /// The `--diagnose` references: name, log file, `--sign-via`.
 const DIAGNOSTICS: [(&str, &str, &str); 2] = [
     (
@@ -322,23 +320,12 @@ fn report(setup: &mut Setup, signs: u64, strict: bool) -> Result<bool> {
             println!("{}: first failure: {e}", t.name);
         }
     }
-    if busiest > BACKGROUND_WARNING {
-        println!(
-            "warning: other processes used up to {busiest:.2} cores during a measurement; \
-             rates are only comparable on a quiet machine (or rerun with more --rounds)"
-        );
-    }
-    println!();
-    println!(
-        "ratio edge/reference {ratio:.2}, target >= {TARGET:.2}: {}",
-        if pass { "PASS" } else { "FAIL" }
+    crate::print_verdict(
+        busiest,
+        &format!("ratio edge/reference {ratio:.2}, target >= {TARGET:.2}"),
+        pass,
+        &setup.deployment.logs_dir(),
     );
-    if !pass {
-        println!(
-            "logs: {} (kept only with KEEP_TEST_DIRS=1)",
-            setup.deployment.logs_dir().display()
-        );
-    }
     Ok(pass || !strict)
 }
 

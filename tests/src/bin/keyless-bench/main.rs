@@ -70,6 +70,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Background load (cores used by other processes) above which figures get a warning.
+const BACKGROUND_WARNING: f64 = 0.15;
+
+/// The end of a report: a warning when other processes used up to `busiest` cores,
+/// the `verdict` line with PASS/FAIL, and where the logs are when it failed.
+pub(crate) fn print_verdict(busiest: f64, verdict: &str, pass: bool, logs: &std::path::Path) {
+    if busiest > BACKGROUND_WARNING {
+        println!(
+            "warning: other processes used up to {busiest:.2} cores during a measurement; \
+             rates are only comparable on a quiet machine (or rerun with more --rounds)"
+        );
+    }
+    println!();
+    println!("{verdict}: {}", if pass { "PASS" } else { "FAIL" });
+    if !pass {
+        println!("logs: {} (kept only with KEEP_TEST_DIRS=1)", logs.display());
+    }
+}
+
 /// The `q` quantile of sorted samples (nearest rank), NaN when there are none.
 pub(crate) fn percentile(sorted: &[u32], q: f64) -> f64 {
     if sorted.is_empty() {
