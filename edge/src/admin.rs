@@ -188,7 +188,7 @@ fn url_key(url: &str) -> Option<String> {
     }
     Some(format!(
         "{scheme}://{}{path}",
-        host.trim_end_matches('.').to_ascii_lowercase()
+        crate::sites::normalize(host)
     ))
 }
 

@@ -82,7 +82,8 @@ impl Sites {
     }
 }
 
-fn normalize(name: &str) -> String {
+/// A host name as sites and cache keys use it: lowercase, no trailing dot.
+pub(crate) fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 

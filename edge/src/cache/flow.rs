@@ -17,7 +17,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::conditional::{self, Precondition};
 use super::object::CachedObject;
-use super::policy::{self, Delta, Directives, ResponsePolicy, Usability};
+use super::policy::{self, Directives, ResponsePolicy, Usability};
 use super::range::{self, RangeAnswer};
 use super::{Cache, Entry, Flight, FlightGuard, Lookup};
 use crate::proxy::{text_response, ClientCtx, Proxy, ProxyBody};
@@ -164,7 +164,7 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     let headers = std::mem::take(&mut parts.headers);
     let info = ReqInfo {
-        directives: policy::request_directives(&headers),
+        directives: policy::cache_control(&headers),
         headers,
         method,
         primary,
@@ -385,7 +385,7 @@ fn store_or_pass(
     let names: Arc<[HeaderName]> = policy::vary_names(response.headers())
         .unwrap_or_default()
         .into();
-    let key = Cache::full_key(&info.primary, &names, &info.headers);
+    let key = super::full_key(&info.primary, &names, &info.headers);
     let vary = names
         .iter()
         .map(|n| (n.clone(), info.headers.get(n).cloned()))
@@ -454,9 +454,7 @@ async fn revalidate(
         }
         Err(e) => CacheStatus::fwd(fwd).apply(proxy.error_response(&e, site, ctx)),
         Ok(response) if response.status() == StatusCode::NOT_MODIFIED => {
-            let updated = merge_not_modified(&entry.obj, response.headers(), request_time, now);
-            let names: Arc<[HeaderName]> = entry.obj.vary.iter().map(|(n, _)| n.clone()).collect();
-            let entry = cache.store(updated, names);
+            let entry = store_not_modified(cache, &entry, response.headers(), request_time, now);
             let status = CacheStatus {
                 fwd: Some(fwd),
                 fwd_status: Some(304),
@@ -497,10 +495,7 @@ async fn revalidate(
 /// could serve only `max-stale` requests; storing is never required (RFC 9111 §3), so
 /// it costs no cache churn. An explicit `max-age=0` is still stored.
 fn useless(policy: &ResponsePolicy, headers: &HeaderMap) -> Option<&'static str> {
-    let explicit = policy.directives.max_age != Delta::Absent
-        || policy.directives.s_maxage != Delta::Absent
-        || (!policy.cdn && headers.contains_key(header::EXPIRES));
-    let dead = !explicit
+    let dead = !policy.has_explicit_freshness(headers)
         && policy.lifetime.is_zero()
         && policy.stale_while_revalidate.is_zero()
         && policy.stale_if_error.is_zero()
@@ -525,22 +520,11 @@ fn answer_client_conditionals(
     }
     match conditional::evaluate(&info.method, &info.headers, response.headers()) {
         Precondition::Proceed => response,
-        Precondition::NotModified => {
+        precondition => {
             let (parts, body) = response.into_parts();
-            drain_in_background(body);
-            let mut headers = conditional::not_modified_headers(&parts.headers);
-            for v in parts.headers.get_all(&CACHE_STATUS) {
-                headers.append(&CACHE_STATUS, v.clone());
-            }
-            let mut r = Response::new(empty());
-            *r.status_mut() = StatusCode::NOT_MODIFIED;
-            *r.headers_mut() = headers;
-            r
-        }
-        Precondition::Failed => {
-            let (parts, body) = response.into_parts();
-            drain_in_background(body);
-            let mut r = text_response(StatusCode::PRECONDITION_FAILED, "precondition failed\n");
+            // The response may be being stored: read it to its end anyway.
+            tokio::spawn(drain(body));
+            let mut r = precondition_answer(precondition, &parts.headers);
             for v in parts.headers.get_all(&CACHE_STATUS) {
                 r.headers_mut().append(&CACHE_STATUS, v.clone());
             }
@@ -549,10 +533,22 @@ fn answer_client_conditionals(
     }
 }
 
-/// Reads a body to its end in a task (so a response being stored completes even
-/// when the client gets a 304).
-fn drain_in_background(mut body: ProxyBody) {
-    tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+/// The 304 or 412 answer of a request whose preconditions said so, about a response
+/// with `headers`.
+fn precondition_answer(precondition: Precondition, headers: &HeaderMap) -> Response<ProxyBody> {
+    if precondition == Precondition::NotModified {
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        *r.headers_mut() = conditional::not_modified_headers(headers);
+        r
+    } else {
+        text_response(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
+    }
+}
+
+/// Reads `body` to its end, discarding it (a body being stored then completes).
+async fn drain(mut body: ProxyBody) {
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 /// The request that revalidates `obj`: the client's, minus its own conditionals and
@@ -577,6 +573,19 @@ fn conditional_request(
         }
     }
     req
+}
+
+/// Stores `entry` updated by a 304's header fields `fresh`; returns the new entry.
+fn store_not_modified(
+    cache: &Arc<Cache>,
+    entry: &Entry,
+    fresh: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Arc<Entry> {
+    let updated = merge_not_modified(&entry.obj, fresh, request_time, response_time);
+    let names: Arc<[HeaderName]> = entry.obj.vary.iter().map(|(n, _)| n.clone()).collect();
+    cache.store(updated, names)
 }
 
 /// The stored response updated by a 304's header fields (RFC 9111 §4.3.4).
@@ -658,7 +667,7 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
     };
     let info = ReqInfo {
         method: Method::GET,
-        directives: policy::request_directives(&parts.headers),
+        directives: policy::cache_control(&parts.headers),
         headers: parts.headers.clone(),
         primary: client.primary.clone(),
     };
@@ -677,10 +686,7 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
             }
             (Ok(response), Some(entry)) if response.status() == StatusCode::NOT_MODIFIED => {
                 let now = SystemTime::now();
-                let updated = merge_not_modified(&entry.obj, response.headers(), request_time, now);
-                let names: Arc<[HeaderName]> =
-                    entry.obj.vary.iter().map(|(n, _)| n.clone()).collect();
-                cache.store(updated, names);
+                store_not_modified(&cache, &entry, response.headers(), request_time, now);
             }
             (Ok(response), _) => {
                 let response = store_or_pass(
@@ -691,8 +697,7 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
                     flight,
                     CacheStatus::default(),
                 );
-                let mut body = response.into_body();
-                while let Some(Ok(_)) = body.frame().await {}
+                drain(response.into_body()).await;
             }
         }
     });
@@ -716,14 +721,8 @@ fn serve_stored(
         Precondition::Proceed
     };
     let mut response = match precondition {
-        Precondition::NotModified => {
-            let mut r = Response::new(empty());
-            *r.status_mut() = StatusCode::NOT_MODIFIED;
-            *r.headers_mut() = conditional::not_modified_headers(&obj.headers);
-            r
-        }
-        Precondition::Failed => {
-            text_response(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
+        Precondition::NotModified | Precondition::Failed => {
+            precondition_answer(precondition, &obj.headers)
         }
         Precondition::Proceed => {
             let mut headers = obj.headers.clone();
@@ -754,18 +753,7 @@ fn serve_stored(
                         headers.insert(header::CONTENT_RANGE, cr);
                     }
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                    let body = match body.len() {
-                        1 => body.into_iter().next().unwrap_or_default(),
-                        _ => {
-                            let mut all =
-                                BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
-                            for part in body {
-                                all.extend_from_slice(&part);
-                            }
-                            all.freeze()
-                        }
-                    };
-                    (StatusCode::PARTIAL_CONTENT, full(body))
+                    (StatusCode::PARTIAL_CONTENT, full(concat(body, len)))
                 }
                 RangeAnswer::Unsatisfiable { content_range } => {
                     headers.insert(header::CONTENT_RANGE, content_range);
@@ -835,6 +823,18 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// `parts` (of `len` bytes in all) as one buffer; copied only when there are several.
+fn concat(mut parts: Vec<Bytes>, len: u64) -> Bytes {
+    if parts.len() <= 1 {
+        return parts.pop().unwrap_or_default();
+    }
+    let mut all = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+    for part in &parts {
+        all.extend_from_slice(part);
+    }
+    all.freeze()
+}
+
 fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
@@ -879,17 +879,7 @@ impl Sink {
             tracing::debug!(key = %self.template.key, "body length differs from Content-Length; not stored");
             return;
         }
-        let body = match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.pop().unwrap_or_default(),
-            _ => {
-                let mut all = BytesMut::with_capacity(usize::try_from(self.len).unwrap_or(0));
-                for c in &self.chunks {
-                    all.extend_from_slice(c);
-                }
-                all.freeze()
-            }
-        };
+        let body = concat(std::mem::take(&mut self.chunks), self.len);
         let mut obj = std::mem::replace(
             &mut self.template,
             CachedObject {

@@ -234,7 +234,7 @@ impl Cache {
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> String {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let host = crate::sites::normalize(host);
         let target = if site.cache_ignore_query {
             path_and_query.split('?').next().unwrap_or("/")
         } else {
@@ -282,11 +282,6 @@ impl Cache {
         } else {
             Lookup::VaryMiss(full.into_owned())
         }
-    }
-
-    /// The full key of `primary` for a response varying on `names`.
-    pub(crate) fn full_key(primary: &str, names: &[HeaderName], headers: &HeaderMap) -> String {
-        full_key(primary, names, headers)
     }
 
     /// Stores a complete response in memory (and, in the background, on disk).
@@ -499,7 +494,7 @@ const VARY_SEP: char = '\0';
 
 /// `primary` itself when `names` is empty, else
 /// `primary \0 name,name \0 sha256(values)` (hex).
-fn full_key(primary: &str, names: &[HeaderName], headers: &HeaderMap) -> String {
+pub(crate) fn full_key(primary: &str, names: &[HeaderName], headers: &HeaderMap) -> String {
     if names.is_empty() {
         return primary.to_owned();
     }

@@ -203,9 +203,9 @@ fn split_directives(bytes: &[u8]) -> Vec<(String, Option<String>)> {
     out
 }
 
-/// The directives of a request, with `Pragma: no-cache` honoured when the request has
-/// no `Cache-Control` (RFC 9111 §5.4).
-pub fn request_directives(headers: &HeaderMap) -> Directives {
+/// `Cache-Control` of `headers`, with `Pragma: no-cache` counting as `no-cache` when
+/// there is no `Cache-Control` (RFC 9111 §5.4).
+pub fn cache_control(headers: &HeaderMap) -> Directives {
     let mut d = Directives::parse(headers.get_all(header::CACHE_CONTROL));
     if !headers.contains_key(header::CACHE_CONTROL)
         && headers
@@ -280,17 +280,7 @@ impl ResponsePolicy {
         let directives = if cdn {
             Directives::parse(cdn_values)
         } else {
-            let mut d = Directives::parse(headers.get_all(header::CACHE_CONTROL));
-            if !headers.contains_key(header::CACHE_CONTROL)
-                && headers
-                    .get_all(header::PRAGMA)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .any(|v| v.to_ascii_lowercase().contains("no-cache"))
-            {
-                d.no_cache = true;
-            }
-            d
+            cache_control(headers)
         };
         let date = date_value(headers).unwrap_or(response_time);
         let (lifetime, heuristic) = freshness_lifetime(status, headers, &directives, cdn, date);
@@ -315,6 +305,14 @@ impl ResponsePolicy {
             heuristic,
             no_stale,
         }
+    }
+
+    /// Whether the response states its freshness: `max-age`, `s-maxage`, or (unless
+    /// `CDN-Cache-Control` governs) `Expires` — valid or not.
+    pub fn has_explicit_freshness(&self, headers: &HeaderMap) -> bool {
+        self.directives.max_age.is_present()
+            || self.directives.s_maxage.is_present()
+            || (!self.cdn && headers.contains_key(header::EXPIRES))
     }
 
     /// Why a response to a GET may not be stored, or `None` when it may (RFC 9111 §3).
@@ -346,10 +344,7 @@ impl ResponsePolicy {
         if vary_names(headers).is_none() {
             return Some("vary *");
         }
-        let explicit = (!self.cdn && headers.contains_key(header::EXPIRES))
-            || d.max_age.is_present()
-            || d.s_maxage.is_present();
-        if !(explicit || d.public || heuristically_cacheable(status)) {
+        if !(self.has_explicit_freshness(headers) || d.public || heuristically_cacheable(status)) {
             return Some("no freshness");
         }
         None
@@ -690,7 +685,7 @@ mod tests {
     fn request_directives_decide_usability() {
         let p = policy(&[("cache-control", "max-age=100")]);
         let age = Duration::from_secs(50);
-        let req = |v: &str| request_directives(&headers(&[("cache-control", v)]));
+        let req = |v: &str| cache_control(&headers(&[("cache-control", v)]));
         assert_eq!(usability(&p, age, &Directives::default()), Usability::Fresh);
         assert_eq!(
             usability(&p, age, &req("max-age=10")),
@@ -702,7 +697,7 @@ mod tests {
         );
         assert_eq!(usability(&p, age, &req("min-fresh=40")), Usability::Fresh);
         assert_eq!(usability(&p, age, &req("no-cache")), Usability::Revalidate);
-        let pragma = request_directives(&headers(&[("pragma", "no-cache")]));
+        let pragma = cache_control(&headers(&[("pragma", "no-cache")]));
         assert_eq!(usability(&p, age, &pragma), Usability::Revalidate);
         let old = Duration::from_secs(150);
         assert_eq!(
