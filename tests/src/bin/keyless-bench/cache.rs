@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use keyless_tests::{binary, free_addr, http_get, Curl, Deployment, Profile, SClient};
+use keyless_tests::{free_addr, http_get, Curl, Deployment, SClient};
 
 use crate::cpu_seconds;
 use crate::edge::build_release;
 use crate::load::machine_busy_seconds;
-use crate::procs::{children, proc_state, rss_bytes, Proc};
+use crate::procs::{children, proc_state, rss_bytes, start_edge_stack, EdgeStack, Proc};
 use nginx::{ensure_tools, nginx_config, version_text, Tools};
 use wrk::{parse_wrk, Run, WRK_SCRIPT};
 
@@ -515,66 +515,26 @@ fn wrk(
 
 /// Starts the key server, the test origin, the edge and nginx.
 fn start(tools: &Tools) -> Result<Setup> {
-    let mut deployment = Deployment::init(&[DOMAIN])?;
-    deployment.set_report_on_drop(false);
-    let dir = deployment.dir().to_path_buf();
-    let logs = deployment.logs_dir();
-    let env = [("KEYLESS_LOG", LOG_FILTER)];
-
-    let mut keyserver = Proc::spawn(
-        "key server",
-        &binary("keyless-origin", Profile::Release)?,
-        ["--config".as_ref(), deployment.config_path().as_os_str()],
-        &env,
-        logs.join("keyserver.log"),
-    )?;
-    keyserver.wait_port(deployment.listen())?;
-
-    let origin_addr = free_addr()?;
-    let mut origin = Proc::spawn(
-        "test origin",
-        &binary("keyless-test-origin", Profile::Release)?,
-        ["--listen".to_owned(), origin_addr.to_string()],
-        &[],
-        logs.join("test-origin.log"),
-    )?;
-    origin.wait_port(origin_addr)?;
-
-    let edge_addr = free_addr()?;
-    let admin_addr = free_addr()?;
-    let edge_config = dir.join("bench-edge.toml");
-    std::fs::write(
-        &edge_config,
-        format!(
-            "[listen]\n\
-             https = \"{edge_addr}\"\n\
-             admin = \"{admin_addr}\"\n\
-             [keyserver]\n\
-             servers = [\"localhost:{ks_port}\"]\n\
-             ca = \"edge/keyserver-ca.crt\"\n\
-             cert = \"edge/edge.crt\"\n\
-             key = \"edge/edge.key\"\n\
-             [tls]\n\
+    let EdgeStack {
+        deployment,
+        keyserver,
+        origin,
+        origin_addr,
+        edge,
+        edge_addr,
+    } = start_edge_stack(
+        DOMAIN,
+        LOG_FILTER,
+        &format!(
+            "[tls]\n\
              # wrk connects to an IP, so its SNI names no site.\n\
              default_site = \"{DOMAIN}\"\n\
              [cache]\n\
-             memory_bytes = {EDGE_CACHE_BYTES}\n\
-             [[site]]\n\
-             domains = [\"{DOMAIN}\", \"*.{DOMAIN}\"]\n\
-             origin = \"http://{origin_addr}\"\n",
-            ks_port = deployment.listen().port(),
+             memory_bytes = {EDGE_CACHE_BYTES}\n"
         ),
-    )
-    .with_context(|| format!("writing {}", edge_config.display()))?;
-    let mut edge = Proc::spawn(
-        "edge",
-        &binary("keyless-edge", Profile::Release)?,
-        ["--config".as_ref(), edge_config.as_os_str()],
-        &env,
-        logs.join("edge.log"),
     )?;
-    edge.wait_http_ok(admin_addr, "/healthz")?;
-    edge.wait_port(edge_addr)?;
+    let dir = deployment.dir().to_path_buf();
+    let logs = deployment.logs_dir();
 
     let work = dir.join("cache-bench");
     let nginx_addr = free_addr()?;

@@ -15,14 +15,14 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use keyless_shared::Opcode;
 use keyless_tests::{
-    binary, ensure_built, free_addr, http_get, target_dir, workspace_root, Deployment, Profile,
+    ensure_built, free_addr, http_get, target_dir, workspace_root, Deployment, Profile,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::load::{self, Client, Sample};
 use crate::percentile;
-use crate::procs::Proc;
+use crate::procs::{start_edge_stack, EdgeStack, Proc};
 
 /// The edge must reach this fraction of the reference's handshake rate.
 const TARGET: f64 = 0.75;
@@ -352,65 +352,17 @@ pub(crate) fn build_release() -> Result<()> {
 
 /// Starts the key server, the test origin, the edge and the reference server(s).
 fn start(args: &EdgeArgs) -> Result<Setup> {
-    let mut deployment = Deployment::init(&[DOMAIN])?;
-    deployment.set_report_on_drop(false);
+    let EdgeStack {
+        deployment,
+        keyserver,
+        origin,
+        origin_addr,
+        edge,
+        edge_addr,
+    } = start_edge_stack(DOMAIN, LOG_FILTER, "")?;
     let dir = deployment.dir().to_path_buf();
     let logs = deployment.logs_dir();
-    let env = [("KEYLESS_LOG", LOG_FILTER)];
-    let mut procs = Vec::new();
-
-    let mut keyserver = Proc::spawn(
-        "key server",
-        &binary("keyless-origin", Profile::Release)?,
-        ["--config".as_ref(), deployment.config_path().as_os_str()],
-        &env,
-        logs.join("keyserver.log"),
-    )?;
-    keyserver.wait_port(deployment.listen())?;
-    procs.push(keyserver);
-
-    let origin_addr = free_addr()?;
-    let mut origin = Proc::spawn(
-        "test origin",
-        &binary("keyless-test-origin", Profile::Release)?,
-        ["--listen".to_owned(), origin_addr.to_string()],
-        &[],
-        logs.join("test-origin.log"),
-    )?;
-    origin.wait_port(origin_addr)?;
-    procs.push(origin);
-
-    let edge_addr = free_addr()?;
-    let admin_addr = free_addr()?;
-    let edge_config = dir.join("bench-edge.toml");
-    std::fs::write(
-        &edge_config,
-        format!(
-            "[listen]\n\
-             https = \"{edge_addr}\"\n\
-             admin = \"{admin_addr}\"\n\
-             [keyserver]\n\
-             servers = [\"localhost:{ks_port}\"]\n\
-             ca = \"edge/keyserver-ca.crt\"\n\
-             cert = \"edge/edge.crt\"\n\
-             key = \"edge/edge.key\"\n\
-             [[site]]\n\
-             domains = [\"{DOMAIN}\", \"*.{DOMAIN}\"]\n\
-             origin = \"http://{origin_addr}\"\n",
-            ks_port = deployment.listen().port(),
-        ),
-    )
-    .with_context(|| format!("writing {}", edge_config.display()))?;
-    let mut edge = Proc::spawn(
-        "edge",
-        &binary("keyless-edge", Profile::Release)?,
-        ["--config".as_ref(), edge_config.as_os_str()],
-        &env,
-        logs.join("edge.log"),
-    )?;
-    edge.wait_http_ok(admin_addr, "/healthz")?;
-    edge.wait_port(edge_addr)?;
-    procs.push(edge);
+    let mut procs = vec![keyserver, origin, edge];
 
     let keys = deployment.keys_dir();
     let bench = std::env::current_exe().context("locating keyless-bench")?;

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use keyless_tests::{http_get, strip_ansi, wait_for_port};
+use keyless_tests::{binary, free_addr, http_get, strip_ansi, wait_for_port, Deployment, Profile};
 
 /// How long a process may take to become ready after it was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -231,4 +231,88 @@ pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
+}
+
+/// The keyless side of a benchmark, release builds: a `Deployment` for one domain,
+/// its key server, a test origin and an edge serving the domain from that origin.
+pub(crate) struct EdgeStack {
+    pub(crate) deployment: Deployment,
+    pub(crate) keyserver: Proc,
+    pub(crate) origin: Proc,
+    pub(crate) origin_addr: SocketAddr,
+    pub(crate) edge: Proc,
+    pub(crate) edge_addr: SocketAddr,
+}
+
+/// Starts an [`EdgeStack`] for `domain`, the key server and the edge logging at
+/// `log_filter`; `edge_toml` is added to the edge's configuration before its site.
+pub(crate) fn start_edge_stack(
+    domain: &str,
+    log_filter: &str,
+    edge_toml: &str,
+) -> Result<EdgeStack> {
+    let mut deployment = Deployment::init(&[domain])?;
+    deployment.set_report_on_drop(false);
+    let dir = deployment.dir().to_path_buf();
+    let logs = deployment.logs_dir();
+    let env = [("KEYLESS_LOG", log_filter)];
+
+    let mut keyserver = Proc::spawn(
+        "key server",
+        &binary("keyless-origin", Profile::Release)?,
+        ["--config".as_ref(), deployment.config_path().as_os_str()],
+        &env,
+        logs.join("keyserver.log"),
+    )?;
+    keyserver.wait_port(deployment.listen())?;
+
+    let origin_addr = free_addr()?;
+    let mut origin = Proc::spawn(
+        "test origin",
+        &binary("keyless-test-origin", Profile::Release)?,
+        ["--listen".to_owned(), origin_addr.to_string()],
+        &[],
+        logs.join("test-origin.log"),
+    )?;
+    origin.wait_port(origin_addr)?;
+
+    let edge_addr = free_addr()?;
+    let admin_addr = free_addr()?;
+    let edge_config = dir.join("bench-edge.toml");
+    std::fs::write(
+        &edge_config,
+        format!(
+            "[listen]\n\
+             https = \"{edge_addr}\"\n\
+             admin = \"{admin_addr}\"\n\
+             [keyserver]\n\
+             servers = [\"localhost:{ks_port}\"]\n\
+             ca = \"edge/keyserver-ca.crt\"\n\
+             cert = \"edge/edge.crt\"\n\
+             key = \"edge/edge.key\"\n\
+             {edge_toml}\
+             [[site]]\n\
+             domains = [\"{domain}\", \"*.{domain}\"]\n\
+             origin = \"http://{origin_addr}\"\n",
+            ks_port = deployment.listen().port(),
+        ),
+    )
+    .with_context(|| format!("writing {}", edge_config.display()))?;
+    let mut edge = Proc::spawn(
+        "edge",
+        &binary("keyless-edge", Profile::Release)?,
+        ["--config".as_ref(), edge_config.as_os_str()],
+        &env,
+        logs.join("edge.log"),
+    )?;
+    edge.wait_http_ok(admin_addr, "/healthz")?;
+    edge.wait_port(edge_addr)?;
+    Ok(EdgeStack {
+        deployment,
+        keyserver,
+        origin,
+        origin_addr,
+        edge,
+        edge_addr,
+    })
 }
