@@ -177,6 +177,26 @@ mod tests {
     }
 
     #[test]
+    fn ed25519_signs_only_a_handshake_message_given_twice() {
+        // The edge sends the message as payload and in the signed-message tag.
+        let m = tls12_x25519();
+        assert_eq!(
+            check_signing_context(Opcode::Ed25519Sign, &m, &m),
+            Ok(HandshakeContext::Tls12ServerKeyExchange)
+        );
+        let junk = b"pay 1000 to mallory".to_vec();
+        assert_eq!(
+            check_signing_context(Opcode::Ed25519Sign, &junk, &junk),
+            Err(PolicyError::NotHandshake)
+        );
+        let m13 = tls13(48);
+        assert_eq!(
+            check_signing_context(Opcode::Ed25519Sign, &junk, &m13),
+            Err(PolicyError::DigestMismatch)
+        );
+    }
+
+    #[test]
     fn refuses_everything_else() {
         let m = tls13(32);
         let mut wrong = sha256(&m);

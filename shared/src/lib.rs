@@ -1,6 +1,7 @@
 //! Shared pieces of keyless: the Keyless protocol v1 wire format (byte-compatible with
 //! Cloudflare's Keyless SSL) with our documented extensions, key identifiers (SKI) and
-//! the checks a key server makes on a to-be-signed handshake message.
+//! the checks a key server makes on a to-be-signed handshake message, and the process
+//! and logging hygiene both binaries share ([`process`], [`log_safe`]).
 //!
 //! The wire format is described in `PROTOCOL.md` beside this crate; a test keeps the
 //! tables there in step with [`Tag`], [`Opcode`] and [`ErrorCode`].
@@ -9,6 +10,8 @@
 pub mod cli;
 mod codec;
 mod context;
+mod log_safe;
+pub mod process;
 mod protocol;
 mod ski;
 
@@ -19,5 +22,6 @@ pub use codec::{
 pub use context::{
     check_signing_context, digest_for, HandshakeContext, PolicyError, TLS13_SERVER_CONTEXT,
 };
+pub use log_safe::{log_safe, LogSafe};
 pub use protocol::{ErrorCode, HashAlg, KeyKind, Opcode, Tag, VERSION_MAJOR, VERSION_MINOR};
 pub use ski::{ski_from_spki_der, spki_sha256, Ski};

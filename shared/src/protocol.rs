@@ -176,6 +176,10 @@ wire_enum! {
         NotAuthorized = 0x80 => "not-authorized",
         /// Extension: the signing policy refused the request.
         PolicyRefused = 0x81 => "policy-refused",
+        /// Extension: the key server is overloaded (its worker queue is full or the
+        /// request waited past its deadline); the request was not performed, so trying
+        /// another key server is safe.
+        Overloaded = 0x82 => "overloaded",
     }
 }
 

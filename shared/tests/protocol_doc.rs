@@ -114,6 +114,7 @@ fn extensions_are_marked() {
         ("Opcodes", 0x40),
         ("Error codes", 0x80),
         ("Error codes", 0x81),
+        ("Error codes", 0x82),
     ] {
         let wanted = format!("## {heading}");
         let row = DOC
