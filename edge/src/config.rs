@@ -156,6 +156,75 @@ pub struct ProxyConfig {
     /// Extra CA (PEM) trusted for HTTPS origins, besides the system roots.
     #[serde(default)]
     pub origin_ca: Option<PathBuf>,
+    /// Client networks (`10.0.0.0/8`, `2001:db8::/32`, or one address) of load
+    /// balancers in front of the edge: their `X-Forwarded-For` and `Forwarded` are
+    /// appended to and their `X-Forwarded-Host` / `X-Forwarded-Proto` kept. From any
+    /// other client these are replaced (the edge is the first hop). Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNetwork>,
+}
+
+/// An IP network `addr/prefix` (or one address), e.g. `[proxy] trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNetwork {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNetwork {
+    /// Whether `ip` is in the network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNetwork {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<IpNetwork, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP network (addr/prefix)"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
+        };
+        Ok(IpNetwork { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNetwork {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<IpNetwork, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for ProxyConfig {
@@ -167,6 +236,7 @@ impl Default for ProxyConfig {
             max_connections: default_max_connections(),
             max_header_bytes: default_max_header_bytes(),
             origin_ca: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -249,6 +319,22 @@ pub struct SiteCacheConfig {
     /// Request headers whose values are part of the cache key.
     #[serde(default)]
     pub key_headers: Vec<String>,
+    /// Responses carrying `Set-Cookie`: `"never"` stored (default) or `"strip"`:
+    /// stored without their `Set-Cookie` fields (the client that fetched it still
+    /// gets its cookie).
+    #[serde(default)]
+    pub store_set_cookie: SetCookiePolicy,
+}
+
+/// What the cache does with a response that sets a cookie.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SetCookiePolicy {
+    /// Not stored: a cookie is one user's answer.
+    #[default]
+    Never,
+    /// Stored with every `Set-Cookie` field removed.
+    Strip,
 }
 
 impl Default for SiteCacheConfig {
@@ -257,6 +343,7 @@ impl Default for SiteCacheConfig {
             enabled: true,
             ignore_query: false,
             key_headers: Vec::new(),
+            store_set_cookie: SetCookiePolicy::Never,
         }
     }
 }

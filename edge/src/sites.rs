@@ -19,6 +19,8 @@ pub struct Site {
     pub cache_ignore_query: bool,
     /// Request headers whose values are part of cache keys.
     pub cache_key_headers: Vec<http::HeaderName>,
+    /// Whether responses with `Set-Cookie` are stored (stripped) or not at all.
+    pub cache_set_cookie: crate::config::SetCookiePolicy,
 }
 
 impl Site {
@@ -58,6 +60,7 @@ impl Sites {
                             .map_err(|_| format!("cache key header {h:?} is not a header name"))
                     })
                     .collect::<Result<_, _>>()?,
+                cache_set_cookie: c.cache.store_set_cookie,
             });
             for d in &site.domains {
                 let (map, key) = match d.strip_prefix("*.") {

@@ -13,13 +13,14 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use super::conditional::{self, Precondition};
 use super::object::CachedObject;
 use super::policy::{self, Directives, ResponsePolicy, Usability};
 use super::range::{self, RangeAnswer};
 use super::{Cache, Entry, Flight, FlightGuard, Lookup};
+use crate::config::SetCookiePolicy;
 use crate::proxy::{text_response, ClientCtx, Proxy, ProxyBody};
 use crate::sites::Site;
 
@@ -40,13 +41,24 @@ static CONDITIONAL: [HeaderName; 6] = [
     header::RANGE,
 ];
 
-/// Header fields a 304 does not update in the stored response (RFC 9111 §3.2).
-static NOT_UPDATED: [HeaderName; 4] = [
+/// Header fields a 304 does not update in the stored response (RFC 9111 §3.2), and
+/// the cookies it sets (one client's, never stored).
+static NOT_UPDATED: [HeaderName; 6] = [
     header::CONTENT_LENGTH,
     header::CONTENT_ENCODING,
     header::TRANSFER_ENCODING,
     header::CONTENT_RANGE,
+    header::SET_COOKIE,
+    HeaderName::from_static("set-cookie2"),
 ];
+
+/// The obsolete RFC 2965 cookie field, treated as `Set-Cookie`.
+static SET_COOKIE2: HeaderName = HeaderName::from_static("set-cookie2");
+
+/// Whether a response sets a cookie.
+fn sets_cookie(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::SET_COOKIE) || headers.contains_key(&SET_COOKIE2)
+}
 
 /// One `Cache-Status` list member (RFC 9211).
 #[derive(Clone, Copy, Debug, Default)]
@@ -119,24 +131,24 @@ struct ReqInfo {
     headers: HeaderMap,
     directives: Directives,
     primary: String,
+    /// The site's `store_set_cookie`.
+    set_cookie: SetCookiePolicy,
 }
 
 /// Serves `req` for `site` through the cache.
 pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
     cache: &Arc<Cache>,
-    req: Request<Incoming>,
-    host: Option<&str>,
+    req: Request<ProxyBody>,
+    host: &str,
     site: &Arc<Site>,
     ctx: &ClientCtx,
 ) -> Response<ProxyBody> {
-    let req = req.map(BodyExt::boxed_unsync);
     if !site.cache_enabled {
         cache.metrics().cache_lookup("bypass");
         return CacheStatus::fwd("bypass").apply(proxy.forward(req, site, ctx).await);
     }
     let method = req.method().clone();
-    let host = host.unwrap_or_else(|| site.name());
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let primary = Cache::primary_key(site, ctx.scheme, host, path_and_query, req.headers());
 
@@ -168,6 +180,7 @@ pub(crate) async fn handle(
         headers,
         method,
         primary,
+        set_cookie: site.cache_set_cookie,
     };
     let req = Held { parts, body };
     let scope = Scope {
@@ -323,10 +336,7 @@ async fn miss(
     }
     cache.metrics().cache_lookup("miss");
     let request_time = SystemTime::now();
-    match proxy
-        .fetch(req.into_request(&info.headers), site, ctx)
-        .await
-    {
+    match proxy.fetch(req.into_request(&info.headers), site).await {
         Err(e) => CacheStatus::fwd(fwd).apply(proxy.error_response(&e, site, ctx)),
         Ok(response) => {
             let status = CacheStatus::fwd(fwd);
@@ -362,6 +372,10 @@ fn store_or_pass(
             &info.directives,
         )
         .or_else(|| useless(&policy, response.headers()))
+        .or_else(|| {
+            (info.set_cookie == SetCookiePolicy::Never && sets_cookie(response.headers()))
+                .then_some("set-cookie")
+        })
     {
         if !matches!(reason, "request no-store" | "authorization") {
             cache.mark_pass(&info.primary);
@@ -391,10 +405,15 @@ fn store_or_pass(
         .map(|n| (n.clone(), info.headers.get(n).cloned()))
         .collect();
     let (parts, body) = response.into_parts();
+    let mut stored_headers = parts.headers.clone();
+    // `store_set_cookie = "strip"`: the client that fetched it keeps its cookie, the
+    // stored copy has none.
+    stored_headers.remove(header::SET_COOKIE);
+    stored_headers.remove(&SET_COOKIE2);
     let template = CachedObject {
         key,
         status: parts.status,
-        headers: parts.headers.clone(),
+        headers: stored_headers,
         body: Bytes::new(),
         request_time,
         response_time,
@@ -436,7 +455,7 @@ async fn revalidate(
     parts.headers = info.headers.clone();
     let conditional = conditional_request(parts, Some(&entry.obj));
     let request_time = SystemTime::now();
-    let result = proxy.fetch(conditional, site, ctx).await;
+    let result = proxy.fetch(conditional, site).await;
     let now = SystemTime::now();
     let stale_ok = policy::may_serve_stale_on_error(&entry.policy, entry.age(now));
     match result {
@@ -462,7 +481,14 @@ async fn revalidate(
                 ttl: Some(entry.ttl(now)),
                 ..CacheStatus::default()
             };
-            serve_stored(info, &entry, now, status)
+            let mut served = serve_stored(info, &entry, now, status);
+            // Cookies the 304 set are this client's: passed on, never merged.
+            for name in [&header::SET_COOKIE, &SET_COOKIE2] {
+                for v in response.headers().get_all(name) {
+                    served.headers_mut().append(name, v.clone());
+                }
+            }
+            served
         }
         Ok(response) if is_error_status(response.status()) && stale_ok => {
             tracing::warn!(key = %info.primary, status = response.status().as_u16(), "origin error; serving stale (stale-if-error)");
@@ -653,7 +679,7 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
         proxy,
         cache,
         site,
-        ctx,
+        ctx: _,
     } = scope;
     let mut builder = Request::builder()
         .method(Method::GET)
@@ -670,9 +696,10 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
         directives: policy::cache_control(&parts.headers),
         headers: parts.headers.clone(),
         primary: client.primary.clone(),
+        set_cookie: client.set_cookie,
     };
     let request = conditional_request(parts, background.entry.as_ref().map(|e| &e.obj));
-    let (proxy, cache, site, ctx) = (proxy.clone(), cache.clone(), site.clone(), *ctx);
+    let (proxy, cache, site) = (proxy.clone(), cache.clone(), site.clone());
     tokio::spawn(async move {
         let Background {
             entry,
@@ -680,7 +707,7 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
             _refresh,
         } = background;
         let request_time = SystemTime::now();
-        match (proxy.fetch(request, &site, &ctx).await, entry) {
+        match (proxy.fetch(request, &site).await, entry) {
             (Err(e), _) => {
                 tracing::warn!(key = %info.primary, error = %e, "background fetch failed");
             }

@@ -15,6 +15,8 @@ const VIA_NAME: &str = "keyless";
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -60,28 +62,52 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
     }
 }
 
-/// Rewrites a client request's headers for the origin. `host` is the name the client
-/// asked for (its `Host` or `:authority`), if any. `Host` itself is set later, once
-/// the upstream protocol is known.
+/// Rewrites a client request's headers for the origin. `host` is the host the
+/// request is for, as the cache keys it. `Host` itself is set by the caller.
+///
+/// The edge is the first hop: a client's `X-Forwarded-For`, `Forwarded`,
+/// `X-Forwarded-Host`, `X-Forwarded-Proto` and `X-Real-IP` are replaced by the edge's
+/// own, since an origin that trusts them would trust anything a client writes. From a
+/// `trusted` client (a load balancer of `[proxy] trusted_proxies`) the edge appends to
+/// `X-Forwarded-For` and `Forwarded` and keeps its `X-Forwarded-Host` and
+/// `X-Forwarded-Proto`.
 pub(crate) fn prepare_request(
     headers: &mut HeaderMap,
     version: Version,
     ctx: &ClientCtx,
-    host: Option<&str>,
+    host: &str,
+    trusted: bool,
 ) {
     strip_hop_by_hop(headers, true);
     // hyper answered any `Expect: 100-continue` on the client side already.
     headers.remove(header::EXPECT);
+    if !trusted {
+        for name in [
+            &X_FORWARDED_FOR,
+            &header::FORWARDED,
+            &X_FORWARDED_HOST,
+            &X_FORWARDED_PROTO,
+            &X_REAL_IP,
+        ] {
+            headers.remove(name);
+        }
+    }
     let ip = ctx.client_addr.ip().to_canonical();
     append(headers, &X_FORWARDED_FOR, &ip.to_string());
-    headers.remove(&X_FORWARDED_PROTO);
-    if let Ok(proto) = HeaderValue::from_str(ctx.scheme) {
-        headers.insert(X_FORWARDED_PROTO.clone(), proto);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        if let Ok(proto) = HeaderValue::from_str(ctx.scheme) {
+            headers.insert(X_FORWARDED_PROTO.clone(), proto);
+        }
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST) {
+        if let Ok(h) = HeaderValue::from_str(host) {
+            headers.insert(X_FORWARDED_HOST.clone(), h);
+        }
     }
     append(
         headers,
         &header::FORWARDED,
-        &forwarded_element(ip, ctx.scheme, host),
+        &forwarded_element(ip, ctx.scheme, Some(host)),
     );
     append(headers, &header::VIA, &via(version));
 }
@@ -214,32 +240,84 @@ mod tests {
         assert!(h.get("te").is_none());
     }
 
-    #[test]
-    fn forwarding_headers_append() {
-        let mut h = map(&[
+    fn client_forwarding_headers() -> HeaderMap {
+        map(&[
             ("x-forwarded-for", "203.0.113.7"),
             ("x-forwarded-for", "198.51.100.1"),
             ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-real-ip", "203.0.113.7"),
             ("forwarded", "for=203.0.113.7"),
             ("via", "1.0 upstream"),
-        ]);
+        ])
+    }
+
+    #[test]
+    fn forwarding_headers_of_a_client_are_replaced() {
+        let mut h = client_forwarding_headers();
         prepare_request(
             &mut h,
             Version::HTTP_11,
             &ctx("192.0.2.9:5555", "https"),
-            Some("www.example.com"),
+            "www.example.com",
+            false,
+        );
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.9");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "www.example.com");
+        assert!(h.get("x-real-ip").is_none());
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=192.0.2.9;proto=https;host=www.example.com"
+        );
+        assert_eq!(h.get("via").unwrap(), "1.0 upstream, 1.1 keyless");
+        for name in ["x-forwarded-for", "forwarded", "x-forwarded-host"] {
+            assert_eq!(h.get_all(name).iter().count(), 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_of_a_trusted_proxy_are_appended_to() {
+        let mut h = client_forwarding_headers();
+        prepare_request(
+            &mut h,
+            Version::HTTP_11,
+            &ctx("10.1.2.3:5555", "https"),
+            "www.example.com",
+            true,
         );
         assert_eq!(
             h.get("x-forwarded-for").unwrap(),
-            "203.0.113.7, 198.51.100.1, 192.0.2.9"
+            "203.0.113.7, 198.51.100.1, 10.1.2.3"
         );
-        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "evil.example");
         assert_eq!(
             h.get("forwarded").unwrap(),
-            "for=203.0.113.7, for=192.0.2.9;proto=https;host=www.example.com"
+            "for=203.0.113.7, for=10.1.2.3;proto=https;host=www.example.com"
         );
-        assert_eq!(h.get("via").unwrap(), "1.0 upstream, 1.1 keyless");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn trusted_proxy_networks() {
+        use crate::config::IpNetwork;
+        let net: IpNetwork = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.255.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        let one: IpNetwork = "192.0.2.1".parse().unwrap();
+        assert!(one.contains("192.0.2.1".parse().unwrap()));
+        assert!(!one.contains("192.0.2.2".parse().unwrap()));
+        let v6: IpNetwork = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:1::9".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        let all: IpNetwork = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "x/8", "::/129", ""] {
+            assert!(bad.parse::<IpNetwork>().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -249,7 +327,8 @@ mod tests {
             &mut h,
             Version::HTTP_2,
             &ctx("[2001:db8::1]:443", "http"),
-            Some("example.com:8080"),
+            "example.com:8080",
+            false,
         );
         assert_eq!(
             h.get("forwarded").unwrap(),
@@ -263,9 +342,13 @@ mod tests {
             &mut h,
             Version::HTTP_10,
             &ctx("[::ffff:192.0.2.1]:1", "http"),
-            None,
+            "example.com",
+            false,
         );
-        assert_eq!(h.get("forwarded").unwrap(), "for=192.0.2.1;proto=http");
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=192.0.2.1;proto=http;host=example.com"
+        );
         assert_eq!(h.get("via").unwrap(), "1.0 keyless");
         assert_eq!(token_or_quoted("a\"b\\"), "\"a\\\"b\\\\\"");
     }
@@ -273,7 +356,13 @@ mod tests {
     #[test]
     fn expect_is_not_forwarded() {
         let mut h = map(&[("expect", "100-continue")]);
-        prepare_request(&mut h, Version::HTTP_11, &ctx("127.0.0.1:1", "http"), None);
+        prepare_request(
+            &mut h,
+            Version::HTTP_11,
+            &ctx("127.0.0.1:1", "http"),
+            "example.com",
+            false,
+        );
         assert!(h.get("expect").is_none());
     }
 

@@ -184,6 +184,8 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// The HTTP cache; `None` when `[cache] enabled = false`.
     cache: Option<Arc<Cache>>,
+    /// `[proxy] trusted_proxies`.
+    trusted_proxies: Vec<crate::config::IpNetwork>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -213,6 +215,7 @@ impl Proxy {
             max_header_bytes: p.max_header_bytes.get(),
             metrics,
             cache,
+            trusted_proxies: p.trusted_proxies.clone(),
         })
     }
 
@@ -222,22 +225,55 @@ impl Proxy {
     }
 
     /// Answers `req` for `site`: through the cache when it is enabled, else straight
-    /// from the origin.
-    /// `host` is the host the request named (without port), if any.
+    /// from the origin. `host` is the request's host as [`crate::sites::normalize`]
+    /// makes it (no port, no trailing dot, lowercase): the one host both the cache
+    /// key and the origin see.
+    ///
+    /// The request is first rewritten into what goes upstream (hop-by-hop fields
+    /// removed, forwarding fields the edge's own, `Host` = `host`), so that the cache
+    /// keys and varies on exactly the header fields the origin answers.
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        host: Option<&str>,
+        host: &str,
         site: &Arc<Site>,
         ctx: &ClientCtx,
     ) -> Response<ProxyBody> {
+        let req = match self.upstream_request(req.map(BodyExt::boxed_unsync), host, ctx) {
+            Ok(req) => req,
+            Err(e) => return self.error_response(&e, site, ctx),
+        };
         match &self.cache {
             Some(cache) => crate::cache::flow::handle(self, cache, req, host, site, ctx).await,
-            None => {
-                self.forward(req.map(BodyExt::boxed_unsync), site, ctx)
-                    .await
-            }
+            None => self.forward(req, site, ctx).await,
         }
+    }
+
+    /// The client's request as it goes to the origin: header fields rewritten by
+    /// [`headers::prepare_request`], the target in origin-form and `Host: host`.
+    fn upstream_request(
+        &self,
+        req: Request<ProxyBody>,
+        host: &str,
+        ctx: &ClientCtx,
+    ) -> Result<Request<ProxyBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let trusted = self
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(ctx.client_addr.ip()));
+        headers::prepare_request(&mut parts.headers, parts.version, ctx, host, trusted);
+        let host = HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("host"))?;
+        parts.headers.insert(header::HOST, host);
+        if parts.uri.authority().is_some() {
+            let target = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            parts.uri = Uri::from(target);
+        }
+        Ok(Request::from_parts(parts, body))
     }
 
     /// Sends `req` to `site`'s origin and returns its response (streaming), or a short
@@ -248,7 +284,7 @@ impl Proxy {
         site: &Site,
         ctx: &ClientCtx,
     ) -> Response<ProxyBody> {
-        match self.fetch(req, site, ctx).await {
+        match self.fetch(req, site).await {
             Ok(response) => response,
             Err(e) => self.error_response(&e, site, ctx),
         }
@@ -260,10 +296,9 @@ impl Proxy {
         &self,
         req: Request<ProxyBody>,
         site: &Site,
-        ctx: &ClientCtx,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
-        let result = self.exchange(req, site, ctx).await;
+        let result = self.exchange(req, site).await;
         let took = started.elapsed();
         match result {
             Ok(mut response) => {
@@ -292,17 +327,17 @@ impl Proxy {
         text_response(status, text)
     }
 
+    /// Sends `req`, already rewritten by [`Proxy::upstream_request`], to the origin.
     async fn exchange(
         &self,
         req: Request<ProxyBody>,
         site: &Site,
-        ctx: &ClientCtx,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let origin = Origin::from_uri(&site.origin).ok_or(ProxyError::Config(
             "site origin is not an http(s) URL".into(),
         ))?;
         let client_authority = request_authority(&req);
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         if parts.method == http::Method::CONNECT {
             return Err(ProxyError::BadRequest("CONNECT is not proxied"));
         }
@@ -315,12 +350,6 @@ impl Proxy {
                 .parse::<Authority>()
                 .map_err(|_| ProxyError::BadRequest("origin authority"))?,
         };
-        headers::prepare_request(
-            &mut parts.headers,
-            parts.version,
-            ctx,
-            client_authority.as_ref().map(Authority::as_str),
-        );
         let mut upstream = Request::from_parts(parts, body);
 
         let mut conn = self.pool.get(&origin).await?;

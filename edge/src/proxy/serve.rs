@@ -34,13 +34,15 @@ const MIN_HEADER_BUF: usize = 8192;
 /// for `idle_timeout`, or `shutdown` is cancelled (then requests in flight finish).
 ///
 /// Requests go to the site named by their host (`:authority`, or `Host` without
-/// port); `default_site` (the TLS SNI's site) serves requests that name no host.
+/// port). A request that names no host gets `400`: the host keys the cache and goes
+/// to the origin, so it is never guessed (`_default_site`, the TLS SNI's site, is not
+/// used for that).
 /// Unknown hosts get `421 Misdirected Request` on https and `404` on http.
 pub async fn serve_connection<IO>(
     io: IO,
     proxy: Arc<Proxy>,
     sites: Arc<Sites>,
-    default_site: Option<Arc<Site>>,
+    _default_site: Option<Arc<Site>>,
     ctx: ClientCtx,
     shutdown: CancellationToken,
 ) where
@@ -56,7 +58,6 @@ pub async fn serve_connection<IO>(
     let state = Arc::new(ConnState {
         proxy,
         sites,
-        default_site,
         ctx,
         in_flight: AtomicUsize::new(0),
     });
@@ -125,7 +126,6 @@ pub async fn serve_connection<IO>(
 struct ConnState {
     proxy: Arc<Proxy>,
     sites: Arc<Sites>,
-    default_site: Option<Arc<Site>>,
     ctx: ClientCtx,
     /// Requests waiting for their response headers.
     in_flight: AtomicUsize,
@@ -155,23 +155,28 @@ impl ConnState {
         // Only the access log needs a copy of the path.
         let path = tracing::enabled!(target: "access", tracing::Level::INFO)
             .then(|| req.uri().path().to_owned());
-        let authority = request_authority(&req);
-        let host = authority.as_ref().map(|a| a.host().to_owned());
-        let bad_host = authority.is_none()
-            && (req.uri().authority().is_some() || req.headers().contains_key(http::header::HOST));
+        // The one host of the request, as the cache keys it and the origin gets it.
+        let named =
+            req.uri().authority().is_some() || req.headers().contains_key(http::header::HOST);
+        let host = request_authority(&req)
+            .map(|a| crate::sites::normalize(a.host()))
+            .filter(|h| !h.is_empty());
+        let several_hosts = req
+            .headers()
+            .get_all(http::header::HOST)
+            .iter()
+            .nth(1)
+            .is_some();
 
-        let site = match &host {
-            Some(h) => self.sites.lookup(h).cloned(),
-            None => self.default_site.clone(),
-        };
-        let response = if bad_host {
+        let site = host.as_deref().and_then(|h| self.sites.lookup(h).cloned());
+        let response = if !named {
+            text_response(StatusCode::BAD_REQUEST, "request names no host\n")
+        } else if host.is_none() || several_hosts {
             text_response(StatusCode::BAD_REQUEST, "invalid Host header\n")
         } else if method == Method::CONNECT {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
-        } else if let Some(site) = site {
-            self.proxy
-                .handle(req, host.as_deref(), &site, &self.ctx)
-                .await
+        } else if let (Some(site), Some(host)) = (site, host.as_deref()) {
+            self.proxy.handle(req, host, &site, &self.ctx).await
         } else if self.ctx.scheme == "https" {
             text_response(
                 StatusCode::MISDIRECTED_REQUEST,
