@@ -271,3 +271,67 @@ fn a_trusted_load_balancer_forwarding_headers_are_appended_to() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn connection_origin_does_not_poison_an_origin_variant() -> Result<()> {
+    let s = default_stack()?;
+    s.script(
+        "/v",
+        &[
+            // What the origin answers a request without `Origin`: no CORS.
+            ok("max-age=60", "no-cors").header("Vary", "Origin"),
+            ok("max-age=60", "cors")
+                .header("Vary", "Origin")
+                .header("Access-Control-Allow-Origin", "https://app.example"),
+        ],
+    )?;
+    // `Origin` named in `Connection` is hop-by-hop: the edge strips it, so the origin
+    // answers as if there were none, and that answer must be keyed that way.
+    s.req("/v")
+        .header("Origin: https://app.example")
+        .header("Connection: origin")
+        .send()?
+        .expect(200, "no-cors")?;
+    let seen = s.origin_requests("/v")?;
+    ensure!(
+        seen.first().is_some_and(|r| r.header("origin").is_none()),
+        "the hop-by-hop Origin reached the origin: {seen:#?}"
+    );
+    let cors = s.req("/v").header("Origin: https://app.example").send()?;
+    cors.expect(200, "cors")?.expect_forwarded()?;
+    ensure!(
+        cors.header("access-control-allow-origin").as_deref() == Some("https://app.example"),
+        "{}",
+        cors.show()
+    );
+    // Each answer is stored under the request it answered.
+    s.get("/v")?.expect(200, "no-cors")?.expect_hit()?;
+    s.req("/v")
+        .header("Origin: https://app.example")
+        .send()?
+        .expect(200, "cors")?
+        .expect_hit()?;
+    ensure!(s.origin_count("/v")? == 2, "expected two origin requests");
+    Ok(())
+}
+
+#[test]
+fn key_headers_are_the_values_sent_upstream() -> Result<()> {
+    let s = cache_stack(|c| c.site_cache_option("key_headers", vec!["X-Tenant"]))?;
+    s.script(
+        "/t",
+        &[ok("max-age=60", "default"), ok("max-age=60", "tenant a")],
+    )?;
+    s.req("/t")
+        .header("X-Tenant: a")
+        .header("Connection: x-tenant")
+        .send()?
+        .expect(200, "default")?;
+    s.req("/t")
+        .header("X-Tenant: a")
+        .send()?
+        .expect(200, "tenant a")?
+        .expect_forwarded()?;
+    s.get("/t")?.expect(200, "default")?.expect_hit()?;
+    Ok(())
+}

@@ -128,6 +128,10 @@ impl CacheStatus {
 /// the origin.
 struct ReqInfo {
     method: Method,
+    /// The request's header fields as the origin gets them ([`Proxy::handle`] has
+    /// rewritten them): `Vary` variants and `key_headers` are computed from these, so
+    /// a field the client named hop-by-hop (`Connection: origin`) counts as absent,
+    /// as it is for the origin.
     headers: HeaderMap,
     directives: Directives,
     primary: String,
