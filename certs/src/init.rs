@@ -166,16 +166,27 @@ pub(crate) fn origin_toml(listen: SocketAddr, metrics_listen: SocketAddr) -> Str
         "# keyless-origin configuration (written by keyless-certs init)\n\
          {listen:<35}# from --keyserver-listen\n\
          {metrics:<35}# from --metrics-listen\n\
-         # Refuse signatures unless the request carries the whole TLS handshake message.\n\
-         require_handshake_context = false\n\
+         # Refuse signatures unless the request carries the whole TLS handshake message\n\
+         # (false serves reference Keyless clients that send bare digests; logged as a risk).\n\
+         require_handshake_context = true\n\
          \n\
          [tls]\n\
          cert = \"origin/keyserver.crt\"\n\
          key = \"origin/keyserver.key\"\n\
          client_ca = \"origin/edge-ca.crt\"\n\
+         # An edge is named (in [[keys.acl]]) by the first DNS SAN of its certificate.\n\
+         identity = \"san\"\n\
+         # Revoked edge certificates (keyless-certs revoke writes it; re-read on SIGHUP):\n\
+         # client_crl = \"origin/edge-ca.crl\"\n\
          \n\
          [keys]\n\
-         dir = \"origin/keys\"\n"
+         dir = \"origin/keys\"\n\
+         # Keys without a [[keys.acl]] entry may be used by every edge (\"allow\") or none (\"deny\").\n\
+         default_acl = \"allow\"\n\
+         # Raw RSA decrypt (opcode 0x01) is refused unless enabled per key:\n\
+         # [[keys.policy]]\n\
+         # key = \"example.com-rsa\"\n\
+         # allow_rsa_decrypt = true\n"
     )
 }
 

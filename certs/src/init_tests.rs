@@ -447,7 +447,12 @@ fn configs_parse_and_point_at_the_written_files() -> Result<()> {
     let origin: toml::Table = read(dir, "origin.toml")?.parse()?;
     ensure!(origin["listen"].as_str() == Some("127.0.0.1:3407"));
     ensure!(origin["metrics_listen"].as_str() == Some("127.0.0.1:3406"));
-    ensure!(origin["require_handshake_context"].as_bool() == Some(false));
+    // Secure by default: the strict signing policy, SAN identities, open ACL for
+    // unlisted keys.
+    ensure!(origin["require_handshake_context"].as_bool() == Some(true));
+    ensure!(origin["tls"]["identity"].as_str() == Some("san"));
+    ensure!(origin["keys"]["default_acl"].as_str() == Some("allow"));
+    ensure!(origin["keys"].get("policy").is_none());
     for path in [
         &origin["tls"]["cert"],
         &origin["tls"]["key"],
@@ -488,6 +493,8 @@ fn configs_parse_and_point_at_the_written_files() -> Result<()> {
 
     let der = pem_der(dir, "edge/edge.crt")?;
     ensure!(common_name(&parse_cert(&der)?).as_deref() == Some("edge-7"));
+    // The key server names edges by their first DNS SAN.
+    ensure!(dns_sans(&parse_cert(&der)?)? == ["edge-7"]);
     Ok(())
 }
 
@@ -496,16 +503,27 @@ fn default_origin_toml_is_exactly_the_documented_one() -> Result<()> {
     let expected = r#"# keyless-origin configuration (written by keyless-certs init)
 listen = "127.0.0.1:2407"          # from --keyserver-listen
 metrics_listen = "127.0.0.1:2406"  # from --metrics-listen
-# Refuse signatures unless the request carries the whole TLS handshake message.
-require_handshake_context = false
+# Refuse signatures unless the request carries the whole TLS handshake message
+# (false serves reference Keyless clients that send bare digests; logged as a risk).
+require_handshake_context = true
 
 [tls]
 cert = "origin/keyserver.crt"
 key = "origin/keyserver.key"
 client_ca = "origin/edge-ca.crt"
+# An edge is named (in [[keys.acl]]) by the first DNS SAN of its certificate.
+identity = "san"
+# Revoked edge certificates (keyless-certs revoke writes it; re-read on SIGHUP):
+# client_crl = "origin/edge-ca.crl"
 
 [keys]
 dir = "origin/keys"
+# Keys without a [[keys.acl]] entry may be used by every edge ("allow") or none ("deny").
+default_acl = "allow"
+# Raw RSA decrypt (opcode 0x01) is refused unless enabled per key:
+# [[keys.policy]]
+# key = "example.com-rsa"
+# allow_rsa_decrypt = true
 "#;
     assert_eq!(
         origin_toml("127.0.0.1:2407".parse()?, "127.0.0.1:2406".parse()?),

@@ -2,12 +2,14 @@
 //!
 //! `init` writes a complete loopback deployment (three CAs, site keys for the key
 //! server, mTLS identities for the key server and one edge, and both configuration
-//! files); `inspect` describes the certificates and keys in a PEM file.
+//! files); `inspect` describes the certificates and keys in a PEM file; `revoke` writes
+//! the edge CA's CRL.
 #![forbid(unsafe_code)]
 
 mod init;
 mod inspect;
 mod pki;
+mod revoke;
 #[cfg(test)]
 mod testutil;
 
@@ -29,6 +31,9 @@ enum Command {
     /// Write a complete loopback deployment: CAs, site keys, key server and edge
     /// identities, origin.toml and edge.toml.
     Init(init::InitArgs),
+    /// Revoke edge client certificates: write (or extend) a CRL signed by the edge CA
+    /// for the key server's `[tls] client_crl`.
+    Revoke(revoke::RevokeArgs),
     /// Describe every certificate and key in a PEM file (never prints key material).
     Inspect {
         /// The PEM file.
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Init(args) => init::run(args, &mut stdout),
         Command::Inspect { file } => inspect::run(file, &mut stdout),
+        Command::Revoke(args) => revoke::run(args, &mut stdout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -33,27 +33,48 @@ pub(crate) struct Config {
     /// Prometheus metrics and health. Default `127.0.0.1:2406`.
     #[serde(default = "default_metrics_listen")]
     pub(crate) metrics_listen: SocketAddr,
-    /// Refuse sign requests that do not carry the whole TLS handshake message (and
-    /// raw RSA decrypt, which is a signing oracle). Default `false`.
-    #[serde(default)]
+    /// Refuse sign requests that do not carry the whole TLS handshake message (tag
+    /// 0x40), so that no client gets a signature over arbitrary data. Default `true`.
+    /// `false` serves reference Keyless clients that send bare digests, and is logged
+    /// as a warning at start and by `--test`. Raw RSA decrypt is governed per key by
+    /// `[[keys.policy]]`, in both modes.
+    #[serde(default = "default_true")]
     pub(crate) require_handshake_context: bool,
-    /// Open edge connections at most; further ones wait in the accept queue.
-    /// Default 10000.
+    /// Authenticated edge connections at most; a connection over the limit is closed
+    /// right after its handshake. Default 10000.
     #[serde(default = "default_max_connections")]
     pub(crate) max_connections: NonZeroUsize,
-    /// Requests in flight per connection; the connection is not read further until
-    /// one completes. Default 1024.
+    /// Connections still in their TLS handshake at most (TCP accepted, not yet
+    /// authenticated). When full, the oldest pending handshake is dropped for the new
+    /// one, so idle TCP connections cannot lock edges out. Default 256.
+    #[serde(default = "default_max_unauthenticated")]
+    pub(crate) max_unauthenticated_connections: NonZeroUsize,
+    /// Requests in flight per connection, replies waiting to be written included (errors
+    /// too); the connection is not read further until one is written. Default 1024.
     #[serde(default = "default_max_in_flight")]
     pub(crate) max_in_flight_per_connection: NonZeroUsize,
     /// Threads doing private-key work. Default: the number of cores.
     #[serde(default)]
     pub(crate) workers: Option<NonZeroUsize>,
-    /// TLS handshake deadline. Default "10s".
+    /// Private-key operations waiting for a worker at most; a request that finds the
+    /// queue full is answered `overloaded` at once. Default 4096.
+    #[serde(default = "default_queue_size")]
+    pub(crate) queue_size: NonZeroUsize,
+    /// A queued operation that has waited this long is not performed but answered
+    /// `overloaded` (the edge's handshake has given up by then). Default "2s".
+    #[serde(default = "default_queue_deadline", with = "humantime_serde")]
+    pub(crate) queue_deadline: Duration,
+    /// TLS handshake deadline of a new connection. Default "5s".
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub(crate) handshake_timeout: Duration,
     /// A connection that sends nothing for this long is closed. Default "10m".
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub(crate) idle_timeout: Duration,
+    /// A write of replies that does not complete within this time, or a wait this long
+    /// for a free in-flight slot, closes the connection (an edge that does not read its
+    /// replies). Default "10s".
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub(crate) stall_timeout: Duration,
     /// On SIGTERM, in-flight requests get this long to finish. Default "10s".
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub(crate) shutdown_timeout: Duration,
@@ -63,7 +84,7 @@ pub(crate) struct Config {
     pub(crate) keys: KeysConfig,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TlsConfig {
     /// PEM certificate chain of the key server (leaf first).
@@ -72,17 +93,74 @@ pub(crate) struct TlsConfig {
     pub(crate) key: PathBuf,
     /// PEM CA certificate(s) that edge client certificates must chain to.
     pub(crate) client_ca: PathBuf,
+    /// PEM CRL(s) of the edge CA. A certificate listed there is refused, and so is one
+    /// whose revocation status the CRLs do not cover (fail closed). Re-read on SIGHUP.
+    /// Default: none.
+    #[serde(default)]
+    pub(crate) client_crl: Option<PathBuf>,
+    /// Where a client's identity (what ACLs name) comes from: `"san"`, the first DNS
+    /// SAN of its certificate, or `"cn"`, the subject CN. A certificate without one is
+    /// refused. Default `"san"`.
+    #[serde(default)]
+    pub(crate) identity: IdentitySource,
 }
 
-#[derive(Debug, Deserialize)]
+/// The field of an edge certificate that names the edge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum IdentitySource {
+    /// The first DNS subject alternative name.
+    #[default]
+    San,
+    /// The subject common name.
+    Cn,
+}
+
+/// Whether a key with no `[[keys.acl]]` entry may be used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum DefaultAcl {
+    /// Every authenticated client may use it.
+    #[default]
+    Allow,
+    /// Nobody may: only keys listed in `[[keys.acl]]` are usable.
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct KeysConfig {
     /// Directory of PEM private keys and certificate chains.
     pub(crate) dir: PathBuf,
-    /// Which client identities may use which key. A key with no entry may be used
-    /// by every authenticated client.
+    /// Which client identities may use which key, for signing and for
+    /// get-certificate-chain.
     #[serde(default)]
     pub(crate) acl: Vec<AclEntry>,
+    /// A key with no `[[keys.acl]]` entry: `"allow"` (every authenticated client) or
+    /// `"deny"` (nobody). Default `"allow"`.
+    #[serde(default)]
+    pub(crate) default_acl: DefaultAcl,
+    /// Per-key operation policy. Default: no entry, so no key does raw RSA decrypt.
+    #[serde(default)]
+    pub(crate) policy: Vec<PolicyEntry>,
+}
+
+/// One `[[keys.policy]]` entry: a key, by file stem or SKI, and what it may do beyond
+/// handshake signatures.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PolicyEntry {
+    /// File stem of the key in `keys.dir`.
+    #[serde(default)]
+    pub(crate) key: Option<String>,
+    /// Or the key's SKI in hex.
+    #[serde(default)]
+    pub(crate) ski: Option<Ski>,
+    /// Allow the raw RSA private operation (opcode 0x01, TLS 1.2 RSA key exchange of
+    /// reference clients). It is a decryption and signing oracle for whoever may use
+    /// the key, and rustls never needs it. Default `false`.
+    #[serde(default)]
+    pub(crate) allow_rsa_decrypt: bool,
 }
 
 /// One ACL entry: a key, by file stem or SKI, and the identities allowed to use it.
@@ -95,7 +173,7 @@ pub(crate) struct AclEntry {
     /// Or the key's SKI in hex.
     #[serde(default)]
     pub(crate) ski: Option<Ski>,
-    /// Client identities (certificate CN, or first DNS SAN without a CN).
+    /// Client identities (see `[tls] identity`).
     pub(crate) allow: Vec<String>,
 }
 
@@ -108,11 +186,26 @@ fn default_metrics_listen() -> SocketAddr {
 fn default_max_connections() -> NonZeroUsize {
     NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN)
 }
+fn default_true() -> bool {
+    true
+}
+fn default_max_unauthenticated() -> NonZeroUsize {
+    NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN)
+}
+fn default_queue_size() -> NonZeroUsize {
+    NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN)
+}
+fn default_queue_deadline() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_max_in_flight() -> NonZeroUsize {
     NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN)
 }
 fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
+    Duration::from_secs(5)
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(600)
@@ -138,18 +231,30 @@ impl Config {
             &mut config.tls.key,
             &mut config.tls.client_ca,
             &mut config.keys.dir,
-        ] {
+        ]
+        .into_iter()
+        .chain(config.tls.client_crl.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        for entry in &config.keys.acl {
-            if entry.key.is_some() == entry.ski.is_some() {
+        let one_of = |key: bool, ski: bool, section: &str| {
+            if key == ski {
                 return Err(ConfigError::Parse {
                     path: path.to_owned(),
-                    message: "each [[keys.acl]] entry needs exactly one of `key` or `ski`".into(),
+                    message: format!(
+                        "each [[{section}]] entry needs exactly one of `key` or `ski`"
+                    ),
                 });
             }
+            Ok(())
+        };
+        for entry in &config.keys.acl {
+            one_of(entry.key.is_some(), entry.ski.is_some(), "keys.acl")?;
+        }
+        for entry in &config.keys.policy {
+            one_of(entry.key.is_some(), entry.ski.is_some(), "keys.policy")?;
         }
         Ok(config)
     }
@@ -185,9 +290,17 @@ mod tests {
         let c = Config::load(&path).unwrap();
         assert_eq!(c.listen, default_listen());
         assert_eq!(c.metrics_listen.port(), 2406);
-        assert!(!c.require_handshake_context);
+        assert!(c.require_handshake_context);
         assert_eq!(c.tls.cert, path.parent().unwrap().join("c.pem"));
-        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.tls.identity, IdentitySource::San);
+        assert!(c.tls.client_crl.is_none());
+        assert_eq!(c.keys.default_acl, DefaultAcl::Allow);
+        assert!(c.keys.policy.is_empty());
+        assert_eq!(c.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_unauthenticated_connections.get(), 256);
+        assert_eq!(c.queue_size.get(), 4096);
+        assert_eq!(c.queue_deadline, Duration::from_secs(2));
+        assert_eq!(c.stall_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -205,5 +318,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("exactly one"));
+        let path = write(
+            "badpolicy",
+            &format!("{MIN}[[keys.policy]]\nallow_rsa_decrypt=true\n"),
+        );
+        assert!(Config::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("keys.policy"));
+        let path = write(
+            "badacl2",
+            &MIN.replace("[keys]", "[keys]\ndefault_acl='maybe'"),
+        );
+        assert!(Config::load(&path).is_err());
+    }
+
+    #[test]
+    fn switches_parse() {
+        let text = MIN
+            .replace(
+                "client_ca='ca.pem'",
+                "client_ca='ca.pem'\nclient_crl='edge.crl'\nidentity='cn'",
+            )
+            .replace("[keys]", "[keys]\ndefault_acl='deny'");
+        let path = write(
+            "switches",
+            &format!("require_handshake_context=false\n{text}[[keys.policy]]\nkey='a'\nallow_rsa_decrypt=true\n"),
+        );
+        let c = Config::load(&path).unwrap();
+        assert!(!c.require_handshake_context);
+        assert_eq!(c.tls.identity, IdentitySource::Cn);
+        assert_eq!(
+            c.tls.client_crl,
+            Some(path.parent().unwrap().join("edge.crl"))
+        );
+        assert_eq!(c.keys.default_acl, DefaultAcl::Deny);
+        assert!(c.keys.policy[0].allow_rsa_decrypt);
     }
 }

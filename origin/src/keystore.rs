@@ -15,7 +15,7 @@ use rustls_pki_types::pem::{self, SectionKind};
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::config::AclEntry;
+use crate::config::{AclEntry, DefaultAcl, KeysConfig, PolicyEntry};
 use crate::keys::{Algorithm, KeyError, SiteKey};
 
 /// Extensions of the files the keystore reads; others are ignored.
@@ -60,8 +60,11 @@ pub(crate) struct KeyEntry {
     pub(crate) name: String,
     pub(crate) key: SiteKey,
     pub(crate) chain: Option<Chain>,
-    /// Identities allowed to use the key; `None` = every authenticated client.
+    /// Identities allowed to use the key; `None` = every authenticated client (a key
+    /// with no ACL entry under `default_acl = "allow"`).
     pub(crate) allow: Option<Vec<String>>,
+    /// `[[keys.policy]]`: whether the raw RSA private operation is allowed.
+    pub(crate) allow_rsa_decrypt: bool,
 }
 
 impl KeyEntry {
@@ -119,9 +122,11 @@ pub(crate) struct Keystore {
 }
 
 impl Keystore {
-    /// Loads every PEM file of `dir` and applies `acl`. Any unreadable file fails the
-    /// whole load, so a reload never half-applies.
-    pub(crate) fn load(dir: &Path, acl: &[AclEntry]) -> Result<Keystore, KeystoreError> {
+    /// Loads every PEM file of `keys.dir` and applies its ACL and policy. Any unreadable
+    /// file fails the whole load, so a reload never half-applies.
+    pub(crate) fn load(config: &KeysConfig) -> Result<Keystore, KeystoreError> {
+        let dir = config.dir.as_path();
+        let acl = config.acl.as_slice();
         let mut paths = Vec::new();
         let entries = std::fs::read_dir(dir).map_err(|source| KeystoreError::Dir {
             path: dir.to_owned(),
@@ -187,13 +192,20 @@ impl Keystore {
             if chain.is_none() {
                 tracing::info!(path = %path.display(), %ski, "keystore: key has no certificate; usable by SKI only");
             }
-            let allow = acl_for(acl, &name, ski);
+            let allow = acl_for(acl, &name, ski).or(match config.default_acl {
+                DefaultAcl::Allow => None,
+                DefaultAcl::Deny => Some(Vec::new()),
+            });
+            let allow_rsa_decrypt = policy_for(&config.policy, &name, ski)
+                .any(|p| p.allow_rsa_decrypt)
+                && matches!(key.algorithm, Algorithm::Rsa { .. });
             tracing::info!(
                 key = %name,
                 %ski,
                 algorithm = %key.algorithm.name(),
                 names = ?chain.as_ref().map(|c| c.names.as_slice()).unwrap_or_default(),
                 acl = ?allow,
+                allow_rsa_decrypt,
                 "keystore: key loaded"
             );
             if let Some(chain) = &chain {
@@ -215,18 +227,27 @@ impl Keystore {
                     key,
                     chain,
                     allow,
+                    allow_rsa_decrypt,
                 }),
             );
         }
         for (ski, _) in parsed_chains {
             tracing::warn!(%ski, "keystore: certificate without its private key is not served");
         }
+        let names_a_key = |key: &Option<String>, ski: &Option<Ski>| {
+            store
+                .keys
+                .values()
+                .any(|k| key.as_deref() == Some(k.name.as_str()) || *ski == Some(k.key.ski))
+        };
         for entry in acl {
-            let known = store.keys.values().any(|k| {
-                entry.key.as_deref() == Some(k.name.as_str()) || entry.ski == Some(k.key.ski)
-            });
-            if !known {
+            if !names_a_key(&entry.key, &entry.ski) {
                 tracing::warn!(key = ?entry.key, ski = ?entry.ski, "acl entry names no loaded key");
+            }
+        }
+        for entry in &config.policy {
+            if !names_a_key(&entry.key, &entry.ski) {
+                tracing::warn!(key = ?entry.key, ski = ?entry.ski, "policy entry names no loaded key");
             }
         }
         Ok(store)
@@ -245,12 +266,14 @@ impl Keystore {
     }
 
     /// The key whose certificate covers `sni` (exact names before wildcards), picked by
-    /// `preference` (or ECDSA, Ed25519, RSA when empty).
+    /// `preference` (or ECDSA, Ed25519, RSA when empty) among the keys `identity` may
+    /// use: a key the client may not use is never chosen.
     pub(crate) fn by_name(
         &self,
         sni: &str,
         preference: &[KeyPreference],
-    ) -> Option<&Arc<KeyEntry>> {
+        identity: &str,
+    ) -> NameLookup<'_> {
         let name = sni.trim_end_matches('.').to_ascii_lowercase();
         let preference = if preference.is_empty() {
             DEFAULT_PREFERENCE
@@ -261,19 +284,35 @@ impl Keystore {
         let wild = name
             .split_once('.')
             .and_then(|(_, parent)| self.wildcard.get(parent));
+        let mut refused = false;
         for candidates in [exact, wild].into_iter().flatten() {
             for pref in preference {
-                let hit = candidates
-                    .iter()
-                    .filter_map(|ski| self.keys.get(ski))
-                    .find(|e| pref.matches(e.key.algorithm));
-                if hit.is_some() {
-                    return hit;
+                for entry in candidates.iter().filter_map(|ski| self.keys.get(ski)) {
+                    if !pref.matches(entry.key.algorithm) {
+                        continue;
+                    }
+                    if entry.allows(identity) {
+                        return NameLookup::Found(entry);
+                    }
+                    refused = true;
                 }
             }
         }
-        None
+        if refused {
+            NameLookup::NotAuthorized
+        } else {
+            NameLookup::NotFound
+        }
     }
+}
+
+/// What [`Keystore::by_name`] found.
+#[derive(Debug)]
+pub(crate) enum NameLookup<'a> {
+    Found(&'a Arc<KeyEntry>),
+    /// Keys cover the name, but the client may use none of them.
+    NotAuthorized,
+    NotFound,
 }
 
 fn acl_for(acl: &[AclEntry], name: &str, ski: Ski) -> Option<Vec<String>> {
@@ -286,6 +325,16 @@ fn acl_for(acl: &[AclEntry], name: &str, ski: Ski) -> Option<Vec<String>> {
         .iter()
         .any(|e| e.key.as_deref() == Some(name) || e.ski == Some(ski));
     listed.then_some(ids)
+}
+
+fn policy_for<'a>(
+    policy: &'a [PolicyEntry],
+    name: &'a str,
+    ski: Ski,
+) -> impl Iterator<Item = &'a PolicyEntry> + 'a {
+    policy
+        .iter()
+        .filter(move |e| e.key.as_deref() == Some(name) || e.ski == Some(ski))
 }
 
 type PemContents = (Vec<Zeroizing<Vec<u8>>>, Vec<Vec<u8>>);

@@ -25,6 +25,12 @@ use crate::keystore::Keystore;
 use crate::metrics::Metrics;
 use crate::server::Shared;
 
+const PERMISSIVE_WARNING: &str = "require_handshake_context = false: bare digests are signed \
+without the TLS handshake message, so every holder of an edge certificate has a signing oracle \
+for every key it may use; set it to true unless reference Keyless clients need it";
+const DECRYPT_WARNING: &str = "every client allowed to use the key has a raw RSA \
+decryption and signing oracle; rustls-based edges never need it";
+
 #[derive(Debug, Parser)]
 #[command(name = "keyless-origin", version, about = "Keyless key server")]
 struct Cli {
@@ -33,6 +39,8 @@ struct Cli {
 }
 
 fn main() {
+    // Before any key is read: a core file would hold every site key.
+    keyless_shared::process::disable_core_dumps_or_exit("keyless-origin");
     let cli = Cli::parse();
     init_logging(cli.args.log_format);
     if let Err(e) = run(cli.args) {
@@ -43,14 +51,39 @@ fn main() {
 fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
     let tls = tls::server_config(&config.tls)?;
-    let store = Keystore::load(&config.keys.dir, &config.keys.acl)?;
+    let store = Keystore::load(&config.keys)?;
+    let decrypt_keys: Vec<&str> = store
+        .entries()
+        .filter(|e| e.allow_rsa_decrypt)
+        .map(|e| e.name.as_str())
+        .collect();
     if cli.test {
         println!(
-            "configuration {} is valid: {} site key(s)",
+            "configuration {} is valid: {} site key(s), require_handshake_context = {}, \
+             default_acl = {:?}, identity = {:?}, client CRLs = {}",
             cli.config.display(),
-            store.len()
+            store.len(),
+            config.require_handshake_context,
+            config.keys.default_acl,
+            config.tls.identity,
+            tls.crls,
         );
+        if !config.require_handshake_context {
+            println!("WARNING: {PERMISSIVE_WARNING}");
+        }
+        if !decrypt_keys.is_empty() {
+            println!(
+                "WARNING: raw RSA decrypt enabled for {}: {DECRYPT_WARNING}",
+                decrypt_keys.join(", ")
+            );
+        }
         return Ok(());
+    }
+    if !config.require_handshake_context {
+        tracing::warn!(require_handshake_context = false, "{PERMISSIVE_WARNING}");
+    }
+    for key in &decrypt_keys {
+        tracing::warn!(%key, "raw RSA decrypt enabled: {DECRYPT_WARNING}");
     }
     if store.len() == 0 {
         tracing::warn!(dir = %config.keys.dir.display(), "no site keys loaded");
@@ -67,20 +100,30 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
 async fn serve(
     config: Config,
     config_path: PathBuf,
-    tls: Arc<rustls::ServerConfig>,
+    tls: tls::TlsState,
     store: Keystore,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     metrics.keystore(&store);
-    let pool = pool::Pool::start(config.worker_count()).context("cannot start worker threads")?;
+    let pool = pool::Pool::start(
+        config.worker_count(),
+        config.queue_size.get(),
+        config.queue_deadline,
+        metrics.clone(),
+    )
+    .context("cannot start worker threads")?;
     let shared = Arc::new(Shared {
         keystore: RwLock::new(Arc::new(store)),
+        tls: RwLock::new(Arc::new(tls)),
+        tls_generation: tokio::sync::watch::Sender::new(0),
         metrics: metrics.clone(),
         pool,
         require_handshake_context: config.require_handshake_context,
+        identity: config.tls.identity,
         max_in_flight: config.max_in_flight_per_connection.get(),
         handshake_timeout: config.handshake_timeout,
         idle_timeout: config.idle_timeout,
+        stall_timeout: config.stall_timeout,
     });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -102,13 +145,14 @@ async fn serve(
         keys = shared.keystore().len(),
         workers = config.worker_count(),
         require_handshake_context = config.require_handshake_context,
+        default_acl = ?config.keys.default_acl,
+        identity = ?config.tls.identity,
+        client_crls = shared.tls().crls,
         "key server listening"
     );
 
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let accept = server::accept_loop(
         listener,
-        acceptor,
         shared.clone(),
         &config,
         shutdown.clone(),
@@ -157,28 +201,50 @@ async fn handle_signals(
     }
 }
 
-/// Re-reads the keys directory (with the ACL of the running configuration); a failure
-/// keeps the current keystore.
+/// Re-reads the keys directory (with the ACL and policy of the running configuration)
+/// and rebuilds the TLS configuration (key server identity, client CA and CRL) for new
+/// connections; open connections re-check their certificate. A part that fails to load
+/// keeps its current state.
 async fn reload(shared: &Arc<Shared>, config: &Config, config_path: &std::path::Path) {
-    let dir = config.keys.dir.clone();
-    let acl = config.keys.acl.clone();
-    tracing::info!(config = %config_path.display(), dir = %dir.display(), "SIGHUP: reloading keys");
-    let loaded = tokio::task::spawn_blocking(move || Keystore::load(&dir, &acl)).await;
+    let keys = config.keys.clone();
+    let tls_config = config.tls.clone();
+    tracing::info!(config = %config_path.display(), dir = %keys.dir.display(), "SIGHUP: reloading keys and TLS configuration");
+    let loaded = tokio::task::spawn_blocking(move || {
+        (Keystore::load(&keys), tls::server_config(&tls_config))
+    })
+    .await;
     let label = |result| crate::metrics::ResultLabel { result };
-    match loaded {
-        Ok(Ok(store)) => {
-            let n = store.len();
-            shared.install(store);
-            shared.metrics.reloads.get_or_create(&label("ok")).inc();
-            tracing::info!(keys = n, "keystore reloaded");
-        }
-        Ok(Err(e)) => {
-            shared.metrics.reloads.get_or_create(&label("error")).inc();
-            tracing::error!(error = %e, "reload failed; keeping the current keystore");
-        }
+    let (store, tls) = match loaded {
+        Ok(pair) => pair,
         Err(e) => {
             shared.metrics.reloads.get_or_create(&label("error")).inc();
-            tracing::error!(error = %e, "reload task failed; keeping the current keystore");
+            tracing::error!(error = %e, "reload task failed; keeping the current keystore and TLS configuration");
+            return;
+        }
+    };
+    let mut ok = true;
+    match store {
+        Ok(store) => {
+            let n = store.len();
+            shared.install(store);
+            tracing::info!(keys = n, "keystore reloaded");
+        }
+        Err(e) => {
+            ok = false;
+            tracing::error!(error = %e, "keystore reload failed; keeping the current keystore");
         }
     }
+    match tls {
+        Ok(tls) => {
+            let crls = tls.crls;
+            shared.install_tls(tls);
+            tracing::info!(client_crls = crls, "TLS configuration reloaded");
+        }
+        Err(e) => {
+            ok = false;
+            tracing::error!(error = %e, "TLS reload failed; keeping the current TLS configuration");
+        }
+    }
+    let result = if ok { "ok" } else { "error" };
+    shared.metrics.reloads.get_or_create(&label(result)).inc();
 }

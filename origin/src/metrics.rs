@@ -38,6 +38,11 @@ pub(crate) struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct CertLabels {
     pub(crate) key: String,
     pub(crate) ski: String,
@@ -55,6 +60,8 @@ pub(crate) struct Metrics {
     pub(crate) exec_seconds: Family<OpcodeLabel, Histogram>,
     pub(crate) connections: Family<ResultLabel, Counter>,
     pub(crate) connections_active: Gauge,
+    pub(crate) connections_handshaking: Gauge,
+    pub(crate) queue_dropped: Family<ReasonLabel, Counter>,
     pub(crate) keys_loaded: Gauge,
     pub(crate) cert_expiry: Family<CertLabels, Gauge<i64, AtomicI64>>,
     pub(crate) reloads: Family<ResultLabel, Counter>,
@@ -89,7 +96,7 @@ impl Metrics {
         let connections = Family::<ResultLabel, Counter>::default();
         registry.register(
             "keyless_connections",
-            "Edge connections accepted, by handshake result",
+            "Edge connections, by outcome of their set-up (accepted, handshake-failed, handshake-timeout, handshake-evicted, no-identity, over-limit, revoked)",
             connections.clone(),
         );
         let connections_active = Gauge::default();
@@ -97,6 +104,18 @@ impl Metrics {
             "keyless_connections_active",
             "Edge connections open now",
             connections_active.clone(),
+        );
+        let connections_handshaking = Gauge::default();
+        registry.register(
+            "keyless_connections_handshaking",
+            "Connections accepted whose TLS handshake has not finished",
+            connections_handshaking.clone(),
+        );
+        let queue_dropped = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "keyless_queue_dropped",
+            "Private-key operations not performed, by reason (full, deadline, requester-gone)",
+            queue_dropped.clone(),
         );
         let keys_loaded = Gauge::default();
         registry.register(
@@ -129,6 +148,8 @@ impl Metrics {
             exec_seconds,
             connections,
             connections_active,
+            connections_handshaking,
+            queue_dropped,
             keys_loaded,
             cert_expiry,
             reloads,
@@ -154,6 +175,18 @@ impl Metrics {
 
     pub(crate) fn op(&self, opcode: &'static str, result: &'static str) {
         self.ops.get_or_create(&OpLabels { opcode, result }).inc();
+    }
+
+    pub(crate) fn queue_dropped(&self, reason: &'static str) {
+        self.queue_dropped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub(crate) fn connection(&self, result: &'static str) {
+        self.connections
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     pub(crate) fn timing(&self, opcode: &'static str, queue: Duration, exec: Duration) {

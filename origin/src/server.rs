@@ -1,81 +1,177 @@
 //! The mTLS listener and the per-connection request loop.
 //!
-//! Each connection has a reader (this task) and a writer task. Requests are decoded,
-//! checked (key, ACL, policy) on the reader, private-key work goes to the worker pool,
-//! and replies reach the writer in completion order: out of order, ids preserved. A
-//! semaphore bounds the requests in flight per connection; when it is exhausted the
-//! connection is simply not read further.
+//! Bounds, from the socket in:
+//! - connections still in their TLS handshake have their own budget
+//!   (`max_unauthenticated_connections`) and deadline (`handshake_timeout`); when the
+//!   budget is full the oldest pending handshake is dropped for the new one, so idle TCP
+//!   connections cannot lock edges out. `max_connections` counts authenticated ones;
+//!   one over the limit is closed after its handshake.
+//! - each connection has a reader (this task) and a writer task. Every request read
+//!   takes an in-flight permit that its reply gives back only once written to the
+//!   socket, errors included, so a connection holds at most
+//!   `max_in_flight_per_connection` requests and replies; the reply channel has room
+//!   for exactly that many. With no permit free the connection is not read further,
+//!   and a wait for one, like a write of replies, longer than `stall_timeout` closes it.
+//! - private-key work: ECDSA and Ed25519 inline, RSA through the bounded worker queue
+//!   (see `pool`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use keyless_shared::{
-    check_signing_context, encode_message, CodecError, ErrorCode, KeylessCodec, Message, Opcode,
-    Operation, Ski,
+    check_signing_context, encode_message, log_safe, CodecError, ErrorCode, KeylessCodec, Message,
+    Opcode, Operation, Ski,
 };
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::keystore::{KeyPreference, Keystore};
+use crate::config::{Config, IdentitySource};
+use crate::keystore::{KeyPreference, Keystore, NameLookup};
 use crate::metrics::Metrics;
 use crate::pool::{Job, Pool};
+use crate::tls::TlsState;
 
 /// Everything a connection needs, shared.
 pub(crate) struct Shared {
     pub(crate) keystore: RwLock<Arc<Keystore>>,
+    pub(crate) tls: RwLock<Arc<TlsState>>,
+    /// Bumped on every TLS reload; open connections re-check their certificate.
+    pub(crate) tls_generation: watch::Sender<u64>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) pool: Pool,
     pub(crate) require_handshake_context: bool,
+    pub(crate) identity: IdentitySource,
     pub(crate) max_in_flight: usize,
     pub(crate) handshake_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    pub(crate) stall_timeout: Duration,
+}
+
+fn read<T: ?Sized>(lock: &RwLock<Arc<T>>) -> Arc<T> {
+    // A poisoned lock only means a panic elsewhere while swapping an Arc; the Arc
+    // inside is still whole.
+    match lock.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn write<T: ?Sized>(lock: &RwLock<Arc<T>>, value: Arc<T>) {
+    match lock.write() {
+        Ok(mut g) => *g = value,
+        Err(p) => *p.into_inner() = value,
+    }
 }
 
 impl Shared {
     pub(crate) fn keystore(&self) -> Arc<Keystore> {
-        // A poisoned lock only means a panic elsewhere while swapping an Arc; the Arc
-        // inside is still whole.
-        match self.keystore.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        read(&self.keystore)
     }
 
     pub(crate) fn install(&self, store: Keystore) {
         self.metrics.keystore(&store);
-        let store = Arc::new(store);
-        match self.keystore.write() {
-            Ok(mut g) => *g = store,
-            Err(p) => *p.into_inner() = store,
+        write(&self.keystore, Arc::new(store));
+    }
+
+    pub(crate) fn tls(&self) -> Arc<TlsState> {
+        read(&self.tls)
+    }
+
+    /// Installs a rebuilt TLS configuration: used for every new connection, and open
+    /// connections re-check their client certificate against it.
+    pub(crate) fn install_tls(&self, tls: TlsState) {
+        write(&self.tls, Arc::new(tls));
+        self.tls_generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// Handshakes in progress, oldest first; admitting one over the budget evicts the
+/// oldest.
+struct Pending {
+    budget: usize,
+    inner: Mutex<PendingInner>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct PendingInner {
+    next: u64,
+    by_age: BTreeMap<u64, CancellationToken>,
+}
+
+/// A handshake's place in [`Pending`]; dropping it leaves.
+struct PendingSlot {
+    pending: Arc<Pending>,
+    seq: u64,
+    evicted: CancellationToken,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingInner> {
+        // Nothing in the critical sections can panic; recover the map if it ever did.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn admit(self: &Arc<Self>) -> PendingSlot {
+        let evicted = CancellationToken::new();
+        let mut inner = self.lock();
+        while inner.by_age.len() >= self.budget {
+            match inner.by_age.pop_first() {
+                Some((_, oldest)) => oldest.cancel(),
+                None => break,
+            }
         }
+        let seq = inner.next;
+        inner.next += 1;
+        inner.by_age.insert(seq, evicted.clone());
+        self.metrics
+            .connections_handshaking
+            .set(inner.by_age.len() as i64);
+        PendingSlot {
+            pending: self.clone(),
+            seq,
+            evicted,
+        }
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut inner = self.pending.lock();
+        inner.by_age.remove(&self.seq);
+        self.pending
+            .metrics
+            .connections_handshaking
+            .set(inner.by_age.len() as i64);
     }
 }
 
 /// Accepts edge connections until `shutdown`; connections are tracked by `tracker`.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     config: &Config,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(config.max_connections.get()));
+    let authenticated = Arc::new(Semaphore::new(config.max_connections.get()));
+    let pending = Arc::new(Pending {
+        budget: config.max_unauthenticated_connections.get(),
+        inner: Mutex::new(PendingInner::default()),
+        metrics: shared.metrics.clone(),
+    });
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            () = shutdown.cancelled() => return,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -89,122 +185,195 @@ pub(crate) async fn accept_loop(
             () = shutdown.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let slot = pending.admit();
         let shared = shared.clone();
         let shutdown = shutdown.clone();
+        let authenticated = authenticated.clone();
         tracker.spawn(async move {
+            let Some((tls, identity, permit)) =
+                handshake(tcp, peer, slot, &authenticated, &shared, &shutdown).await
+            else {
+                return;
+            };
             let _permit = permit;
-            connection(tcp, peer, acceptor, shared, shutdown).await;
+            connection(tls, peer, identity, shared, shutdown).await;
         });
     }
 }
 
-async fn connection(
+/// Runs the TLS handshake within its deadline and budget and names the client; `None`
+/// when the connection is not to be served (the reason is logged and counted).
+async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    slot: PendingSlot,
+    authenticated: &Arc<Semaphore>,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Option<(TlsStream<TcpStream>, Arc<str>, OwnedSemaphorePermit)> {
+    let metrics = &shared.metrics;
+    let acceptor = TlsAcceptor::from(shared.tls().config.clone());
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(shared.handshake_timeout, acceptor.accept(tcp)) => r,
+        () = slot.evicted.cancelled() => {
+            tracing::debug!(%peer, "key server: pending handshake dropped for a newer connection");
+            metrics.connection("handshake-evicted");
+            return None;
+        }
+        () = shutdown.cancelled() => return None,
+    };
+    drop(slot);
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "key server: TLS handshake with edge failed");
+            metrics.connection("handshake-failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "key server: TLS handshake with edge timed out");
+            metrics.connection("handshake-timeout");
+            return None;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let cert = conn.peer_certificates().and_then(|c| c.first());
+    let Some(identity) = crate::tls::client_identity(cert, shared.identity) else {
+        tracing::warn!(%peer, source = ?shared.identity, "edge certificate has no identity in the configured field; closing");
+        metrics.connection("no-identity");
+        return None;
+    };
+    let Ok(permit) = authenticated.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, client = %log_safe(&identity), "max_connections reached; closing the new edge connection");
+        metrics.connection("over-limit");
+        return None;
+    };
+    Some((tls, identity.into(), permit))
+}
+
+async fn connection(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    identity: Arc<str>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     let metrics = shared.metrics.clone();
-    let tls = match tokio::time::timeout(shared.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::warn!(%peer, error = %e, "key server: TLS handshake with edge failed");
-            metrics
-                .connections
-                .get_or_create(&result("handshake-failed"))
-                .inc();
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(%peer, "key server: TLS handshake with edge timed out");
-            metrics
-                .connections
-                .get_or_create(&result("handshake-timeout"))
-                .inc();
-            return;
-        }
-    };
     let (_, conn) = tls.get_ref();
-    let identity: Arc<str> =
-        crate::tls::client_identity(conn.peer_certificates().and_then(|c| c.first())).into();
     let version = conn
         .protocol_version()
         .map(|v| format!("{v:?}"))
         .unwrap_or_default();
-    metrics.connections.get_or_create(&result("accepted")).inc();
+    let peer_chain: Vec<CertificateDer<'static>> = conn
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    metrics.connection("accepted");
     metrics.connections_active.inc();
-    tracing::info!(%peer, client = %identity, %version, "edge connected");
+    let client = log_safe(&identity).to_string();
+    tracing::info!(%peer, %client, %version, "edge connected");
 
     let (rd, wr) = tokio::io::split(tls);
     let mut reader = FramedRead::new(rd, KeylessCodec);
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer = tokio::spawn(write_loop(wr, rx));
+    // Every reply holds an in-flight permit, so `max_in_flight` replies can be waiting
+    // at most; the extra slot is slack, never needed.
+    let (tx, rx) = mpsc::channel::<Outgoing>(shared.max_in_flight + 1);
+    let alive = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        shared.stall_timeout,
+        alive.clone(),
+        client.clone(),
+    ));
     let permits = Arc::new(Semaphore::new(shared.max_in_flight));
     let ctx = Arc::new(ConnCtx {
         identity: identity.clone(),
         tx,
         shared: shared.clone(),
+        alive: alive.clone(),
     });
+    let mut tls_changed = shared.tls_generation.subscribe();
 
     let reason = loop {
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break "closed" },
+            p = tokio::time::timeout(shared.stall_timeout, permits.clone().acquire_owned()) => match p {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => break "closed",
+                Err(_) => break "stalled: no in-flight slot freed",
+            },
+            () = alive.cancelled() => break "replies could not be written",
             () = shutdown.cancelled() => break "shutdown",
         };
         let next = tokio::select! {
             n = tokio::time::timeout(shared.idle_timeout, reader.next()) => n,
+            () = alive.cancelled() => break "replies could not be written",
             () = shutdown.cancelled() => break "shutdown",
+            Ok(()) = tls_changed.changed() => {
+                if shared.tls().still_valid(&peer_chain) {
+                    continue;
+                }
+                metrics.connection("revoked");
+                tracing::warn!(%peer, %client, "edge certificate no longer accepted after reload (revoked or untrusted)");
+                break "certificate no longer accepted";
+            }
         };
         match next {
             Err(_) => break "idle timeout",
             Ok(None) => break "closed by edge",
             Ok(Some(Ok(msg))) => handle(&ctx, msg, permit),
             Ok(Some(Err(CodecError::Io(e)))) => {
-                tracing::debug!(%peer, client = %identity, error = %e, "edge connection read failed");
+                tracing::debug!(%peer, %client, error = %e, "edge connection read failed");
                 break "read error";
             }
             Ok(Some(Err(e))) => {
                 metrics.frame_errors.inc();
-                tracing::warn!(%peer, client = %identity, error = %e, "malformed frame; closing connection");
+                tracing::warn!(%peer, %client, error = %e, "malformed frame; closing connection");
                 if let Some(id) = e.id() {
-                    ctx.reply(id, Operation::error(e.code()), None);
+                    ctx.reply(id, Operation::error(e.code()), permit);
                 }
                 break "malformed frame";
             }
         }
     };
-    // The writer ends once every in-flight job has replied (each holds a sender).
+    // The writer ends once every in-flight job has replied (each holds a sender), or
+    // when a write stalls; jobs still queued for a dead writer are then skipped.
     drop(ctx);
     let _ = writer.await;
+    alive.cancel();
     metrics.connections_active.dec();
-    tracing::info!(%peer, client = %identity, reason, "edge disconnected");
+    tracing::info!(%peer, %client, reason, "edge disconnected");
 }
 
-fn result(result: &'static str) -> crate::metrics::ResultLabel {
-    crate::metrics::ResultLabel { result }
-}
-
-/// A reply on its way to the writer; the permit frees an in-flight slot once sent.
+/// A reply on its way to the writer; the permit frees an in-flight slot once written.
 struct Outgoing {
     msg: Message,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
 }
 
 struct ConnCtx {
     identity: Arc<str>,
-    tx: mpsc::UnboundedSender<Outgoing>,
+    tx: mpsc::Sender<Outgoing>,
     shared: Arc<Shared>,
+    /// Cancelled when replies can no longer be written.
+    alive: CancellationToken,
 }
 
 impl ConnCtx {
-    fn reply(&self, id: u32, op: Operation, permit: Option<OwnedSemaphorePermit>) {
-        // The writer is gone only when the edge went away; nothing to tell it then.
-        let _ = self.tx.send(Outgoing {
+    fn reply(&self, id: u32, op: Operation, permit: OwnedSemaphorePermit) {
+        let out = Outgoing {
             msg: Message { id, op },
             _permit: permit,
-        });
+        };
+        match self.tx.try_send(out) {
+            Ok(()) => {}
+            // The writer is gone only when the edge went away or stalled; nothing to tell.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Cannot happen: the channel has room for every permit.
+                tracing::error!(id, "reply channel full; reply dropped");
+            }
+        }
     }
 }
 
@@ -222,8 +391,8 @@ impl Audit {
     fn log(&self, result: &'static str) {
         tracing::info!(
             target: "audit",
-            client = %self.identity,
-            sni = %self.sni.as_deref().unwrap_or("-"),
+            client = %log_safe(&self.identity),
+            sni = %self.sni.as_deref().map(log_safe).map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             ski = %self.ski.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             op = %self.opcode,
             result = %result,
@@ -231,6 +400,13 @@ impl Audit {
             id = self.id,
         );
     }
+}
+
+/// Answers `code`, audited and counted.
+fn refuse(ctx: &ConnCtx, audit: &Audit, code: ErrorCode, permit: OwnedSemaphorePermit) {
+    audit.log(code.name());
+    ctx.shared.metrics.op(audit.opcode.name(), code.name());
+    ctx.reply(audit.id, Operation::error(code), permit);
 }
 
 fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
@@ -244,24 +420,19 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
         started: Instant::now(),
     };
     let metrics = &ctx.shared.metrics;
-    let fail = |audit: &Audit, code: ErrorCode| {
-        audit.log(code.name());
-        metrics.op(audit.opcode.name(), code.name());
-        ctx.reply(id, Operation::error(code), None);
-    };
     let Some(opcode) = op.opcode else {
-        return fail(&audit, ErrorCode::Format);
+        return refuse(ctx, &audit, ErrorCode::Format, permit);
     };
     match opcode {
         Opcode::Ping => {
             // Pings are liveness probes: counted, not audited.
             metrics.op(opcode.name(), "ok");
             let pong = Operation::new(Opcode::Pong, op.payload.unwrap_or_default());
-            ctx.reply(id, pong, Some(permit));
+            ctx.reply(id, pong, permit);
         }
         Opcode::GetCertificateChain => {
             let Some(sni) = op.sni.as_deref() else {
-                return fail(&audit, ErrorCode::Format);
+                return refuse(ctx, &audit, ErrorCode::Format, permit);
             };
             let prefs: Vec<KeyPreference> = op
                 .payload()
@@ -269,68 +440,93 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
                 .filter_map(|b| KeyPreference::from_u8(*b))
                 .collect();
             let store = ctx.shared.keystore();
-            let Some(entry) = store.by_name(sni, &prefs) else {
-                return fail(&audit, ErrorCode::CertNotFound);
+            let entry = match store.by_name(sni, &prefs, &ctx.identity) {
+                NameLookup::Found(entry) => entry,
+                NameLookup::NotAuthorized => {
+                    tracing::warn!(target: "audit", client = %log_safe(&ctx.identity), sni = %log_safe(sni), "certificate chain refused by key ACL");
+                    return refuse(ctx, &audit, ErrorCode::NotAuthorized, permit);
+                }
+                NameLookup::NotFound => {
+                    return refuse(ctx, &audit, ErrorCode::CertNotFound, permit)
+                }
             };
             let Some(chain) = &entry.chain else {
-                return fail(&audit, ErrorCode::CertNotFound);
+                return refuse(ctx, &audit, ErrorCode::CertNotFound, permit);
             };
             audit.ski = Some(entry.key.ski);
             audit.log("ok");
             metrics.op(opcode.name(), "ok");
             let mut reply = Operation::new(Opcode::Response, chain.encoded.clone());
             reply.ski = Some(entry.key.ski);
-            ctx.reply(id, reply, Some(permit));
+            ctx.reply(id, reply, permit);
         }
         Opcode::Response | Opcode::Pong | Opcode::Error => {
-            fail(&audit, ErrorCode::UnexpectedOpcode)
+            refuse(ctx, &audit, ErrorCode::UnexpectedOpcode, permit)
         }
-        o if o.key_op().is_some() => key_op(ctx, id, o, op, audit, permit),
-        _ => fail(&audit, ErrorCode::BadOpcode),
+        o if o.key_op().is_some() => key_op(ctx, o, op, audit, permit),
+        _ => refuse(ctx, &audit, ErrorCode::BadOpcode, permit),
+    }
+}
+
+/// The signing policy: `Err` with the reason when the request is refused.
+///
+/// - Raw RSA decrypt only for keys whose `[[keys.policy]]` allows it, in either mode
+///   (it can never carry a handshake message; with one it is refused).
+/// - A sign request with the handshake message (tag 0x40) must pass
+///   `check_signing_context` (for Ed25519 the payload must be that message).
+/// - Without it: refused when `require_handshake_context` (the default).
+fn policy(
+    shared: &Shared,
+    allow_rsa_decrypt: bool,
+    opcode: Opcode,
+    payload: &[u8],
+    message: Option<&[u8]>,
+) -> Result<(), String> {
+    if opcode == Opcode::RsaDecrypt && !allow_rsa_decrypt {
+        return Err("raw RSA decrypt is not enabled for this key ([[keys.policy]])".into());
+    }
+    match message {
+        Some(message) => check_signing_context(opcode, payload, message)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None if opcode == Opcode::RsaDecrypt => Ok(()),
+        None if shared.require_handshake_context => Err("no handshake message".into()),
+        None => Ok(()),
     }
 }
 
 fn key_op(
     ctx: &Arc<ConnCtx>,
-    id: u32,
     opcode: Opcode,
     op: Operation,
     audit: Audit,
     permit: OwnedSemaphorePermit,
 ) {
     let shared = &ctx.shared;
-    let fail = |code: ErrorCode| {
-        audit.log(code.name());
-        shared.metrics.op(opcode.name(), code.name());
-        ctx.reply(id, Operation::error(code), None);
-    };
     let Some(ski) = op.ski else {
-        return fail(ErrorCode::Format);
+        return refuse(ctx, &audit, ErrorCode::Format, permit);
     };
     let store = shared.keystore();
     let Some(entry) = store.get(&ski) else {
-        return fail(ErrorCode::KeyNotFound);
+        return refuse(ctx, &audit, ErrorCode::KeyNotFound, permit);
     };
     if !entry.allows(&ctx.identity) {
-        tracing::warn!(target: "audit", client = %ctx.identity, %ski, key = %entry.name, op = %opcode, "refused by key ACL");
-        return fail(ErrorCode::NotAuthorized);
+        tracing::warn!(target: "audit", client = %log_safe(&ctx.identity), %ski, key = %entry.name, op = %opcode, "refused by key ACL");
+        return refuse(ctx, &audit, ErrorCode::NotAuthorized, permit);
     }
     let payload = op.payload.unwrap_or_default();
     if let Err(code) = entry.key.precheck(opcode, &payload) {
-        return fail(code);
+        return refuse(ctx, &audit, code, permit);
     }
-    match &op.signed_message {
-        Some(message) => {
-            if let Err(e) = check_signing_context(opcode, &payload, message) {
-                tracing::warn!(target: "audit", client = %ctx.identity, %ski, op = %opcode, reason = %e, "refused by signing policy");
-                return fail(ErrorCode::PolicyRefused);
-            }
-        }
-        None if shared.require_handshake_context => {
-            tracing::warn!(target: "audit", client = %ctx.identity, %ski, op = %opcode, "refused by signing policy: no handshake message");
-            return fail(ErrorCode::PolicyRefused);
-        }
-        None => {}
+    if let Err(reason) = policy(
+        shared,
+        entry.allow_rsa_decrypt,
+        opcode,
+        &payload,
+        op.signed_message.as_deref(),
+    ) {
+        tracing::warn!(target: "audit", client = %log_safe(&ctx.identity), %ski, op = %opcode, %reason, "refused by signing policy");
+        return refuse(ctx, &audit, ErrorCode::PolicyRefused, permit);
     }
 
     let ctx2 = ctx.clone();
@@ -344,7 +540,7 @@ fn key_op(
             };
             audit.log(result);
             metrics.op(opcode.name(), result);
-            ctx2.reply(id, op, Some(permit));
+            ctx2.reply(audit.id, op, permit);
         },
     );
     let job = Job {
@@ -352,6 +548,7 @@ fn key_op(
         opcode,
         payload,
         message: op.signed_message,
+        alive: ctx.alive.clone(),
         done,
     };
     if entry.key.algorithm.is_fast() {
@@ -365,12 +562,20 @@ fn key_op(
 }
 
 /// Writes replies as they complete, coalescing whatever is ready into one TLS write.
+/// A write that does not complete within `stall` (the edge does not read) ends the
+/// connection; on any exit `alive` is cancelled.
 async fn write_loop(
     mut wr: WriteHalf<TlsStream<TcpStream>>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    stall: Duration,
+    alive: CancellationToken,
+    client: String,
 ) {
     const BATCH_BYTES: usize = 64 * 1024;
+    let _cancel_on_exit = alive.drop_guard();
     let mut buf = BytesMut::with_capacity(BATCH_BYTES);
+    // Replies being written keep their permits until the bytes are on the socket.
+    let mut writing: Vec<Outgoing> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(out) = next.take() {
@@ -382,18 +587,29 @@ async fn write_loop(
                 };
                 let _ = encode_message(&err, &mut buf);
             }
+            writing.push(out);
             if buf.len() < BATCH_BYTES {
                 next = rx.try_recv().ok();
             }
         }
-        if let Err(e) = wr.write_all(&buf).await {
-            tracing::debug!(error = %e, "write to edge failed");
-            return;
+        let written = tokio::time::timeout(stall, async {
+            wr.write_all(&buf).await?;
+            wr.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%client, error = %e, "write to edge failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%client, timeout = ?stall, "edge does not read its replies; closing the connection");
+                return;
+            }
         }
         buf.clear();
-        if wr.flush().await.is_err() {
-            return;
-        }
+        writing.clear();
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(stall, wr.shutdown()).await;
 }

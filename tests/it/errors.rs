@@ -118,9 +118,10 @@ async fn acl_refusal_is_not_authorized_and_audited() -> Result<()> {
     );
 
     // A key whose ACL lists this edge, and the same edge's other requests, still work.
-    let signed = digest(Opcode::RsaPssSignSha256, b"m")?;
+    let m = tls13_server_signed_message(&random_bytes(32));
+    let signed = digest(Opcode::RsaPssSignSha256, &m)?;
     let reply = client
-        .sign(Opcode::RsaPssSignSha256, rsa.ski, &signed, None)
+        .sign(Opcode::RsaPssSignSha256, rsa.ski, &signed, Some(&m))
         .await?;
     let sig = ok_payload(&reply)?;
     ensure!(rsa.verify(Opcode::RsaPssSignSha256, &signed, &sig)?);
@@ -241,8 +242,9 @@ async fn successful_ops_are_audited() -> Result<()> {
     let (d, server) = start()?;
     let ecdsa = d.site_key(DOMAIN, KeyAlg::Ecdsa)?;
     let mut client = KeyClient::connect(&d).await?;
-    let signed = digest(Opcode::EcdsaSignSha256, b"hello")?;
-    let mut op = keyless_tests::sign_request(Opcode::EcdsaSignSha256, ecdsa.ski, &signed, None);
+    let m = tls13_server_signed_message(&random_bytes(32));
+    let signed = digest(Opcode::EcdsaSignSha256, &m)?;
+    let mut op = keyless_tests::sign_request(Opcode::EcdsaSignSha256, ecdsa.ski, &signed, Some(&m));
     op.sni = Some("www.example.com".into());
     ok_payload(&client.call(op).await?)?;
     let line = server.wait_for_log(AUDIT_WAIT, |l| {
@@ -269,12 +271,18 @@ async fn successful_ops_are_audited() -> Result<()> {
         !log.contains(&hex::encode(&signed)),
         "the digest was logged"
     );
+    ensure!(!log.contains(&hex::encode(&m)), "the message was logged");
     Ok(())
 }
 
 #[tokio::test]
 async fn malformed_requests_get_their_error_and_keep_the_connection() -> Result<()> {
-    let (d, server) = start()?;
+    let d = Deployment::init(&[DOMAIN])?;
+    // Raw RSA decrypt enabled, so the malformed ciphertexts reach the RSA operation.
+    let config = d.write_config_variant("origin-decrypt.toml", |t| {
+        keyless_tests::allow_rsa_decrypt(t, &format!("{DOMAIN}-rsa"));
+    })?;
+    let server = KeyServer::start_with_config(&d, &config)?;
     let ecdsa = d.site_key(DOMAIN, KeyAlg::Ecdsa)?;
     let rsa = d.site_key(DOMAIN, KeyAlg::Rsa)?;
     let mut client = KeyClient::connect(&d).await?;
@@ -318,10 +326,8 @@ async fn malformed_requests_get_their_error_and_keep_the_connection() -> Result<
     let reply = client
         .call(with_ski(Opcode::RsaDecrypt, rsa.ski, vec![0xff; 256]))
         .await?;
-    ensure!(
-        reply.opcode == Some(Opcode::Error),
-        "raw RSA of a value above the modulus answered {reply:?}"
-    );
+    expect_error(&reply, ErrorCode::Crypto)
+        .map_err(|e| e.context("raw RSA of a value above the modulus"))?;
     assert_ping(&mut client).await?;
     assert_still_serving(&d, &server).await
 }

@@ -4,18 +4,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use keyless_shared::{ErrorCode, Opcode, Operation};
-use keyless_tests::keys::{digest, install_key, KeyAlg, KeyEncoding, KeySpec, SiteKey};
+use keyless_tests::keys::{
+    digest, install_key, tls13_server_signed_message, KeyAlg, KeyEncoding, KeySpec, SiteKey,
+};
 use keyless_tests::{KeyClient, Signal};
 
 use crate::support::{assert_ping, expect_error, ok_payload, start, DOMAIN};
 
 const RELOAD_WAIT: Duration = Duration::from_secs(10);
 
-/// Signs with `key` over `client` and returns the reply.
+/// Signs with `key` over `client` (a handshake message, as an edge sends it) and
+/// returns the reply.
 async fn try_sign(client: &mut KeyClient, key: &SiteKey) -> Result<Operation> {
-    let signed = digest(Opcode::EcdsaSignSha256, key.stem.as_bytes())?;
+    let message =
+        tls13_server_signed_message(&digest(Opcode::EcdsaSignSha256, key.stem.as_bytes())?);
+    let signed = digest(Opcode::EcdsaSignSha256, &message)?;
     let reply = client
-        .sign(Opcode::EcdsaSignSha256, key.ski, &signed, None)
+        .sign(Opcode::EcdsaSignSha256, key.ski, &signed, Some(&message))
         .await?;
     if reply.opcode == Some(Opcode::Response) {
         ensure!(
@@ -215,7 +220,8 @@ async fn sigterm_answers_requests_in_flight() -> Result<()> {
     let (d, mut server) = start()?;
     let key = d.site_key(DOMAIN, KeyAlg::Rsa)?;
     let mut client = KeyClient::connect(&d).await?;
-    let signed = digest(Opcode::RsaPssSignSha256, b"drain")?;
+    let message = tls13_server_signed_message(&[0xd7; 32]);
+    let signed = digest(Opcode::RsaPssSignSha256, &message)?;
     let mut ids = Vec::new();
     for _ in 0..32 {
         ids.push(
@@ -224,7 +230,7 @@ async fn sigterm_answers_requests_in_flight() -> Result<()> {
                     Opcode::RsaPssSignSha256,
                     key.ski,
                     &signed,
-                    None,
+                    Some(&message),
                 ))
                 .await?,
         );

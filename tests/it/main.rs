@@ -19,6 +19,7 @@ mod edge_invariant;
 mod edge_ops;
 mod edge_support;
 mod errors;
+mod keyserver_hardening;
 mod lifecycle;
 mod malformed;
 mod ops;

@@ -7,14 +7,17 @@ use keyless_tests::keys::{
     digest, install_key, random_bytes, tls12_x25519_signed_message, tls13_server_signed_message,
     KeyAlg, KeyEncoding, KeySpec, SiteKey,
 };
-use keyless_tests::{ClientOptions, Deployment, KeyClient, KeyServer, TlsVersion};
+use keyless_tests::{
+    allow_rsa_decrypt, set_permissive, ClientOptions, Deployment, KeyClient, KeyServer, TlsVersion,
+};
 use ring::signature as rs;
 use rustls::ProtocolVersion;
 
-use crate::support::{assert_ping, ok_payload, start, DOMAIN};
+use crate::support::{assert_ping, ok_payload, start, start_permissive, DOMAIN};
 
 /// Signs a random message's digest with every opcode `key` supports and verifies each
-/// signature.
+/// signature. Bare digests (the reference protocol): the key server must run with
+/// `require_handshake_context = false`.
 async fn sign_all(client: &mut KeyClient, key: &SiteKey) -> Result<()> {
     let opcodes = key.sign_opcodes();
     ensure!(!opcodes.is_empty(), "{}: no sign opcodes", key.stem);
@@ -54,7 +57,7 @@ async fn ping_echoes_over_tls13_and_tls12() -> Result<()> {
 
 #[tokio::test]
 async fn ecdsa_p256_every_sign_op() -> Result<()> {
-    let (d, _server) = start()?;
+    let (d, _server) = start_permissive()?;
     let key = d.site_key(DOMAIN, KeyAlg::Ecdsa)?;
     ensure!(key.bits() == 256);
     let mut client = KeyClient::connect(&d).await?;
@@ -69,7 +72,7 @@ async fn ecdsa_p256_every_sign_op() -> Result<()> {
 
 #[tokio::test]
 async fn rsa_2048_every_pkcs1_and_pss_sign_op() -> Result<()> {
-    let (d, _server) = start()?;
+    let (d, _server) = start_permissive()?;
     let key = d.site_key(DOMAIN, KeyAlg::Rsa)?;
     ensure!(key.bits() == 2048);
     let ops = key.sign_opcodes();
@@ -147,7 +150,8 @@ async fn extra_key_types_and_encodings() -> Result<()> {
         let pem = std::fs::read_to_string(dir.join(format!("{stem}.key")))?;
         ensure!(pem.contains(header), "{stem} is not {header}");
     }
-    let _server = KeyServer::start(&d)?;
+    let config = d.write_config_variant("origin-permissive.toml", set_permissive)?;
+    let _server = KeyServer::start_with_config(&d, &config)?;
     let mut client = KeyClient::connect(&d).await?;
     for key in &keys {
         sign_all(&mut client, key).await?;
@@ -165,7 +169,12 @@ async fn rsa_decrypt_round_trip() -> Result<()> {
         KeyEncoding::Traditional,
         &["big.test"],
     )?;
-    let _server = KeyServer::start(&d)?;
+    // Raw RSA decrypt is off unless enabled per key.
+    let config = d.write_config_variant("origin-decrypt.toml", |t| {
+        allow_rsa_decrypt(t, &format!("{DOMAIN}-rsa"));
+        allow_rsa_decrypt(t, "big.test-rsa");
+    })?;
+    let _server = KeyServer::start_with_config(&d, &config)?;
     let mut client = KeyClient::connect(&d).await?;
     for key in [d.site_key(DOMAIN, KeyAlg::Rsa)?, rsa4096] {
         // A TLS RSA key exchange premaster secret: version ‖ 46 random bytes.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, ensure, Result};
 use keyless_shared::{Opcode, Operation};
-use keyless_tests::keys::{digest, KeyAlg};
+use keyless_tests::keys::{digest, tls13_server_signed_message, KeyAlg};
 use keyless_tests::{sign_request, ClientOptions, KeyClient, TlsVersion};
 
 use crate::support::{assert_ping, ok_payload, start, DOMAIN};
@@ -17,18 +17,19 @@ async fn thousand_pipelined_requests_answered_by_id() -> Result<()> {
     let key = d.site_key(DOMAIN, KeyAlg::Ecdsa)?;
     for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
         let mut client = ClientOptions::new(&d).version(version).connect().await?;
-        // Pings carry their index; signs sign a digest of it.
+        // Pings carry their index; signs sign a handshake message made from it.
         let mut ops = Vec::with_capacity(REQUESTS);
         for i in 0..REQUESTS {
             let tag = format!("request {i}").into_bytes();
             ops.push(if i % 2 == 0 {
                 Operation::new(Opcode::Ping, tag)
             } else {
+                let message = tls13_server_signed_message(&digest(Opcode::EcdsaSignSha256, &tag)?);
                 sign_request(
                     Opcode::EcdsaSignSha256,
                     key.ski,
-                    &digest(Opcode::EcdsaSignSha256, &tag)?,
-                    None,
+                    &digest(Opcode::EcdsaSignSha256, &message)?,
+                    Some(&message),
                 )
             });
         }
@@ -71,10 +72,11 @@ async fn replies_are_matched_by_id_across_interleaved_calls() -> Result<()> {
     let mut client = KeyClient::connect(&d).await?;
     // A slow RSA sign, then a ping, in one write: whichever reply comes first, each id
     // gets its own.
-    let signed = digest(Opcode::RsaPssSignSha256, b"slow")?;
+    let message = tls13_server_signed_message(&[0x51; 32]);
+    let signed = digest(Opcode::RsaPssSignSha256, &message)?;
     let ids = client
         .send_many(vec![
-            sign_request(Opcode::RsaPssSignSha256, rsa.ski, &signed, None),
+            sign_request(Opcode::RsaPssSignSha256, rsa.ski, &signed, Some(&message)),
             Operation::new(Opcode::Ping, b"fast".to_vec()),
         ])
         .await?;
@@ -89,7 +91,7 @@ async fn replies_are_matched_by_id_across_interleaved_calls() -> Result<()> {
             Opcode::RsaPssSignSha256,
             rsa.ski,
             &signed,
-            None,
+            Some(&message),
         ))
         .await?;
     let ping_id = client

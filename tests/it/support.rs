@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Context, Result};
 use keyless_shared::{ErrorCode, Opcode, Operation};
-use keyless_tests::{Deployment, KeyClient, KeyServer};
+use keyless_tests::{set_permissive, Deployment, KeyClient, KeyServer};
 
 /// The domain every test deployment gets.
 pub(crate) const DOMAIN: &str = "example.com";
@@ -12,6 +12,31 @@ pub(crate) fn start() -> Result<(Deployment, KeyServer)> {
     let deployment = Deployment::init(&[DOMAIN])?;
     let server = KeyServer::start(&deployment)?;
     Ok((deployment, server))
+}
+
+/// Like [`start`], with the strict signing policy off (`require_handshake_context =
+/// false`), for tests of the reference protocol's bare-digest operations.
+pub(crate) fn start_permissive() -> Result<(Deployment, KeyServer)> {
+    let deployment = Deployment::init(&[DOMAIN])?;
+    let config = deployment.write_config_variant("origin-permissive.toml", set_permissive)?;
+    let server = KeyServer::start_with_config(&deployment, &config)?;
+    Ok((deployment, server))
+}
+
+/// A sign request as our edge sends it: the digest of a fresh TLS 1.3 CertificateVerify
+/// input as payload (the input itself for Ed25519), and the input in tag 0x40.
+/// Returns the request and the payload (what the signature verifies over).
+pub(crate) fn handshake_sign_request(
+    opcode: Opcode,
+    ski: keyless_shared::Ski,
+) -> Result<(Operation, Vec<u8>)> {
+    let message =
+        keyless_tests::keys::tls13_server_signed_message(&keyless_tests::keys::random_bytes(32));
+    let payload = keyless_tests::keys::digest(opcode, &message)?;
+    Ok((
+        keyless_tests::sign_request(opcode, ski, &payload, Some(&message)),
+        payload,
+    ))
 }
 
 /// Checks that `reply` is a successful response and returns its payload.

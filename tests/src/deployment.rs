@@ -207,22 +207,61 @@ impl Drop for Deployment {
 
 /// Sets `[[keys.acl]]` entries in a config table: `key` may only be used by `allow`.
 pub fn add_acl(table: &mut toml::Table, key: &str, allow: &[&str]) {
-    let keys = table
+    let mut entry = toml::Table::new();
+    entry.insert("key".into(), key.into());
+    entry.insert(
+        "allow".into(),
+        toml::Value::Array(allow.iter().map(|a| (*a).into()).collect()),
+    );
+    push_keys_entry(table, "acl", entry);
+}
+
+/// Turns the strict signing policy off (`require_handshake_context = false`), as an
+/// operator serving reference Keyless clients that send bare digests would.
+pub fn set_permissive(table: &mut toml::Table) {
+    table.insert("require_handshake_context".into(), false.into());
+}
+
+/// Adds a `[[keys.policy]]` entry enabling raw RSA decrypt for the key with file stem
+/// `key`.
+pub fn allow_rsa_decrypt(table: &mut toml::Table, key: &str) {
+    push_keys_entry(table, "policy", {
+        let mut entry = toml::Table::new();
+        entry.insert("key".into(), key.into());
+        entry.insert("allow_rsa_decrypt".into(), true.into());
+        entry
+    });
+}
+
+/// Sets `[keys] default_acl` (`"allow"` or `"deny"`).
+pub fn set_default_acl(table: &mut toml::Table, value: &str) {
+    if let Some(keys) = keys_table(table) {
+        keys.insert("default_acl".into(), value.into());
+    }
+}
+
+/// Sets a field of `[tls]` (e.g. `client_crl`, `identity`).
+pub fn set_tls(table: &mut toml::Table, field: &str, value: impl Into<toml::Value>) {
+    if let Some(toml::Value::Table(tls)) = table.get_mut("tls") {
+        tls.insert(field.into(), value.into());
+    }
+}
+
+fn keys_table(table: &mut toml::Table) -> Option<&mut toml::Table> {
+    table
         .entry("keys")
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    if let toml::Value::Table(keys) = keys {
-        let acl = keys
-            .entry("acl")
-            .or_insert_with(|| toml::Value::Array(Vec::new()));
-        if let toml::Value::Array(acl) = acl {
-            let mut entry = toml::Table::new();
-            entry.insert("key".into(), key.into());
-            entry.insert(
-                "allow".into(),
-                toml::Value::Array(allow.iter().map(|a| (*a).into()).collect()),
-            );
-            acl.push(toml::Value::Table(entry));
-        }
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+}
+
+fn push_keys_entry(table: &mut toml::Table, section: &str, entry: toml::Table) {
+    let list = keys_table(table).and_then(|keys| {
+        keys.entry(section)
+            .or_insert_with(|| toml::Value::Array(Vec::new()))
+            .as_array_mut()
+    });
+    if let Some(list) = list {
+        list.push(toml::Value::Table(entry));
     }
 }
 

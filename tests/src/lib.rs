@@ -36,7 +36,10 @@ pub use client::{
     DEFAULT_TIMEOUT,
 };
 pub use delay_proxy::DelayProxy;
-pub use deployment::{add_acl, unique_temp_dir, Deployment, EDGE_NAME};
+pub use deployment::{
+    add_acl, allow_rsa_decrypt, set_default_acl, set_permissive, set_tls, unique_temp_dir,
+    Deployment, EDGE_NAME,
+};
 pub use dns::Dns;
 pub use edge::{check_edge_config, edge_bin, metric_sum, Edge, EdgeConfig, SiteEntry};
 pub use https::{KeepAliveClient, KeepAliveResponse};
