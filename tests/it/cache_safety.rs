@@ -335,3 +335,58 @@ fn key_headers_are_the_values_sent_upstream() -> Result<()> {
     s.get("/t")?.expect(200, "default")?.expect_hit()?;
     Ok(())
 }
+
+#[test]
+fn range_requests_for_a_large_object_cost_one_origin_request_each() -> Result<()> {
+    const MAX: usize = 64 * 1024;
+    let s = cache_stack(|c| c.cache_option("max_object_bytes", MAX as i64))?;
+    s.script(
+        "/big",
+        &[Scripted::new(200)
+            .header("Cache-Control", "max-age=60")
+            .body_bytes(4 * MAX)
+            .ranges()],
+    )?;
+    for i in 1..=5usize {
+        let r = s.req("/big").header("Range: bytes=0-0").send()?;
+        ensure!(
+            r.status == 206 && r.body == b"0",
+            "expected 206 with one byte: {}",
+            r.show()
+        );
+        // Any background fetch would have started by now.
+        crate::cache_support::sleep_ms(300);
+        let seen = s.origin_requests("/big")?;
+        ensure!(
+            seen.len() == i && seen.iter().all(|q| q.header("range") == Some("bytes=0-0")),
+            "after {i} range requests the origin saw (expected {i}, all ranges): {seen:#?}"
+        );
+    }
+    // A small object is still filled (once) and then served from the cache.
+    s.script(
+        "/small",
+        &[Scripted::new(200)
+            .header("Cache-Control", "max-age=60")
+            .body_bytes(1000)
+            .ranges()],
+    )?;
+    let r = s.req("/small").header("Range: bytes=0-0").send()?;
+    ensure!(r.status == 206, "{}", r.show());
+    s.s.origin
+        .wait_for_requests("/small", 2, std::time::Duration::from_secs(5))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let r = s.req("/small").header("Range: bytes=0-0").send()?;
+        if r.cs().hit() {
+            ensure!(r.status == 206 && r.body == b"0", "{}", r.show());
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the filled object was never served: {}",
+            r.show()
+        );
+        crate::cache_support::sleep_ms(100);
+    }
+    Ok(())
+}

@@ -320,33 +320,99 @@ async fn miss(
             }
         }
     }
-    // A range request that misses goes to the origin as it is; the whole object is
-    // fetched in the background (once, as a coalesced flight) so that the next range
-    // requests are served from the cache.
+    // A range request that misses goes to the origin as it is; when its answer shows
+    // the whole object is storable, it is fetched in the background so that the next
+    // range requests are served from the cache (see `fill_after_range`).
     let only_range = info.headers.contains_key(header::RANGE)
         && CONDITIONAL.iter().all(|h| {
             *h == header::RANGE || *h == header::IF_RANGE || !info.headers.contains_key(h)
         });
-    if info.method == Method::GET && only_range && !info.directives.no_store {
-        let key = full_key.as_deref().unwrap_or(&info.primary);
-        if let Some(Flight::Leader(flight)) = cache.join_flight(&info.primary, key) {
-            let background = Background {
-                entry: None,
-                flight: Some(flight),
-                _refresh: None,
-            };
-            fetch_in_background(scope, &req, info, background);
-        }
-    }
+    let fill = info.method == Method::GET
+        && only_range
+        && !info.directives.no_store
+        && !cache.fill_refused(&info.primary);
+    let target = (req.parts.uri.clone(), req.parts.version);
     cache.metrics().cache_lookup("miss");
     let request_time = SystemTime::now();
     match proxy.fetch(req.into_request(&info.headers), site).await {
         Err(e) => CacheStatus::fwd(fwd).apply(proxy.error_response(&e, site, ctx)),
         Ok(response) => {
+            if fill && response.status() == StatusCode::PARTIAL_CONTENT {
+                let key = full_key.as_deref().unwrap_or(&info.primary);
+                fill_after_range(scope, &target, info, key, response.headers());
+            }
             let status = CacheStatus::fwd(fwd);
             store_or_pass(cache, info, response, request_time, guard, status)
         }
     }
+}
+
+/// After a range miss answered `206` with `headers`: fetches the whole object in the
+/// background, once (a coalesced flight), when it will be stored: its complete length
+/// is known from `Content-Range` and within `max_object_bytes`, the response is
+/// storable, and one of the `MAX_RANGE_FILLS` fill slots is free. A URL that fails
+/// these (or whose fill is not stored) is remembered for a while and not filled again,
+/// so small ranges of a large object cost one small origin request each, never a full
+/// download.
+fn fill_after_range(
+    scope: Scope<'_>,
+    target: &(http::Uri, http::Version),
+    info: &ReqInfo,
+    key: &str,
+    headers: &HeaderMap,
+) {
+    let cache = scope.cache;
+    let size = headers
+        .get(header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(complete_length);
+    let storable = size.is_some_and(|n| n <= cache.max_object_bytes)
+        && not_storable(cache, info, StatusCode::OK, headers, SystemTime::now()).is_none();
+    if !storable {
+        tracing::debug!(key = %keyless_shared::log_safe(&info.primary), ?size, "range miss: whole object not fetched");
+        cache.refuse_fill(&info.primary);
+        return;
+    }
+    let Some(slot) = cache.fill_slot() else {
+        return;
+    };
+    if let Some(Flight::Leader(flight)) = cache.join_flight(&info.primary, key) {
+        let background = Background {
+            entry: None,
+            flight: Some(flight),
+            _refresh: None,
+            _slot: Some(slot),
+        };
+        fetch_in_background(scope, target, info, background);
+    }
+}
+
+/// The complete length of a `Content-Range: bytes a-b/N` value (`None` for `*`).
+fn complete_length(content_range: &str) -> Option<u64> {
+    let (unit, rest) = content_range.trim().split_once(' ')?;
+    if !unit.eq_ignore_ascii_case("bytes") {
+        return None;
+    }
+    rest.rsplit_once('/')?.1.trim().parse().ok()
+}
+
+/// Why a response with `status` and `headers` to the request `info` is not stored
+/// (RFC 9111 rules, nothing worth storing, or a cookie the site does not strip).
+fn not_storable(
+    cache: &Cache,
+    info: &ReqInfo,
+    status: StatusCode,
+    headers: &HeaderMap,
+    response_time: SystemTime,
+) -> Option<&'static str> {
+    let policy = ResponsePolicy::new(status, headers, response_time, cache.defaults);
+    policy
+        .not_storable(status, headers, &info.headers, &info.directives)
+        .or_else(|| useless(&policy, headers))
+        .or_else(|| {
+            (info.set_cookie == SetCookiePolicy::Never && sets_cookie(headers))
+                .then_some("set-cookie")
+        })
 }
 
 /// Stores `response` (while it streams to the client) when RFC 9111 allows it.
@@ -358,35 +424,85 @@ fn store_or_pass(
     guard: Option<FlightGuard>,
     mut status: CacheStatus,
 ) -> Response<ProxyBody> {
+    match storing(cache, info, response, request_time, guard) {
+        Storing::Pass {
+            response,
+            too_large,
+        } => {
+            if too_large {
+                status.detail = Some("too-large");
+            }
+            status.apply(response)
+        }
+        Storing::Store {
+            parts,
+            body,
+            sink,
+            ttl,
+        } => {
+            status.stored = true;
+            status.ttl = Some(ttl);
+            let body = StoringBody {
+                inner: body,
+                sink: Some(*sink),
+            };
+            status.apply(Response::from_parts(parts, body.boxed_unsync()))
+        }
+    }
+}
+
+/// What [`storing`] decided.
+enum Storing {
+    /// Not stored: the response as it came.
+    Pass {
+        response: Response<ProxyBody>,
+        /// Not stored because of its size.
+        too_large: bool,
+    },
+    /// To be stored: the body goes into `sink` as it streams.
+    Store {
+        parts: http::response::Parts,
+        body: ProxyBody,
+        sink: Box<Sink>,
+        /// Freshness lifetime, seconds.
+        ttl: i64,
+    },
+}
+
+/// Decides whether `response` is stored (RFC 9111 rules, size, cookies) and prepares
+/// the sink that stores it. A URL not stored is remembered: it skips coalescing and
+/// range fills for a while.
+fn storing(
+    cache: &Arc<Cache>,
+    info: &ReqInfo,
+    response: Response<ProxyBody>,
+    request_time: SystemTime,
+    guard: Option<FlightGuard>,
+) -> Storing {
     let response_time = SystemTime::now();
     if info.method != Method::GET {
-        return status.apply(response);
+        return Storing::Pass {
+            response,
+            too_large: false,
+        };
     }
-    let policy = ResponsePolicy::new(
+    if let Some(reason) = not_storable(
+        cache,
+        info,
         response.status(),
         response.headers(),
         response_time,
-        cache.defaults,
-    );
-    if let Some(reason) = policy
-        .not_storable(
-            response.status(),
-            response.headers(),
-            &info.headers,
-            &info.directives,
-        )
-        .or_else(|| useless(&policy, response.headers()))
-        .or_else(|| {
-            (info.set_cookie == SetCookiePolicy::Never && sets_cookie(response.headers()))
-                .then_some("set-cookie")
-        })
-    {
+    ) {
         if !matches!(reason, "request no-store" | "authorization") {
             cache.mark_pass(&info.primary);
+            cache.refuse_fill(&info.primary);
         }
-        tracing::debug!(key = %info.primary, reason, "response not stored");
+        tracing::debug!(key = %keyless_shared::log_safe(&info.primary), reason, "response not stored");
         drop(guard);
-        return status.apply(response);
+        return Storing::Pass {
+            response,
+            too_large: false,
+        };
     }
     let too_large = response
         .body()
@@ -395,10 +511,19 @@ fn store_or_pass(
         .or_else(|| content_length(response.headers()))
         .is_some_and(|n| n > cache.max_object_bytes);
     if too_large {
-        status.detail = Some("too-large");
+        cache.refuse_fill(&info.primary);
         drop(guard);
-        return status.apply(response);
+        return Storing::Pass {
+            response,
+            too_large: true,
+        };
     }
+    let policy = ResponsePolicy::new(
+        response.status(),
+        response.headers(),
+        response_time,
+        cache.defaults,
+    );
     cache.clear_pass(&info.primary);
     let names: Arc<[HeaderName]> = policy::vary_names(response.headers())
         .unwrap_or_default()
@@ -423,21 +548,21 @@ fn store_or_pass(
         response_time,
         vary,
     };
-    status.stored = true;
-    status.ttl = Some(i64::try_from(policy.lifetime.as_secs()).unwrap_or(i64::MAX));
-    let body = StoringBody {
-        inner: body,
-        sink: Some(Sink {
-            cache: cache.clone(),
-            expected: content_length(&parts.headers),
-            template,
-            names,
-            chunks: Vec::new(),
-            len: 0,
-            _flight: guard,
-        }),
+    let sink = Sink {
+        cache: cache.clone(),
+        expected: content_length(&parts.headers),
+        template,
+        names,
+        chunks: Vec::new(),
+        len: 0,
+        _flight: guard,
     };
-    status.apply(Response::from_parts(parts, body.boxed_unsync()))
+    Storing::Store {
+        parts,
+        body,
+        sink: Box::new(sink),
+        ttl: i64::try_from(policy.lifetime.as_secs()).unwrap_or(i64::MAX),
+    }
 }
 
 /// Revalidates a stored response that cannot be used as it is.
@@ -661,8 +786,10 @@ fn refresh_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, entry: 
         entry: Some(entry.clone()),
         flight: None,
         _refresh: Some(guard),
+        _slot: None,
     };
-    fetch_in_background(scope, req, client, background);
+    let target = (req.parts.uri.clone(), req.parts.version);
+    fetch_in_background(scope, &target, client, background);
 }
 
 /// What a background fetch updates and holds.
@@ -673,12 +800,20 @@ struct Background {
     flight: Option<FlightGuard>,
     /// The refresh this fetch is, ended with it.
     _refresh: Option<super::RefreshGuard>,
+    /// The range-fill slot this fetch takes, freed with it.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Fetches the full response for the client's request in a task and stores it:
 /// revalidating `background.entry` when there is one, else filling the cache (after a
-/// range request missed). The client's own conditionals and range are not sent.
-fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, background: Background) {
+/// range request missed). The client's own conditionals and range are not sent. A
+/// response that will not be stored is dropped, not read: its transfer is cancelled.
+fn fetch_in_background(
+    scope: Scope<'_>,
+    target: &(http::Uri, http::Version),
+    client: &ReqInfo,
+    background: Background,
+) {
     let Scope {
         proxy,
         cache,
@@ -687,8 +822,8 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
     } = scope;
     let mut builder = Request::builder()
         .method(Method::GET)
-        .uri(req.parts.uri.clone())
-        .version(req.parts.version);
+        .uri(target.0.clone())
+        .version(target.1);
     if let Some(h) = builder.headers_mut() {
         *h = client.headers.clone();
     }
@@ -709,7 +844,9 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
             entry,
             flight,
             _refresh,
+            _slot,
         } = background;
+        let filling = entry.is_none();
         let request_time = SystemTime::now();
         match (proxy.fetch(request, &site).await, entry) {
             (Err(e), _) => {
@@ -720,15 +857,18 @@ fn fetch_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, backgroun
                 store_not_modified(&cache, &entry, response.headers(), request_time, now);
             }
             (Ok(response), _) => {
-                let response = store_or_pass(
-                    &cache,
-                    &info,
-                    response,
-                    request_time,
-                    flight,
-                    CacheStatus::default(),
-                );
-                drain(response.into_body()).await;
+                let stored = match storing(&cache, &info, response, request_time, flight) {
+                    // Dropping the response cancels its transfer.
+                    Storing::Pass { .. } => false,
+                    Storing::Store { body, sink, .. } => {
+                        tokio::time::timeout(DRAIN_TIMEOUT, drain_into(body, *sink))
+                            .await
+                            .unwrap_or(false)
+                    }
+                };
+                if !stored && filling {
+                    cache.refuse_fill(&info.primary);
+                }
             }
         }
     });
@@ -905,10 +1045,11 @@ impl Sink {
         self.expected.is_some_and(|e| self.len >= e)
     }
 
-    fn finish(mut self) {
+    /// Stores the object; false when its body was not whole.
+    fn finish(mut self) -> bool {
         if self.expected.is_some_and(|e| e != self.len) {
-            tracing::debug!(key = %self.template.key, "body length differs from Content-Length; not stored");
-            return;
+            tracing::debug!(key = %keyless_shared::log_safe(&self.template.key), "body length differs from Content-Length; not stored");
+            return false;
         }
         let body = concat(std::mem::take(&mut self.chunks), self.len);
         let mut obj = std::mem::replace(
@@ -926,6 +1067,7 @@ impl Sink {
         obj.body = body;
         self.cache.store(obj, self.names.clone());
         // `_flight` drops here, after the store: waiters find the object.
+        true
     }
 }
 
@@ -1021,23 +1163,40 @@ impl Drop for StoringBody {
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Reads `body` to its end into `sink`, then stores the object (if whole and within
-/// the size bound).
-async fn drain_into(mut body: ProxyBody, mut sink: Sink) {
+/// the size bound); whether it was stored. Reading stops (and dropping `body` cancels
+/// the transfer) as soon as the object cannot be stored.
+async fn drain_into(mut body: ProxyBody, mut sink: Sink) -> bool {
     loop {
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     if !sink.push(data) {
-                        return;
+                        return false;
                     }
                 }
                 if sink.complete() || body.is_end_stream() {
                     break;
                 }
             }
-            Some(Err(_)) => return,
+            Some(Err(_)) => return false,
             None => break,
         }
     }
-    sink.finish();
+    sink.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::complete_length;
+
+    #[test]
+    fn complete_length_of_content_range() {
+        assert_eq!(complete_length("bytes 0-0/1048576"), Some(1_048_576));
+        assert_eq!(complete_length("Bytes 5-9/10"), Some(10));
+        assert_eq!(complete_length("bytes 0-0/*"), None);
+        assert_eq!(complete_length("bytes */100"), Some(100));
+        assert_eq!(complete_length("items 0-0/10"), None);
+        assert_eq!(complete_length("bytes 0-0/-1"), None);
+        assert_eq!(complete_length(""), None);
+    }
 }

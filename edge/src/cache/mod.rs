@@ -40,6 +40,13 @@ const PASS_TTL: Duration = Duration::from_secs(30);
 const VARY_INDEX_ENTRIES: u64 = 4_000_000;
 /// Hit-for-pass markers remembered.
 const PASS_ENTRIES: u64 = 100_000;
+/// How long a URL found too large or not storable is not filled after a range miss.
+const NO_FILL_TTL: Duration = Duration::from_secs(600);
+/// Bytes of keys remembered as not to be filled (oldest forgotten first).
+const NO_FILL_BYTES: u64 = 4 << 20;
+/// Background full fetches after range misses running at once; a range miss finding
+/// none free fills nothing (a later one will).
+pub const MAX_RANGE_FILLS: usize = 8;
 
 /// A primary key and the `Vary` names of its responses.
 type VaryIndexEntry = (Arc<str>, Arc<[HeaderName]>);
@@ -126,6 +133,10 @@ pub struct Cache {
     vary: moka::sync::Cache<Arc<str>, Arc<[HeaderName]>>,
     /// Primary keys whose last answer was not cacheable (no coalescing for them).
     pass: moka::sync::Cache<Arc<str>, ()>,
+    /// Primary keys not to fill after a range miss (too large or not storable).
+    no_fill: moka::sync::Cache<Arc<str>, ()>,
+    /// Free range-fill slots ([`MAX_RANGE_FILLS`]).
+    fills: Arc<tokio::sync::Semaphore>,
     disk: Option<Arc<DiskTier>>,
     /// Full keys being fetched → the channel their waiters watch.
     inflight: Mutex<HashMap<Arc<str>, watch::Sender<()>>>,
@@ -189,6 +200,12 @@ impl Cache {
                 .max_capacity(PASS_ENTRIES)
                 .time_to_live(PASS_TTL)
                 .build(),
+            no_fill: moka::sync::Cache::builder()
+                .max_capacity(NO_FILL_BYTES)
+                .weigher(|k: &Arc<str>, _v: &()| u32::try_from(k.len() + 64).unwrap_or(u32::MAX))
+                .time_to_live(NO_FILL_TTL)
+                .build(),
+            fills: Arc::new(tokio::sync::Semaphore::new(MAX_RANGE_FILLS)),
             disk,
             inflight: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(std::collections::HashSet::new()),
@@ -407,6 +424,21 @@ impl Cache {
     /// Clears a pass mark (the URL answered with something cacheable).
     pub(crate) fn clear_pass(&self, primary: &str) {
         self.pass.invalidate(primary);
+    }
+
+    /// Remembers (for [`NO_FILL_TTL`]) that `primary` is not filled after range misses.
+    pub(crate) fn refuse_fill(&self, primary: &str) {
+        self.no_fill.insert(primary.into(), ());
+    }
+
+    /// Whether `primary` was found too large or not storable lately.
+    pub(crate) fn fill_refused(&self, primary: &str) -> bool {
+        self.no_fill.contains_key(primary)
+    }
+
+    /// A range-fill slot, if one is free.
+    pub(crate) fn fill_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.fills.clone().try_acquire_owned().ok()
     }
 
     /// Starts a background refresh of `key` unless one is running; the returned guard
