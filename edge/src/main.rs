@@ -37,6 +37,7 @@ struct Cli {
 }
 
 fn main() {
+    keyless_shared::process::disable_core_dumps_or_exit("keyless-edge");
     let cli = Cli::parse();
     init_logging(cli.args.log_format);
     if let Err(e) = run(cli.args) {
