@@ -64,6 +64,13 @@ enum RingKey {
 }
 
 /// A loaded site private key.
+///
+/// Key hygiene: the file bytes, base64 text, DER and PKCS#8 it was decoded from are
+/// `Zeroizing` buffers (see `keystore::read_pem_file`), and OpenSSL clears the private
+/// components of `openssl` when it is freed (`BN_clear_free`, secure heap for Ed25519).
+/// `ring`'s key pairs offer no way to wipe them and the workspace forbids `unsafe`, so
+/// their memory is released uncleared: the process is non-dumpable and writes no core
+/// files (`keyless_shared::process`), which keeps that memory from leaving the process.
 pub(crate) struct SiteKey {
     pub(crate) ski: Ski,
     pub(crate) algorithm: Algorithm,

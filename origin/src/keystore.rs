@@ -5,18 +5,19 @@
 //! requests in flight finish with the key they started with.
 
 use std::collections::HashMap;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use keyless_shared::Ski;
-use rustls_pki_types::pem::{self, SectionKind};
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::config::{AclEntry, DefaultAcl, KeysConfig, PolicyEntry};
 use crate::keys::{Algorithm, KeyError, SiteKey};
+
+/// Size limit of a key or chain file.
+const MAX_PEM_FILE: usize = 1 << 20;
 
 /// Extensions of the files the keystore reads; others are ignored.
 const PEM_EXTENSIONS: &[&str] = &["pem", "key", "crt", "cer", "cert"];
@@ -339,6 +340,10 @@ fn policy_for<'a>(
 
 type PemContents = (Vec<Zeroizing<Vec<u8>>>, Vec<Vec<u8>>);
 
+/// Reads the private keys and certificates of a PEM file. Every buffer that holds key
+/// bytes (the file, the base64 text, the DER) is zeroized when dropped: the file is
+/// decoded here rather than by a general PEM reader, whose line and base64 buffers
+/// would be freed with the key still in them.
 fn read_pem_file(path: &Path) -> Result<PemContents, KeystoreError> {
     let data = Zeroizing::new(std::fs::read(path).map_err(|source| KeystoreError::Read {
         path: path.to_owned(),
@@ -348,32 +353,77 @@ fn read_pem_file(path: &Path) -> Result<PemContents, KeystoreError> {
         path: path.to_owned(),
         message,
     };
+    if data.len() > MAX_PEM_FILE {
+        return Err(pem_err(format!(
+            "{} bytes: larger than any key or chain file ({MAX_PEM_FILE} bytes at most)",
+            data.len()
+        )));
+    }
     if data.windows(9).any(|w| w == b"ENCRYPTED") {
         return Err(pem_err(
             "encrypted private keys are not supported; store the key unencrypted with mode 0600"
                 .into(),
         ));
     }
-    let mut reader = BufReader::new(&data[..]);
     let mut keys = Vec::new();
     let mut certs = Vec::new();
-    loop {
-        match pem::from_buf(&mut reader) {
-            Ok(Some((kind, der))) => match kind {
-                SectionKind::PrivateKey
-                | SectionKind::RsaPrivateKey
-                | SectionKind::EcPrivateKey => keys.push(Zeroizing::new(der)),
-                SectionKind::Certificate => certs.push(der),
-                _ => {}
-            },
-            Ok(None) => break,
-            Err(e) => return Err(pem_err(format!("not valid PEM: {e:?}"))),
+    for section in pem_sections(&data).map_err(pem_err)? {
+        let (label, der) = section;
+        match label {
+            "PRIVATE KEY" | "RSA PRIVATE KEY" | "EC PRIVATE KEY" => keys.push(der),
+            "CERTIFICATE" => certs.push(der.to_vec()),
+            _ => {}
         }
     }
     if keys.is_empty() && certs.is_empty() {
         return Err(pem_err("holds no PEM private key or certificate".into()));
     }
     Ok((keys, certs))
+}
+
+/// A PEM section's label and decoded bytes.
+type PemSection<'a> = (&'a str, Zeroizing<Vec<u8>>);
+
+/// The `-----BEGIN L-----` … `-----END L-----` sections of `data`: label and decoded
+/// bytes. Text outside sections is ignored; a section without its end, with another
+/// label at its end, or with invalid base64 is an error.
+fn pem_sections(data: &[u8]) -> Result<Vec<PemSection<'_>>, String> {
+    let mut out = Vec::new();
+    let mut open: Option<(&str, Zeroizing<String>)> = None;
+    for (n, raw) in data.split(|b| *b == b'\n').enumerate() {
+        let line = std::str::from_utf8(raw)
+            .map_err(|_| format!("line {}: not text", n + 1))?
+            .trim();
+        let marker = |prefix: &str| {
+            line.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix("-----"))
+        };
+        match (&mut open, marker("-----BEGIN "), marker("-----END ")) {
+            (None, Some(label), _) => {
+                // Room for the whole file: the base64 text never reallocates, so no
+                // copy of it is left behind unzeroized.
+                open = Some((label, Zeroizing::new(String::with_capacity(data.len()))));
+            }
+            (None, _, _) => {}
+            (Some((label, _)), _, Some(end)) => {
+                if end != *label {
+                    return Err(format!("line {}: END {end} closes BEGIN {label}", n + 1));
+                }
+                if let Some((label, b64)) = open.take() {
+                    let der = openssl::base64::decode_block(&b64)
+                        .map(Zeroizing::new)
+                        .map_err(|_| format!("section {label}: invalid base64"))?;
+                    out.push((label, der));
+                }
+            }
+            (Some(_), Some(_), _) => return Err(format!("line {}: BEGIN inside a section", n + 1)),
+            (Some((_, b64)), None, None) => b64.push_str(line),
+        }
+    }
+    if let Some((label, _)) = open {
+        return Err(format!("section {label} has no END line"));
+    }
+    Ok(out)
 }
 
 fn parse_chain(path: &Path, certs: &[Vec<u8>]) -> Result<(Ski, Chain), KeystoreError> {
@@ -419,4 +469,37 @@ fn parse_chain(path: &Path, certs: &[Vec<u8>]) -> Result<(Ski, Chain), KeystoreE
             encoded: encoded.freeze(),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_sections_decode_keys_and_certificates_and_skip_the_rest() {
+        let text = b"junk before\n-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\r\n\
+-----BEGIN PRIVATE KEY-----\r\nAAEC\r\nAwQF\r\n-----END PRIVATE KEY-----\n";
+        let sections = pem_sections(text).unwrap();
+        assert_eq!(sections.len(), 2);
+        assert_eq!(sections[0].0, "EC PARAMETERS");
+        assert_eq!(sections[1].0, "PRIVATE KEY");
+        assert_eq!(sections[1].1.as_slice(), &[0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn pem_sections_refuse_broken_sections() {
+        for bad in [
+            &b"-----BEGIN PRIVATE KEY-----\nAAEC\n"[..],
+            b"-----BEGIN PRIVATE KEY-----\nAAEC\n-----END CERTIFICATE-----\n",
+            b"-----BEGIN PRIVATE KEY-----\n-----BEGIN PRIVATE KEY-----\n",
+            b"-----BEGIN PRIVATE KEY-----\n!!!!\n-----END PRIVATE KEY-----\n",
+            b"-----BEGIN PRIVATE KEY-----\n\xff\n-----END PRIVATE KEY-----\n",
+        ] {
+            assert!(
+                pem_sections(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 }
