@@ -60,8 +60,11 @@ pub(crate) struct Config {
     /// queue full is answered `overloaded` at once. Default 4096.
     #[serde(default = "default_queue_size")]
     pub(crate) queue_size: NonZeroUsize,
-    /// A queued operation that has waited this long is not performed but answered
-    /// `overloaded` (the edge's handshake has given up by then). Default "2s".
+    /// Longest wait for a worker: a request that would wait longer (by the queue's
+    /// length and the recent cost of an operation) is answered `overloaded` at once, and
+    /// a queued one that did is answered `overloaded` without being performed. It bounds
+    /// the latency of admitted requests under overload; keep it below the edges' request
+    /// timeout (2 s by default). Default "1s".
     #[serde(default = "default_queue_deadline", with = "humantime_serde")]
     pub(crate) queue_deadline: Duration,
     /// TLS handshake deadline of a new connection. Default "5s".
@@ -196,7 +199,7 @@ fn default_queue_size() -> NonZeroUsize {
     NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN)
 }
 fn default_queue_deadline() -> Duration {
-    Duration::from_secs(2)
+    Duration::from_secs(1)
 }
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(10)
@@ -299,7 +302,7 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(5));
         assert_eq!(c.max_unauthenticated_connections.get(), 256);
         assert_eq!(c.queue_size.get(), 4096);
-        assert_eq!(c.queue_deadline, Duration::from_secs(2));
+        assert_eq!(c.queue_deadline, Duration::from_secs(1));
         assert_eq!(c.stall_timeout, Duration::from_secs(10));
     }
 

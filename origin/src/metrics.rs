@@ -114,7 +114,7 @@ impl Metrics {
         let queue_dropped = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "keyless_queue_dropped",
-            "Private-key operations not performed, by reason (full, deadline, requester-gone)",
+            "Private-key operations not performed, by reason (full, predicted-late, deadline, requester-gone)",
             queue_dropped.clone(),
         );
         let keys_loaded = Gauge::default();

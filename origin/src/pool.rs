@@ -2,12 +2,14 @@
 //! that a slow RSA operation never runs on (and stalls) an I/O thread.
 //!
 //! The queue in front of the threads is bounded (`queue_size`): a job that finds it
-//! full is answered `overloaded` at once. A queued job is skipped when its connection
-//! has gone (nobody would read the result) and answered `overloaded` without being
-//! performed when it waited longer than `queue_deadline` (the edge's handshake has
-//! given up by then), so a backlog drains at queue speed instead of burning CPU on
-//! answers nobody wants.
+//! full, or that would wait longer than `queue_deadline` by the queue's length and the
+//! recent cost of a job, is answered `overloaded` at once. A queued job is skipped when
+//! its connection has gone (nobody would read the result) and answered `overloaded`
+//! without being performed when it waited longer than `queue_deadline` anyway (the
+//! edge has given up by then), so a backlog drains at queue speed instead of burning
+//! CPU on answers nobody wants.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,22 @@ pub(crate) fn run_inline(job: Job) {
 pub(crate) struct Pool {
     tx: crossbeam_channel::Sender<(Job, Instant)>,
     metrics: Arc<Metrics>,
+    threads: u64,
+    deadline: Duration,
+    /// Moving average of a job's compute time, in nanoseconds.
+    avg_exec_ns: Arc<AtomicU64>,
+}
+
+/// Folds `sample` into the moving average (weight 1/16).
+fn update_average(avg: &AtomicU64, sample: Duration) {
+    let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX);
+    let old = avg.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        old - old / 16 + sample / 16
+    };
+    avg.store(new, Ordering::Relaxed);
 }
 
 impl Pool {
@@ -65,9 +83,11 @@ impl Pool {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Pool> {
         let (tx, rx) = crossbeam_channel::bounded::<(Job, Instant)>(queue_size.max(1));
+        let avg_exec_ns = Arc::new(AtomicU64::new(0));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
             let metrics = metrics.clone();
+            let avg = avg_exec_ns.clone();
             std::thread::Builder::new()
                 .name(format!("keyless-crypto-{i}"))
                 .spawn(move || {
@@ -80,16 +100,34 @@ impl Pool {
                             metrics.queue_dropped("deadline");
                             (job.done)(Err(ErrorCode::Overloaded), queued, Duration::ZERO);
                         } else {
+                            let started = Instant::now();
                             job.perform(queued);
+                            update_average(&avg, started.elapsed());
                         }
                     }
                 })?;
         }
-        Ok(Pool { tx, metrics })
+        Ok(Pool {
+            tx,
+            metrics,
+            threads: threads.max(1) as u64,
+            deadline,
+            avg_exec_ns,
+        })
     }
 
-    /// Queues `job`, or answers it `overloaded` at once when the queue is full.
+    /// Queues `job`, or answers it `overloaded` at once when the queue is full or the
+    /// job would not start before the deadline.
     pub(crate) fn submit(&self, job: Job) {
+        let ahead = self.tx.len() as u64 + 1;
+        let expected_wait = Duration::from_nanos(
+            ahead.saturating_mul(self.avg_exec_ns.load(Ordering::Relaxed)) / self.threads,
+        );
+        if expected_wait > self.deadline {
+            self.metrics.queue_dropped("predicted-late");
+            (job.done)(Err(ErrorCode::Overloaded), Duration::ZERO, Duration::ZERO);
+            return;
+        }
         match self.tx.try_send((job, Instant::now())) {
             Ok(()) => {}
             Err(crossbeam_channel::TrySendError::Full((job, _))) => {

@@ -563,7 +563,7 @@ async fn identity_is_the_first_dns_san_unless_cn_is_configured() -> Result<()> {
         let server = KeyServer::start_with_config(&d, &config)?;
         let mut client = options.connect().await?;
         let (op, payload) = handshake_sign_request(Opcode::EcdsaSignSha256, ecdsa.ski)?;
-        let sig = ok_payload(&client.call(op).await?).with_context(|| format!("{name}"))?;
+        let sig = ok_payload(&client.call(op).await?).context(name)?;
         ensure!(ecdsa.verify(Opcode::EcdsaSignSha256, &payload, &sig)?);
         // The deployment's own edge is not in the ACL.
         let mut edge = KeyClient::connect(&d).await?;

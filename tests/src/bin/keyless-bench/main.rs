@@ -2,6 +2,7 @@
 //! the same run. The ratio is what matters; absolute numbers depend on the machine.
 //!
 //! - `keyserver`: key server sign ops/s over mTLS against raw `ring` in this process;
+//! - `keyserver-overload`: the key server offered twice (`--factor`) its capacity;
 //! - `edge`: full TLS 1.3 handshakes/s through the edge (keyless ECDSA P-256) against
 //!   a local-key rustls server (`reference-server`, this binary re-executed);
 //! - `cache`: HTTPS keep-alive requests/s for a cached object through the edge against
@@ -12,6 +13,7 @@ mod cache;
 mod edge;
 mod keyserver;
 mod load;
+mod overload;
 mod procs;
 mod reference;
 
@@ -34,6 +36,9 @@ struct Cli {
 enum Command {
     /// Key server sign ops/s over mTLS vs raw ring in one process.
     Keyserver(keyserver::KeyserverArgs),
+    /// Key server at a multiple of its capacity (open loop): latency of signed requests,
+    /// errors, memory.
+    KeyserverOverload(overload::OverloadArgs),
     /// Full TLS 1.3 handshakes/s through the edge (keyless ECDSA P-256) vs a rustls
     /// server holding the same key.
     Edge(edge::EdgeArgs),
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Keyserver(args) => keyserver::run(args),
+        Command::KeyserverOverload(args) => overload::run(args),
         Command::Edge(args) => edge::run(args),
         Command::Cache(args) => cache::run(args),
         Command::ReferenceServer(args) => reference::run(args).map(|()| true),
