@@ -660,3 +660,85 @@ async fn network_supplied_sni_cannot_forge_audit_lines() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn worker_queue_is_bounded_and_answers_overloaded_fast() -> Result<()> {
+    let d = Deployment::init(&[DOMAIN])?;
+    let config = d.write_config_variant("origin-queue.toml", |t| {
+        t.insert("workers".into(), 1.into());
+        t.insert("queue_size".into(), 8.into());
+        t.insert("queue_deadline".into(), "300ms".into());
+    })?;
+    let server = KeyServer::start_with_config(&d, &config)?;
+    let rsa = d.site_key(DOMAIN, KeyAlg::Rsa)?;
+    let mut client = KeyClient::connect(&d).await?;
+    // Far more RSA signs at once than one worker does within the deadline.
+    const N: usize = 400;
+    let mut ops = Vec::with_capacity(N);
+    let mut payloads = std::collections::HashMap::new();
+    for _ in 0..N {
+        let (op, payload) = handshake_sign_request(Opcode::RsaPssSignSha256, rsa.ski)?;
+        ops.push(op);
+        payloads.insert(ops.len() - 1, payload);
+    }
+    let started = Instant::now();
+    let (ids, replies) = client.pipeline(ops).await?;
+    let took = started.elapsed();
+    let (mut signed, mut overloaded) = (0, 0);
+    for reply in &replies {
+        let i = ids
+            .iter()
+            .position(|id| *id == reply.id)
+            .context("reply to an unknown id")?;
+        match reply.op.opcode {
+            Some(Opcode::Response) => {
+                let payload = payloads.get(&i).context("payload")?;
+                ensure!(rsa.verify(Opcode::RsaPssSignSha256, payload, reply.op.payload())?);
+                signed += 1;
+            }
+            _ => {
+                expect_error(&reply.op, ErrorCode::Overloaded)?;
+                overloaded += 1;
+            }
+        }
+    }
+    eprintln!("{N} pipelined RSA signs: {signed} signed, {overloaded} overloaded, in {took:?}");
+    ensure!(
+        signed > 0 && overloaded > 0,
+        "{signed} signed, {overloaded} overloaded"
+    );
+    // Every request was answered, and not after a long wait: the excess failed fast.
+    ensure!(took < Duration::from_secs(5), "answers took {took:?}");
+    let metrics = server.metrics_text()?;
+    ensure!(
+        metrics.contains("keyless_queue_dropped_total{reason=\"full\"}")
+            || metrics.contains("keyless_queue_dropped_total{reason=\"predicted-late\"}"),
+        "no queue refusals counted:\n{metrics}"
+    );
+
+    // Jobs of a connection that went away are not performed.
+    let mut gone = KeyClient::connect(&d).await?;
+    let mut ops = Vec::new();
+    for _ in 0..8 {
+        ops.push(handshake_sign_request(Opcode::RsaPssSignSha256, rsa.ski)?.0);
+    }
+    for _ in 0..50 {
+        gone.send_many(ops.clone()).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(gone);
+    let deadline = Instant::now() + LOG_WAIT;
+    loop {
+        let metrics = server.metrics_text()?;
+        if metrics.contains("keyless_queue_dropped_total{reason=\"requester-gone\"}") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no job of a closed connection was skipped:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ping(&mut client).await?;
+    assert_still_serving(&d, &server).await
+}
