@@ -94,7 +94,17 @@ pub struct KeyServerConfig {
     /// Deadline of connecting to a key server. Default "2s".
     #[serde(default = "default_2s", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Remote private-key operations (handshake signatures) that may wait for key
+    /// servers at once; a handshake beyond it is refused at once with an alert. Each
+    /// waiting signature holds a thread, so at most [`MAX_CONCURRENT_OPS_LIMIT`].
+    /// Default 128.
+    #[serde(default = "default_max_concurrent_ops")]
+    pub max_concurrent_ops: NonZeroUsize,
 }
+
+/// Largest `[keyserver] max_concurrent_ops`: half of tokio's blocking pool (512
+/// threads), leaving the rest to the disk cache and DNS.
+pub const MAX_CONCURRENT_OPS_LIMIT: usize = 256;
 
 /// `[dns]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -387,6 +397,9 @@ fn default_60s() -> Duration {
 fn default_cert_ttl() -> Duration {
     Duration::from_secs(300)
 }
+fn default_max_concurrent_ops() -> NonZeroUsize {
+    NonZeroUsize::new(128).unwrap_or(NonZeroUsize::MIN)
+}
 fn default_max_connections() -> NonZeroUsize {
     NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN)
 }
@@ -430,6 +443,11 @@ impl Config {
         }
         if config.keyserver.servers.is_empty() {
             return Err(invalid("[keyserver] servers is empty".into()));
+        }
+        if config.keyserver.max_concurrent_ops.get() > MAX_CONCURRENT_OPS_LIMIT {
+            return Err(invalid(format!(
+                "[keyserver] max_concurrent_ops is at most {MAX_CONCURRENT_OPS_LIMIT} (each waiting signature holds a thread)"
+            )));
         }
         if config
             .cache

@@ -65,6 +65,9 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyless-edge")
+        // Waiting remote signatures take blocking threads (`block_in_place`); config
+        // bounds them to half of this.
+        .max_blocking_threads(2 * keyless_edge::config::MAX_CONCURRENT_OPS_LIMIT)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(config, sites, ks_tls, endpoints))
@@ -167,7 +170,9 @@ async fn serve(
     client_config.connections_per_server = config.keyserver.connections.get();
     client_config.request_timeout = config.keyserver.timeout;
     client_config.connect_timeout = config.keyserver.connect_timeout;
-    let client = Arc::new(KeyServerClient::new(client_config));
+    let client = Arc::new(
+        KeyServerClient::new(client_config).context("cannot start the key-server client")?,
+    );
     let front = Arc::new(
         TlsFront::new(
             TlsFrontConfig {
@@ -175,6 +180,7 @@ async fn serve(
                 handshake_timeout: config.tls.handshake_timeout,
                 cert_ttl: config.tls.cert_ttl,
                 send_handshake_message: true,
+                max_concurrent_ops: config.keyserver.max_concurrent_ops.get(),
             },
             sites.clone(),
             client,

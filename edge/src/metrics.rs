@@ -82,6 +82,10 @@ pub struct Metrics {
     pub connections_active: Gauge,
     /// Certificate chains cached.
     pub certs_cached: Gauge,
+    /// Remote private-key operations waiting for the key server now.
+    pub remote_ops_in_flight: Gauge,
+    /// Handshakes refused because `max_concurrent_ops` remote operations were waiting.
+    pub remote_ops_rejected: Counter,
     /// Cache lookups by result.
     pub cache_lookups: Family<CacheLabels, Counter>,
     /// Bytes held by each cache tier.
@@ -201,6 +205,18 @@ impl Metrics {
             "Objects removed through the purge API",
             cache_purged.clone(),
         );
+        let remote_ops_in_flight = Gauge::default();
+        registry.register(
+            "keyless_edge_remote_ops_in_flight",
+            "Remote private-key operations waiting for the key server",
+            remote_ops_in_flight.clone(),
+        );
+        let remote_ops_rejected = Counter::default();
+        registry.register(
+            "keyless_edge_remote_ops_rejected",
+            "Handshakes refused because too many remote private-key operations were waiting",
+            remote_ops_rejected.clone(),
+        );
         Metrics {
             registry,
             cache_lookups,
@@ -218,6 +234,8 @@ impl Metrics {
             origin_seconds,
             connections_active,
             certs_cached,
+            remote_ops_in_flight,
+            remote_ops_rejected,
         }
     }
 

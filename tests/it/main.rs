@@ -17,6 +17,7 @@ mod edge;
 mod edge_faults;
 mod edge_invariant;
 mod edge_ops;
+mod edge_overload;
 mod edge_support;
 mod errors;
 mod keyserver_hardening;

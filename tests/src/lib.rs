@@ -21,6 +21,7 @@ mod delay_proxy;
 mod deployment;
 mod dns;
 mod edge;
+mod flood;
 mod https;
 pub mod keys;
 pub mod memscan;
@@ -42,6 +43,7 @@ pub use deployment::{
 };
 pub use dns::Dns;
 pub use edge::{check_edge_config, edge_bin, metric_sum, Edge, EdgeConfig, SiteEntry};
+pub use flood::{handshake_flood, FloodReport, HandshakeEnd, HandshakeOutcome};
 pub use https::{KeepAliveClient, KeepAliveResponse};
 pub use net::{free_addr, free_port, http_get, wait_for_port};
 pub use process::run_with_timeout;

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -138,38 +137,30 @@ impl Conn {
         self.open.load(Ordering::Acquire) && !self.tx.is_closed()
     }
 
-    pub(super) async fn call(
-        &self,
-        op: Operation,
-        timeout: Duration,
-    ) -> Result<Operation, ClientError> {
-        let work = async {
-            let _permit = self
-                .in_flight
-                .acquire()
-                .await
-                .map_err(|_| ClientError::ConnectionLost)?;
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let (reply_tx, reply_rx) = oneshot::channel();
-            self.waiters
-                .lock()
-                .map_err(|_| ClientError::ConnectionLost)?
-                .insert(id, reply_tx);
-            let _guard = WaiterGuard {
-                waiters: &self.waiters,
-                id,
-            };
-            if !self.is_open() {
-                return Err(ClientError::ConnectionLost);
-            }
-            self.tx
-                .send(Message { id, op })
-                .await
-                .map_err(|_| ClientError::ConnectionLost)?;
-            reply_rx.await.map_err(|_| ClientError::ConnectionLost)
-        };
-        tokio::time::timeout(timeout, work)
+    /// Sends `op` and waits for its reply; the caller bounds the wait.
+    pub(super) async fn call(&self, op: Operation) -> Result<Operation, ClientError> {
+        let _permit = self
+            .in_flight
+            .acquire()
             .await
-            .map_err(|_| ClientError::Timeout(timeout))?
+            .map_err(|_| ClientError::ConnectionLost)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .map_err(|_| ClientError::ConnectionLost)?
+            .insert(id, reply_tx);
+        let _guard = WaiterGuard {
+            waiters: &self.waiters,
+            id,
+        };
+        if !self.is_open() {
+            return Err(ClientError::ConnectionLost);
+        }
+        self.tx
+            .send(Message { id, op })
+            .await
+            .map_err(|_| ClientError::ConnectionLost)?;
+        reply_rx.await.map_err(|_| ClientError::ConnectionLost)
     }
 }

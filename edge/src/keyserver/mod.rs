@@ -1,7 +1,14 @@
 //! Client for Keyless key servers: a small pool of multiplexed mTLS connections per
-//! key server, request ids, many requests in flight per connection, per-request
-//! timeouts, one retry on a fresh connection when a connection breaks, and
-//! reconnection with exponential back-off.
+//! key server, request ids, many requests in flight per connection, one deadline per
+//! call (connection set-up, waits for a slot and the reply together), one retry on a
+//! fresh connection when a connection breaks, and reconnection with exponential
+//! back-off.
+//!
+//! All key-server I/O and timers run on a small runtime of their own (thread
+//! `keyless-ks`), never on the runtime that serves clients: however many handshakes
+//! wait for signatures, the key-server connections keep being read and every deadline
+//! keeps firing. rustls signs synchronously, so [`KeyServerClient::call_blocking`]
+//! hands the request to that runtime and waits on a channel with the deadline.
 //!
 //! Key servers are tried in the order given (the first healthy one takes the traffic),
 //! which is where priorities, weights and probing plug in.
@@ -9,7 +16,7 @@
 mod conn;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use keyless_shared::{ErrorCode, Operation};
@@ -64,7 +71,8 @@ pub struct ClientConfig {
     pub tls: Arc<rustls::ClientConfig>,
     /// Connections kept per key server. Default 2.
     pub connections_per_server: usize,
-    /// Deadline of each request. Default 2 s.
+    /// Deadline of each call: connection set-up, the wait for a slot and the reply
+    /// together (a handshake's own deadline may cut it shorter). Default 2 s.
     pub request_timeout: Duration,
     /// Deadline of TCP connect + TLS handshake. Default 2 s.
     pub connect_timeout: Duration,
@@ -74,6 +82,8 @@ pub struct ClientConfig {
     pub min_backoff: Duration,
     /// Longest reconnection delay. Default 5 s.
     pub max_backoff: Duration,
+    /// Threads of the key-server runtime. Default 1.
+    pub io_threads: usize,
 }
 
 impl ClientConfig {
@@ -88,6 +98,7 @@ impl ClientConfig {
             max_in_flight: 512,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            io_threads: 1,
         }
     }
 }
@@ -106,15 +117,112 @@ struct Server {
     next: AtomicUsize,
 }
 
-/// A client for a set of key servers; cheap to share (`Arc`).
+/// A client for a set of key servers; share it with an `Arc`.
 pub struct KeyServerClient {
+    pool: Arc<Pool>,
+    /// Owned so that dropping the client stops its threads; always `Some` until drop.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Drop for KeyServerClient {
+    fn drop(&mut self) {
+        // `shutdown_background` may be called from async code, unlike dropping.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl KeyServerClient {
+    /// Creates the client and starts its runtime; connections are opened on first use.
+    pub fn new(config: ClientConfig) -> std::io::Result<KeyServerClient> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.io_threads.max(1))
+            .thread_name("keyless-ks")
+            .enable_all()
+            .build()?;
+        Ok(KeyServerClient {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+            pool: Arc::new(Pool::new(config)),
+        })
+    }
+
+    /// The call's deadline: `deadline`, cut to the configured request timeout.
+    fn deadline(&self, deadline: Option<Instant>) -> Instant {
+        let own = Instant::now() + self.pool.config.request_timeout;
+        deadline.map_or(own, |d| d.min(own))
+    }
+
+    /// Sends `op` and waits for its reply, by `deadline` at the latest (and within the
+    /// configured request timeout). A protocol error reply is [`ClientError::Remote`].
+    /// A request lost with its connection is sent once more on a fresh connection.
+    pub async fn call(
+        &self,
+        op: Operation,
+        deadline: Option<Instant>,
+    ) -> Result<Operation, ClientError> {
+        let deadline = self.deadline(deadline);
+        let pool = self.pool.clone();
+        let task = self
+            .handle
+            .spawn(async move { pool.call(op, deadline).await });
+        match tokio::time::timeout_at(deadline.into(), task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientError::ConnectionLost),
+            Err(_) => Err(ClientError::Timeout(budget(deadline))),
+        }
+    }
+
+    /// [`call`](Self::call) for synchronous callers (rustls' `Signer`): the request
+    /// runs on the key-server runtime while this thread waits, at most until the
+    /// deadline. On a multi-thread tokio runtime the wait is announced with
+    /// `block_in_place`, so the runtime moves its other work to another thread; callers
+    /// bound how many such waits run at once.
+    pub fn call_blocking(
+        &self,
+        op: Operation,
+        deadline: Option<Instant>,
+    ) -> Result<Operation, ClientError> {
+        let deadline = self.deadline(deadline);
+        let allowed = budget(deadline);
+        let (tx, rx) = mpsc::sync_channel(1);
+        let pool = self.pool.clone();
+        self.handle.spawn(async move {
+            let _ = tx.send(pool.call(op, deadline).await);
+        });
+        let wait = || rx.recv_timeout(budget(deadline));
+        let received = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            // Outside tokio, or on a current-thread runtime (where `block_in_place`
+            // panics): the key-server runtime is separate, so waiting here cannot
+            // deadlock it.
+            _ => wait(),
+        };
+        match received {
+            Ok(result) => result,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(ClientError::Timeout(allowed)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::ConnectionLost),
+        }
+    }
+}
+
+/// Time left until `deadline`, for error messages.
+fn budget(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// The connections to every key server; lives on the key-server runtime.
+struct Pool {
     config: ClientConfig,
     servers: Vec<Server>,
 }
 
-impl KeyServerClient {
-    /// Creates the client; connections are opened on first use.
-    pub fn new(config: ClientConfig) -> KeyServerClient {
+impl Pool {
+    fn new(config: ClientConfig) -> Pool {
         let servers = config
             .endpoints
             .iter()
@@ -133,25 +241,30 @@ impl KeyServerClient {
                 next: AtomicUsize::new(0),
             })
             .collect();
-        KeyServerClient { config, servers }
+        Pool { config, servers }
     }
 
-    /// Sends `op` and waits for its reply. A protocol error reply is
-    /// [`ClientError::Remote`]. A request lost with its connection is sent once more on
-    /// a fresh connection.
-    pub async fn call(&self, op: Operation) -> Result<Operation, ClientError> {
-        match self.call_once(op.clone()).await {
-            Err(ClientError::ConnectionLost) => {
-                tracing::debug!("key server connection lost; retrying once");
-                self.call_once(op).await
+    /// One call, retried once on a fresh connection if its connection broke; the
+    /// deadline covers connecting, waiting for a slot or a lock, and the reply.
+    async fn call(&self, op: Operation, deadline: Instant) -> Result<Operation, ClientError> {
+        let work = async {
+            match self.call_once(op.clone()).await {
+                Err(ClientError::ConnectionLost) => {
+                    tracing::debug!("key server connection lost; retrying once");
+                    self.call_once(op).await
+                }
+                other => other,
             }
-            other => other,
-        }
+        };
+        let allowed = budget(deadline);
+        tokio::time::timeout_at(deadline.into(), work)
+            .await
+            .map_err(|_| ClientError::Timeout(allowed))?
     }
 
     async fn call_once(&self, op: Operation) -> Result<Operation, ClientError> {
         let conn = self.connection().await?;
-        let reply = conn.call(op, self.config.request_timeout).await?;
+        let reply = conn.call(op).await?;
         match reply.error_code() {
             Some(code) => Err(ClientError::Remote(code)),
             None => Ok(reply),

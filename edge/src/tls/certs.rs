@@ -17,7 +17,7 @@ use rustls::SignatureScheme;
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
-use super::signer::{client_error_label, KeyType, RemoteContext, RemoteKey};
+use super::signer::{client_error_label, HandshakeBudget, KeyType, RemoteContext, RemoteKey};
 use crate::keyserver::ClientError;
 
 /// Cache entries at most (names × key classes).
@@ -74,9 +74,25 @@ impl FetchError {
     }
 }
 
+/// A site's chain and its remote key, as fetched.
+pub(crate) struct SiteChain {
+    certs: Vec<CertificateDer<'static>>,
+    key: RemoteKey,
+}
+
+impl SiteChain {
+    /// The chain and key for one handshake, signing within `budget`.
+    pub(crate) fn for_handshake(&self, budget: Arc<HandshakeBudget>) -> Arc<CertifiedKey> {
+        Arc::new(CertifiedKey::new(
+            self.certs.clone(),
+            Arc::new(self.key.for_handshake(budget)),
+        ))
+    }
+}
+
 #[derive(Clone)]
 struct Cached {
-    key: Arc<CertifiedKey>,
+    chain: Arc<SiteChain>,
     fetched: Instant,
 }
 
@@ -115,12 +131,17 @@ impl CertStore {
         })
     }
 
+    /// What remote signatures of these chains' keys use.
+    pub(crate) fn ctx(&self) -> &RemoteContext {
+        &self.ctx
+    }
+
     /// The chain for `sni` usable with `prefs`, fetching it if it is not cached.
     pub(crate) async fn get(
         self: &Arc<Self>,
         sni: &str,
         prefs: Vec<u8>,
-    ) -> Result<Arc<CertifiedKey>, Arc<FetchError>> {
+    ) -> Result<Arc<SiteChain>, Arc<FetchError>> {
         let key: CacheKey = (Arc::from(sni), prefs);
         let me = self.clone();
         let k2 = key.clone();
@@ -145,7 +166,7 @@ impl CertStore {
             .metrics
             .certs_cached
             .set(self.cache.entry_count() as i64);
-        Ok(cached.key)
+        Ok(cached.chain)
     }
 
     async fn fetch(&self, key: &CacheKey) -> Result<Cached, FetchError> {
@@ -153,7 +174,7 @@ impl CertStore {
         let mut op = Operation::new(Opcode::GetCertificateChain, prefs.clone());
         op.sni = Some(sni.to_string());
         let started = Instant::now();
-        let reply = self.ctx.client.call(op).await;
+        let reply = self.ctx.client.call(op, None).await;
         let took = started.elapsed();
         let reply = match reply {
             Ok(r) => r,
@@ -191,7 +212,7 @@ impl CertStore {
         tracing::info!(%sni, %ski, ?key_type, "certificate chain fetched from key server");
         let remote = RemoteKey::new(ski, key_type, spki, sni.clone(), self.ctx.clone());
         Ok(Cached {
-            key: Arc::new(CertifiedKey::new(certs, Arc::new(remote))),
+            chain: Arc::new(SiteChain { certs, key: remote }),
             fetched: Instant::now(),
         })
     }

@@ -23,7 +23,7 @@ use crate::metrics::{HandshakeLabels, Metrics};
 use crate::sites::{Site, Sites};
 use certs::{key_preference, CertStore, FetchError, Fixed};
 pub use signer::KeyType;
-use signer::RemoteContext;
+use signer::{HandshakeBudget, RemoteContext};
 
 /// TLS alert descriptions we send ourselves before rustls is involved.
 const ALERT_HANDSHAKE_FAILURE: u8 = 40;
@@ -49,6 +49,8 @@ pub struct TlsFrontConfig {
     pub cert_ttl: Duration,
     /// Send the whole to-be-signed message to the key server (extension tag 0x40).
     pub send_handshake_message: bool,
+    /// Remote private-key operations that may wait for the key server at once.
+    pub max_concurrent_ops: usize,
 }
 
 /// Accepts client TLS connections for the configured sites.
@@ -99,6 +101,9 @@ impl TlsFront {
             client,
             metrics: metrics.clone(),
             send_message: config.send_handshake_message,
+            permits: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_ops.max(1),
+            )),
         };
         Ok(TlsFront {
             template,
@@ -170,8 +175,8 @@ impl TlsFront {
             }
             other => other,
         };
-        let key = match fetched {
-            Ok(Ok(key)) => key,
+        let chain = match fetched {
+            Ok(Ok(chain)) => chain,
             Ok(Err(e)) => {
                 let (label, desc) = match *e {
                     FetchError::NotFound => ("unknown-sni", ALERT_UNRECOGNIZED_NAME),
@@ -190,11 +195,23 @@ impl TlsFront {
             }
         };
 
+        // A full handshake needs a remote signature: take its permit now, so that an
+        // edge with `max_concurrent_ops` signatures waiting refuses with an alert at
+        // once, before rustls has sent anything.
+        let Some(permit) = self.certs.ctx().try_permit() else {
+            tracing::warn!(%peer, sni = %name, "too many remote signatures in flight; refusing handshake");
+            self.count("overloaded", "-");
+            alert(start.io, ALERT_INTERNAL_ERROR).await;
+            return Err(HandshakeFailed);
+        };
+        let budget = HandshakeBudget::new(started + self.handshake_timeout, permit);
         let mut config = self.template.clone();
-        config.cert_resolver = Arc::new(Fixed(key));
+        config.cert_resolver = Arc::new(Fixed(chain.for_handshake(budget.clone())));
         // rustls signs inside `into_stream` (and, after a HelloRetryRequest, inside the
-        // future): the remote signer bridges both with `block_in_place`.
-        match timeout_at(deadline, start.into_stream(Arc::new(config))).await {
+        // future); the signer waits at most until the deadline.
+        let accept = start.into_stream(Arc::new(config));
+        budget.release();
+        match timeout_at(deadline, accept).await {
             Ok(Ok(stream)) => {
                 let version = match stream.get_ref().1.protocol_version() {
                     Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",

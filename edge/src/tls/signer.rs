@@ -2,17 +2,22 @@
 //!
 //! `SigningKey::choose_scheme` and `algorithm` are answered locally from the
 //! certificate's public key; only `Signer::sign` goes over the network. rustls calls
-//! `sign` synchronously, so the call is bridged with `block_in_place`: the runtime
-//! hands this worker's other tasks to another thread while the handshake waits for the
-//! key server, so a slow key server never stalls other connections.
+//! `sign` synchronously: the request runs on the key-server client's own runtime while
+//! the handshake's thread waits (announced to tokio with `block_in_place`, so the
+//! runtime moves its other work elsewhere). Two bounds make that safe whatever the key
+//! server does: a handshake waits no longer than its deadline, and at most
+//! `max_concurrent_ops` signatures wait at once (a semaphore; the handshake takes its
+//! permit before rustls starts, so an overloaded edge refuses with an alert at once
+//! instead of queueing).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use keyless_shared::{digest_for, HashAlg, Opcode, Operation, Ski};
 use rustls::sign::{Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use rustls_pki_types::SubjectPublicKeyInfoDer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::keyserver::{ClientError, KeyServerClient};
 use crate::metrics::Metrics;
@@ -101,15 +106,59 @@ pub(crate) struct RemoteContext {
     pub(crate) metrics: Arc<Metrics>,
     /// Send the whole to-be-signed message (tag 0x40) so the key server can check it.
     pub(crate) send_message: bool,
+    /// Remote private-key operations that may wait at once (one permit each).
+    pub(crate) permits: Arc<Semaphore>,
+}
+
+impl RemoteContext {
+    /// A permit for one remote operation, if the bound allows one now.
+    pub(crate) fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.metrics.remote_ops_rejected.inc();
+        }
+        permit
+    }
+}
+
+/// One handshake's budget: its deadline and the permit taken for its signature.
+#[derive(Debug)]
+pub(crate) struct HandshakeBudget {
+    deadline: Instant,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl HandshakeBudget {
+    pub(crate) fn new(deadline: Instant, permit: OwnedSemaphorePermit) -> Arc<HandshakeBudget> {
+        Arc::new(HandshakeBudget {
+            deadline,
+            permit: Mutex::new(Some(permit)),
+        })
+    }
+
+    /// Gives the permit back if no signature took it (a resumed handshake, or one
+    /// waiting for the client's second hello after a HelloRetryRequest).
+    pub(crate) fn release(&self) {
+        if let Ok(mut p) = self.permit.lock() {
+            p.take();
+        }
+    }
+
+    fn take_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.permit.lock().ok().and_then(|mut p| p.take())
+    }
 }
 
 /// A site key held by the key server, identified by its SKI.
+#[derive(Clone)]
 pub struct RemoteKey {
     ski: Ski,
     key_type: KeyType,
-    spki: Vec<u8>,
+    spki: Arc<[u8]>,
     sni: Arc<str>,
     ctx: RemoteContext,
+    /// Set on the per-handshake copy given to rustls.
+    budget: Option<Arc<HandshakeBudget>>,
 }
 
 impl std::fmt::Debug for RemoteKey {
@@ -132,9 +181,19 @@ impl RemoteKey {
         RemoteKey {
             ski,
             key_type,
-            spki,
+            spki: spki.into(),
             sni,
             ctx,
+            budget: None,
+        }
+    }
+
+    /// This key for one handshake: its signature waits no longer than the budget's
+    /// deadline and uses the budget's permit.
+    pub(crate) fn for_handshake(&self, budget: Arc<HandshakeBudget>) -> RemoteKey {
+        RemoteKey {
+            budget: Some(budget),
+            ..self.clone()
         }
     }
 }
@@ -151,11 +210,12 @@ impl SigningKey for RemoteKey {
             ski: self.ski,
             sni: self.sni.clone(),
             ctx: self.ctx.clone(),
+            budget: self.budget.clone(),
         }))
     }
 
     fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
-        Some(SubjectPublicKeyInfoDer::from(self.spki.as_slice()))
+        Some(SubjectPublicKeyInfoDer::from(&*self.spki))
     }
 
     fn algorithm(&self) -> SignatureAlgorithm {
@@ -172,6 +232,7 @@ struct RemoteSigner {
     ski: Ski,
     sni: Arc<str>,
     ctx: RemoteContext,
+    budget: Option<Arc<HandshakeBudget>>,
 }
 
 impl std::fmt::Debug for RemoteSigner {
@@ -197,14 +258,30 @@ impl Signer for RemoteSigner {
         let mut op = Operation::new(opcode, payload);
         op.ski = Some(self.ski);
         op.sni = Some(self.sni.to_string());
-        if self.ctx.send_message && hash.is_some() {
+        if self.ctx.send_message {
+            // Ed25519 signs the message itself; the tag still lets a strict key server
+            // check that it is a TLS handshake message.
             op.signed_message = Some(message.to_vec().into());
         }
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| rustls::Error::General("remote signing needs a tokio runtime".into()))?;
-        let client = self.ctx.client.clone();
+        // The handshake's permit; after a HelloRetryRequest it was given back, so try
+        // for a fresh one.
+        let permit = match self.budget.as_ref().and_then(|b| b.take_permit()) {
+            Some(p) => Some(p),
+            None => self.ctx.try_permit(),
+        };
+        let Some(_permit) = permit else {
+            tracing::warn!(sni = %self.sni, "too many remote signatures in flight; refusing");
+            return Err(rustls::Error::General(
+                "edge overloaded: too many remote signatures in flight".into(),
+            ));
+        };
         let started = Instant::now();
-        let result = tokio::task::block_in_place(|| handle.block_on(client.call(op)));
+        self.ctx.metrics.remote_ops_in_flight.inc();
+        let result = self
+            .ctx
+            .client
+            .call_blocking(op, self.budget.as_ref().map(|b| b.deadline));
+        self.ctx.metrics.remote_ops_in_flight.dec();
         let took = started.elapsed();
         match result {
             Ok(reply) => {
