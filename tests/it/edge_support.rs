@@ -15,6 +15,8 @@ pub(crate) const SITE: &str = "example.com";
 pub(crate) const WILDCARD_NAME: &str = "www.example.com";
 /// A site with only an RSA key (its ECDSA files are removed before the key server starts).
 pub(crate) const RSA_SITE: &str = "rsa.example.net";
+/// A site with only an Ed25519 key (self-signed: clients see it but cannot verify it).
+pub(crate) const ED25519_SITE: &str = "ed25519.example.org";
 /// The origin's host name; only the test's dnsmasq knows it.
 pub(crate) const ORIGIN_HOST: &str = "origin.example.com";
 
@@ -34,6 +36,7 @@ type Edit = Box<dyn FnOnce(EdgeConfig) -> EdgeConfig>;
 #[derive(Default)]
 pub(crate) struct StackBuilder {
     rsa_site: bool,
+    ed25519_site: bool,
     edit: Option<Edit>,
 }
 
@@ -46,6 +49,12 @@ impl StackBuilder {
     /// Also serve [`RSA_SITE`], whose only key is RSA.
     pub(crate) fn rsa_site(mut self) -> StackBuilder {
         self.rsa_site = true;
+        self
+    }
+
+    /// Also serve [`ED25519_SITE`], whose only key is Ed25519.
+    pub(crate) fn ed25519_site(mut self) -> StackBuilder {
+        self.ed25519_site = true;
         self
     }
 
@@ -80,12 +89,22 @@ impl StackBuilder {
                     .with_context(|| format!("removing {}", path.display()))?;
             }
         }
+        if self.ed25519_site {
+            keyless_tests::keys::install_key(
+                &deployment.keys_dir(),
+                &format!("{ED25519_SITE}-ed25519"),
+                keyless_tests::keys::KeySpec::Ed25519,
+                keyless_tests::keys::KeyEncoding::Pkcs8,
+                &[ED25519_SITE],
+            )?;
+        }
         let keyserver = KeyServer::start(&deployment)?;
         let logs = deployment.logs_dir();
         let origin = TestOrigin::start(&logs)?;
         let dns = Dns::start(&logs, &[(ORIGIN_HOST, IpAddr::V4(Ipv4Addr::LOCALHOST))])?;
         Ok(Backends {
             rsa_site: self.rsa_site,
+            ed25519_site: self.ed25519_site,
             dns,
             origin,
             keyserver,
@@ -97,6 +116,7 @@ impl StackBuilder {
 /// A [`Stack`] without its edge yet.
 pub(crate) struct Backends {
     rsa_site: bool,
+    ed25519_site: bool,
     pub(crate) dns: Dns,
     pub(crate) origin: TestOrigin,
     pub(crate) keyserver: KeyServer,
@@ -114,6 +134,9 @@ impl Backends {
             .site(&[SITE, &wildcard], &origin_url);
         if self.rsa_site {
             config = config.site(&[RSA_SITE], &origin_url);
+        }
+        if self.ed25519_site {
+            config = config.site(&[ED25519_SITE], &origin_url);
         }
         let edge = Edge::start_with(&self.deployment, &edit(config))?;
         Ok(Stack {

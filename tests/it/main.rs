@@ -18,6 +18,7 @@ mod edge_faults;
 mod edge_invariant;
 mod edge_ops;
 mod edge_overload;
+mod edge_strict;
 mod edge_support;
 mod errors;
 mod keyserver_hardening;
