@@ -625,10 +625,9 @@ fn issue_edge_cert(
     Ok((cert_path, key_path))
 }
 
-#[tokio::test]
-async fn key_server_process_has_core_dumps_disabled() -> Result<()> {
-    let (_d, server) = start()?;
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid()))?;
+/// Checks `/proc/PID/limits`: "Max core file size  0  0  bytes".
+fn assert_core_dumps_disabled(pid: u32, what: &str) -> Result<()> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max core file size"))
@@ -636,8 +635,55 @@ async fn key_server_process_has_core_dumps_disabled() -> Result<()> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     ensure!(
         fields.get(4) == Some(&"0") && fields.get(5) == Some(&"0"),
-        "core dumps not disabled: {line}"
+        "{what}: core dumps not disabled: {line}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn key_server_and_edge_processes_have_core_dumps_disabled() -> Result<()> {
+    let (d, server) = start()?;
+    assert_core_dumps_disabled(server.pid(), "keyless-origin")?;
+    let config = keyless_tests::EdgeConfig::new(&d)?.site(&[DOMAIN], "http://origin.invalid:8000");
+    let edge = keyless_tests::Edge::start_with(&d, &config)?;
+    assert_core_dumps_disabled(edge.pid(), "keyless-edge")
+}
+
+#[tokio::test]
+async fn config_test_names_a_bad_crl_and_refuses_unknown_switch_values() -> Result<()> {
+    let d = Deployment::init(&[DOMAIN])?;
+    let missing = d.write_config_variant("origin-nocrl.toml", |t| {
+        set_tls(t, "client_crl", "origin/no-such.crl");
+    })?;
+    let out = check_config(&missing)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !out.status.success() && text.contains("no-such.crl"),
+        "--test with a missing CRL: {text}"
+    );
+    for (name, edit) in [
+        ("origin-badid.toml", ("identity", "email")),
+        ("origin-badacl.toml", ("default_acl", "maybe")),
+    ] {
+        let config = d.write_config_variant(name, |t| {
+            if edit.0 == "identity" {
+                set_tls(t, edit.0, edit.1);
+            } else {
+                set_default_acl(t, edit.1);
+            }
+        })?;
+        let out = check_config(&config)?;
+        ensure!(
+            !out.status.success(),
+            "--test accepted {} = {}",
+            edit.0,
+            edit.1
+        );
+    }
     Ok(())
 }
 
