@@ -298,6 +298,10 @@ pub struct CacheConfig {
     /// Bearer token of the purge API on the admin listener; none = purge disabled.
     #[serde(default)]
     pub purge_token: Option<String>,
+    /// Longest URL (with `key_headers` values) cached, bytes; longer ones pass
+    /// through uncached. Default 8192.
+    #[serde(default = "default_max_url_bytes")]
+    pub max_url_bytes: usize,
 }
 
 impl Default for CacheConfig {
@@ -312,6 +316,7 @@ impl Default for CacheConfig {
             stale_if_error: None,
             coalesce_timeout: default_10s(),
             purge_token: None,
+            max_url_bytes: default_max_url_bytes(),
         }
     }
 }
@@ -366,6 +371,9 @@ fn default_memory_bytes() -> u64 {
 }
 fn default_max_object_bytes() -> u64 {
     64 << 20
+}
+fn default_max_url_bytes() -> usize {
+    8 << 10
 }
 fn default_disk_bytes() -> u64 {
     1 << 30

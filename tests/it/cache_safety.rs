@@ -390,3 +390,58 @@ fn range_requests_for_a_large_object_cost_one_origin_request_each() -> Result<()
     }
     Ok(())
 }
+
+#[test]
+fn urls_longer_than_max_url_bytes_are_not_cached() -> Result<()> {
+    let s = cache_stack(|c| c.cache_option("max_url_bytes", 200))?;
+    s.script("/long", &[ok("max-age=60", "page")])?;
+    let long = format!("/long?q={}", "a".repeat(300));
+    for _ in 0..2 {
+        let r = s.get(&long)?;
+        r.expect(200, "page")?
+            .expect_fwd("bypass")?
+            .expect_not_stored()?;
+        ensure!(r.cs().detail() == Some("url-too-long"), "{}", r.show());
+    }
+    ensure!(
+        s.origin_count("/long")? == 2,
+        "a long URL was served from cache"
+    );
+    s.get("/long?q=short")?
+        .expect(200, "page")?
+        .expect_stored()?;
+    s.get("/long?q=short")?.expect(200, "page")?.expect_hit()?;
+    Ok(())
+}
+
+#[test]
+fn disk_cache_files_and_directories_are_private() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let s = cache_stack(|c| c.cache_option("disk_dir", "cache-disk"))?;
+    s.script("/a", &[ok("max-age=60", "secret page")])?;
+    s.get("/a")?.expect(200, "secret page")?.expect_stored()?;
+    s.wait_disk_objects(1)?;
+    let root = s.s.deployment.dir().join("cache-disk");
+    let (mut files, mut dirs) = (0, 0);
+    let mut stack = vec![root];
+    while let Some(d) = stack.pop() {
+        let mode = std::fs::metadata(&d)?.permissions().mode();
+        ensure!(mode & 0o077 == 0, "{} has mode {mode:o}", d.display());
+        dirs += 1;
+        for e in std::fs::read_dir(&d)? {
+            let path = e?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let mode = std::fs::metadata(&path)?.permissions().mode();
+                ensure!(mode & 0o077 == 0, "{} has mode {mode:o}", path.display());
+                files += 1;
+            }
+        }
+    }
+    ensure!(
+        files >= 1 && dirs >= 2,
+        "expected the object's file: {files} files, {dirs} dirs"
+    );
+    Ok(())
+}

@@ -31,6 +31,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -183,7 +184,9 @@ impl DiskTier {
     /// Creating or listing `dir` (or one of its subdirectories) failed. A bad entry
     /// is not an error: it is removed.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<DiskTier> {
-        fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
+        // Cached responses are other users' content: only the edge's user reads them.
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
         let mut found: Vec<(SystemTime, String, u64, Vec<String>)> = Vec::new();
         for sub in fs::read_dir(dir)? {
             let sub = sub?;
@@ -192,6 +195,8 @@ impl DiskTier {
             if !(name.len() == 2 && is_lower_hex(name) && sub.file_type()?.is_dir()) {
                 continue; // not ours: leave it alone
             }
+            // Directories and files of an older version may be group/world-readable.
+            fs::set_permissions(sub.path(), fs::Permissions::from_mode(DIR_MODE))?;
             for file in fs::read_dir(sub.path())? {
                 let file = file?;
                 let path = file.path();
@@ -208,6 +213,11 @@ impl DiskTier {
                     Ok((meta, size, mtime))
                         if fname.to_str() == Some(hash_hex(&meta.key).as_str()) =>
                     {
+                        if let Err(e) =
+                            fs::set_permissions(&path, fs::Permissions::from_mode(FILE_MODE))
+                        {
+                            warn!(path = %path.display(), error = %e, "cannot make a disk cache file private");
+                        }
                         let tags = super::object::surrogate_keys(&meta.headers);
                         found.push((mtime, meta.key, size, tags));
                     }
@@ -284,7 +294,7 @@ impl DiskTier {
             }
             Err(e) => {
                 if index.entries.get(key).is_some_and(|entry| entry.gen == gen) {
-                    warn!(key, error = %e, "unreadable disk cache entry; removing");
+                    warn!(key = %keyless_shared::log_safe(key), error = %e, "unreadable disk cache entry; removing");
                     index.take(key);
                     remove_path(&self.inner.path(key));
                 }
@@ -305,9 +315,28 @@ impl DiskTier {
         }
     }
 
-    /// Removes `key`; returns whether it was stored.
+    /// Removes `key` (and cancels a put of it in progress); returns whether it was
+    /// stored. Does not scan the index.
     pub fn remove(&self, key: &str) -> bool {
-        self.inner.remove_where(|k, _| k == key) > 0
+        let mut index = self.inner.lock();
+        for p in index.pending.values_mut() {
+            if p.key == key {
+                p.cancelled = true;
+            }
+        }
+        // The file goes under the lock, as in `remove_where`: a put of the same key
+        // committing meanwhile must not lose its new file.
+        let removed = index.take(key).is_some();
+        if removed {
+            remove_path(&self.inner.path(key));
+        }
+        removed
+    }
+
+    /// Whether `key` is stored or being stored.
+    pub fn contains(&self, key: &str) -> bool {
+        let index = self.inner.lock();
+        index.entries.contains_key(key) || index.pending.values().any(|p| p.key == key)
     }
 
     /// Removes every key for which `pred` holds (purge by URL or prefix); returns how
@@ -424,13 +453,13 @@ impl Inner {
         let meta = match encode_meta(obj) {
             Ok(m) => m,
             Err(e) => {
-                warn!(key = %obj.key, error = %e, "object not storable on disk");
+                warn!(key = %keyless_shared::log_safe(&obj.key), error = %e, "object not storable on disk");
                 return None;
             }
         };
         let size = FIXED + meta.len() as u64 + obj.body.len() as u64;
         if size > self.max_bytes {
-            debug!(key = %obj.key, size, "object larger than the disk cache; not stored");
+            debug!(key = %keyless_shared::log_safe(&obj.key), size, "object larger than the disk cache; not stored");
             return None;
         }
         let tags = obj.tags();
@@ -456,7 +485,7 @@ impl Inner {
         ));
         if let Err(e) = write_file(&tmp, &meta, &obj.body) {
             self.lock().pending.remove(&id);
-            warn!(key = %obj.key, error = %e, "writing disk cache file failed");
+            warn!(key = %keyless_shared::log_safe(&obj.key), error = %e, "writing disk cache file failed");
             remove_path(&tmp);
             return None;
         }
@@ -484,7 +513,7 @@ impl Inner {
         // puts of one key race.
         if let Err(e) = fs::rename(&staged.tmp, &staged.final_path) {
             drop(index);
-            warn!(key = %staged.key, error = %e, "renaming disk cache file failed");
+            warn!(key = %keyless_shared::log_safe(&staged.key), error = %e, "renaming disk cache file failed");
             remove_path(&staged.tmp);
             return;
         }
@@ -515,6 +544,20 @@ struct Staged {
     final_path: PathBuf,
 }
 
+/// Mode of the tier's directories: the edge's user only.
+const DIR_MODE: u32 = 0o700;
+/// Mode of the tier's files: the edge's user only.
+const FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` and its missing parents with [`DIR_MODE`] (an existing one is left
+/// as it is).
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
 fn remove_path(path: &Path) {
     if let Err(e) = fs::remove_file(path) {
         if e.kind() != io::ErrorKind::NotFound {
@@ -540,7 +583,7 @@ fn hash_hex(key: &str) -> String {
 /// Writes the whole file to `path` (which must not exist).
 fn write_file(path: &Path, meta: &[u8], body: &[u8]) -> io::Result<()> {
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent)?;
+        create_private_dir(parent)?;
     }
     let mut head = Vec::with_capacity(16 + meta.len());
     head.extend_from_slice(MAGIC);
@@ -552,7 +595,11 @@ fn write_file(path: &Path, meta: &[u8], body: &[u8]) -> io::Result<()> {
     ctx.update(&head);
     ctx.update(body);
     let sum = ctx.finish();
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
     f.write_all(&head)?;
     f.write_all(body)?;
     f.write_all(sum.as_ref())?;

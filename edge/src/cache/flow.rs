@@ -175,6 +175,15 @@ pub(crate) async fn handle(
         return CacheStatus::fwd("method").apply(response);
     }
 
+    if primary.len() > cache.max_url_bytes {
+        cache.metrics().cache_lookup("bypass");
+        let status = CacheStatus {
+            detail: Some("url-too-long"),
+            ..CacheStatus::fwd("bypass")
+        };
+        return status.apply(proxy.forward(req, site, ctx).await);
+    }
+
     // The header map moves into `info` (hits need no copy); a request that goes to the
     // origin gets a copy back.
     let (mut parts, body) = req.into_parts();
@@ -589,7 +598,7 @@ async fn revalidate(
     let stale_ok = policy::may_serve_stale_on_error(&entry.policy, entry.age(now));
     match result {
         Err(e) if stale_ok => {
-            tracing::warn!(key = %info.primary, error = %e, "origin failed; serving stale (stale-if-error)");
+            tracing::warn!(key = %keyless_shared::log_safe(&info.primary), error = %e, "origin failed; serving stale (stale-if-error)");
             cache.metrics().cache_lookup("stale");
             let status = CacheStatus {
                 fwd: Some("stale"),
@@ -620,7 +629,7 @@ async fn revalidate(
             served
         }
         Ok(response) if is_error_status(response.status()) && stale_ok => {
-            tracing::warn!(key = %info.primary, status = response.status().as_u16(), "origin error; serving stale (stale-if-error)");
+            tracing::warn!(key = %keyless_shared::log_safe(&info.primary), status = response.status().as_u16(), "origin error; serving stale (stale-if-error)");
             cache.metrics().cache_lookup("stale");
             let status = CacheStatus {
                 fwd: Some("stale"),
@@ -850,7 +859,7 @@ fn fetch_in_background(
         let request_time = SystemTime::now();
         match (proxy.fetch(request, &site).await, entry) {
             (Err(e), _) => {
-                tracing::warn!(key = %info.primary, error = %e, "background fetch failed");
+                tracing::warn!(key = %keyless_shared::log_safe(&info.primary), error = %e, "background fetch failed");
             }
             (Ok(response), Some(entry)) if response.status() == StatusCode::NOT_MODIFIED => {
                 let now = SystemTime::now();
@@ -980,7 +989,7 @@ fn invalidate_after_unsafe(
         n += cache.invalidate(&url(&key));
     }
     if n > 0 {
-        tracing::debug!(key = %primary, removed = n, "invalidated after unsafe method");
+        tracing::debug!(key = %keyless_shared::log_safe(primary), removed = n, "invalidated after unsafe method");
     }
 }
 
@@ -1100,7 +1109,7 @@ impl Body for StoringBody {
                 if let Some(data) = frame.data_ref() {
                     if let Some(sink) = this.sink.as_mut() {
                         if !sink.push(data) {
-                            tracing::debug!(key = %sink.template.key, "object larger than max_object_bytes; not stored");
+                            tracing::debug!(key = %keyless_shared::log_safe(&sink.template.key), "object larger than max_object_bytes; not stored");
                             this.sink = None;
                         }
                     }

@@ -36,8 +36,8 @@ use policy::{ResponsePolicy, StaleDefaults};
 
 /// How long a "not cacheable" answer exempts its URL from request coalescing.
 const PASS_TTL: Duration = Duration::from_secs(30);
-/// Primary keys remembered with their `Vary` names.
-const VARY_INDEX_ENTRIES: u64 = 4_000_000;
+/// Bytes one key costs in the URL and `Vary` indexes besides its own length.
+const INDEX_KEY_OVERHEAD: u64 = 64;
 /// Hit-for-pass markers remembered.
 const PASS_ENTRIES: u64 = 100_000;
 /// How long a URL found too large or not storable is not filled after a range miss.
@@ -51,6 +51,19 @@ pub const MAX_RANGE_FILLS: usize = 8;
 /// A primary key and the `Vary` names of its responses.
 type VaryIndexEntry = (Arc<str>, Arc<[HeaderName]>);
 
+/// URL → the full keys stored under it (every `Vary` and `key_headers` variant, in
+/// either tier), so that invalidation and purge by URL touch only that URL's objects.
+/// A key may outlive its object (evicted meanwhile); it is dropped when its URL is
+/// invalidated or when the index is pruned. Bounded in bytes: an object whose key
+/// would not fit is not stored (a stored object is always findable).
+#[derive(Debug, Default)]
+struct UrlIndex {
+    map: HashMap<Arc<str>, std::collections::HashSet<Arc<str>>>,
+    bytes: u64,
+    /// `bytes` after the last prune; the next prune waits until the index has grown
+    /// by a quarter of the budget since, so that a full index costs no scan per store.
+    pruned_at: u64,
+}
 /// A stored object with what every hit needs precomputed.
 #[derive(Debug)]
 pub(crate) struct Entry {
@@ -129,8 +142,15 @@ pub(crate) enum Flight {
 /// The cache shared by every connection.
 pub struct Cache {
     memory: moka::sync::Cache<Arc<str>, Arc<Entry>>,
-    /// Primary key → the `Vary` names of its stored responses.
+    /// Primary key → the `Vary` names of its stored responses (bounded in bytes; a
+    /// forgotten entry makes its variants misses).
     vary: moka::sync::Cache<Arc<str>, Arc<[HeaderName]>>,
+    /// URL → full keys ([`UrlIndex`]).
+    urls: Mutex<UrlIndex>,
+    /// Bytes [`UrlIndex`] may take (and, separately, the `Vary` index).
+    index_budget: u64,
+    /// Longest primary key (URL plus `key_headers` values) cached; longer ones pass.
+    pub(crate) max_url_bytes: usize,
     /// Primary keys whose last answer was not cacheable (no coalescing for them).
     pass: moka::sync::Cache<Arc<str>, ()>,
     /// Primary keys not to fill after a range miss (too large or not storable).
@@ -191,11 +211,20 @@ impl Cache {
             }
             None => None,
         };
+        let index_budget = index_budget(config);
         let cache = Cache {
             memory,
             vary: moka::sync::Cache::builder()
-                .max_capacity(VARY_INDEX_ENTRIES)
+                .max_capacity(index_budget)
+                .weigher(|k: &Arc<str>, names: &Arc<[HeaderName]>| {
+                    let names: usize = names.iter().map(|n| n.as_str().len() + 16).sum();
+                    u32::try_from(k.len() as u64 + names as u64 + INDEX_KEY_OVERHEAD)
+                        .unwrap_or(u32::MAX)
+                })
                 .build(),
+            urls: Mutex::new(UrlIndex::default()),
+            index_budget,
+            max_url_bytes: config.max_url_bytes,
             pass: moka::sync::Cache::builder()
                 .max_capacity(PASS_ENTRIES)
                 .time_to_live(PASS_TTL)
@@ -225,22 +254,77 @@ impl Cache {
         Ok(cache)
     }
 
-    /// After a restart, the disk tier's keys tell which `Vary` names each URL had.
+    /// After a restart, the disk tier's keys tell which `Vary` names each URL had and
+    /// which keys each URL has; objects whose keys do not fit the index are dropped.
     fn rebuild_vary_index(&self) {
         let Some(disk) = &self.disk else {
             return;
         };
-        let found: Mutex<Vec<VaryIndexEntry>> = Mutex::new(Vec::new());
+        let found: Mutex<Vec<(String, VaryIndexEntry)>> = Mutex::new(Vec::new());
         disk.remove_matching(&|key: &str| {
             let (primary, names) = split_full_key(key);
             if let Ok(mut f) = found.lock() {
-                f.push((primary.into(), names.into()));
+                f.push((key.to_owned(), (primary.into(), names.into())));
             }
             false
         });
-        for (primary, names) in found.into_inner().unwrap_or_default() {
-            self.vary.insert(primary, names);
+        for (key, (primary, names)) in found.into_inner().unwrap_or_default() {
+            if self.index_add(&key.as_str().into()) {
+                self.vary.insert(primary, names);
+            } else {
+                disk.remove(&key);
+            }
         }
+    }
+
+    /// Adds `key` to the URL index; false when it does not fit (then the object is not
+    /// stored). Callers add a key after inserting its object, so that a prune running
+    /// meanwhile either sees the object or runs before the key is added.
+    fn index_add(&self, key: &Arc<str>) -> bool {
+        let Ok(mut index) = self.urls.lock() else {
+            return false;
+        };
+        let url = url_of(key);
+        if index.map.get(url).is_some_and(|keys| keys.contains(key)) {
+            return true;
+        }
+        let cost = key_cost(key)
+            + if index.map.contains_key(url) {
+                0
+            } else {
+                key_cost(url)
+            };
+        if index.bytes + cost > self.index_budget
+            && index.bytes >= index.pruned_at + self.index_budget / 4
+        {
+            self.prune(&mut index);
+        }
+        if index.bytes + cost > self.index_budget {
+            return false;
+        }
+        index.bytes += cost;
+        index.map.entry(url.into()).or_default().insert(key.clone());
+        true
+    }
+
+    /// Drops the keys whose objects are in neither tier any more. Scans the index (not
+    /// the objects), and only when it is full.
+    fn prune(&self, index: &mut UrlIndex) {
+        let before = index.bytes;
+        let mut bytes = 0;
+        index.map.retain(|url, keys| {
+            keys.retain(|k| {
+                self.memory.contains_key(k) || self.disk.as_ref().is_some_and(|d| d.contains(k))
+            });
+            if keys.is_empty() {
+                return false;
+            }
+            bytes += key_cost(url) + keys.iter().map(|k| key_cost(k)).sum::<u64>();
+            true
+        });
+        index.bytes = bytes;
+        index.pruned_at = bytes;
+        tracing::debug!(before, after = bytes, "cache URL index pruned");
     }
 
     /// The primary key of a request for `path_and_query` at `host` over `scheme`.
@@ -301,7 +385,8 @@ impl Cache {
         }
     }
 
-    /// Stores a complete response in memory (and, in the background, on disk).
+    /// Stores a complete response in memory (and, in the background, on disk). The
+    /// entry is returned even when it could not be stored (the URL index is full).
     pub(crate) fn store(
         self: &Arc<Self>,
         obj: CachedObject,
@@ -311,8 +396,13 @@ impl Cache {
         let primary: Arc<str> = primary.into();
         let key: Arc<str> = obj.key.as_str().into();
         let entry = Arc::new(Entry::new(obj, self.defaults));
+        self.memory.insert(key.clone(), entry.clone());
+        if !self.index_add(&key) {
+            self.memory.invalidate(&key);
+            tracing::debug!(key = %keyless_shared::log_safe(&key), "cache URL index full; response not stored");
+            return entry;
+        }
         self.vary.insert(primary, names);
-        self.memory.insert(key, entry.clone());
         self.metrics.cache_stores.inc();
         if let Some(disk) = &self.disk {
             let disk = disk.clone();
@@ -327,13 +417,31 @@ impl Cache {
         entry
     }
 
-    /// Forgets every stored variant of `primary` (unsafe-method invalidation).
-    pub(crate) fn invalidate(&self, primary: &str) -> usize {
-        self.vary.invalidate(primary);
-        let of_primary = |key: &str| belongs_to(key, primary);
-        self.remove_where(&|key, _| of_primary(key), &|disk| {
-            disk.remove_matching(&of_primary)
-        })
+    /// Forgets every stored variant of `url` (every `Vary` and `key_headers` value):
+    /// unsafe-method invalidation and purge by URL. Finds them through the URL index.
+    pub(crate) fn invalidate(&self, url: &str) -> usize {
+        let keys = match self.urls.lock() {
+            Ok(mut index) => match index.map.remove(url) {
+                Some(keys) => {
+                    let cost = key_cost(url) + keys.iter().map(|k| key_cost(k)).sum::<u64>();
+                    index.bytes = index.bytes.saturating_sub(cost);
+                    keys
+                }
+                None => return 0,
+            },
+            Err(_) => return 0,
+        };
+        let mut removed = 0;
+        for key in keys {
+            self.vary.invalidate(split_full_key(&key).0);
+            let in_memory = self.memory.remove(&key).is_some();
+            let on_disk = self.disk.as_ref().is_some_and(|d| d.remove(&key));
+            if in_memory || on_disk {
+                removed += 1;
+            }
+        }
+        self.update_gauges();
+        removed
     }
 
     /// Removes the memory objects for which `in_memory` holds and what `on_disk`
@@ -577,11 +685,28 @@ fn split_full_key(key: &str) -> (&str, Vec<HeaderName>) {
     }
 }
 
-/// Whether `key` is `primary` or one of its variants (or a per-site key-header
-/// extension of it).
-fn belongs_to(key: &str, primary: &str) -> bool {
-    key.strip_prefix(primary)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with(VARY_SEP) || rest.starts_with('\n'))
+/// The URL of a primary or full key: up to its first `key_headers` or `Vary` part.
+fn url_of(key: &str) -> &str {
+    key.split(['\n', VARY_SEP]).next().unwrap_or(key)
+}
+
+/// What a key costs in an index.
+fn key_cost(key: &str) -> u64 {
+    key.len() as u64 + INDEX_KEY_OVERHEAD
+}
+
+/// Bytes each index (URL, `Vary`) may take: a sixteenth of the tiers' sizes, at least
+/// 1 MiB, enough for the keys of every object the tiers can hold unless they are
+/// mostly tiny objects with long URLs.
+fn index_budget(config: &CacheConfig) -> u64 {
+    let tiers = config
+        .memory_bytes
+        .saturating_add(if config.disk_dir.is_some() {
+            config.disk_bytes
+        } else {
+            0
+        });
+    (tiers / 16).max(1 << 20)
 }
 
 #[cfg(test)]
@@ -604,6 +729,73 @@ mod tests {
         assert!(!cache.reserve_collecting(u64::MAX));
     }
 
+    fn object(key: String) -> CachedObject {
+        CachedObject {
+            key,
+            status: http::StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"x"),
+            request_time: SystemTime::now(),
+            response_time: SystemTime::now(),
+            vary: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn invalidation_finds_every_variant_through_the_url_index() {
+        let cache =
+            Arc::new(Cache::new(&CacheConfig::default(), Arc::new(Metrics::new())).unwrap());
+        let names: Arc<[HeaderName]> = vec![HeaderName::from_static("accept-language")].into();
+        for (lang, tenant) in [("en", "1"), ("fr", "1"), ("en", "2")] {
+            let mut h = HeaderMap::new();
+            h.insert("accept-language", HeaderValue::from_str(lang).unwrap());
+            let primary = format!("https://x/a\nx-tenant={tenant}");
+            cache.store(object(full_key(&primary, &names, &h)), names.clone());
+        }
+        cache.store(object("https://x/a?q".into()), Arc::from(Vec::new()));
+        cache.store(object("https://x/ab".into()), Arc::from(Vec::new()));
+        assert_eq!(cache.invalidate("https://x/a"), 3);
+        assert_eq!(cache.invalidate("https://x/a"), 0);
+        assert_eq!(cache.memory.iter().count(), 2);
+        assert_eq!(cache.purge_url("https://x/ab"), 1);
+        assert_eq!(cache.urls.lock().unwrap().map.len(), 1);
+    }
+
+    #[test]
+    fn the_url_index_is_bounded_in_bytes_and_pruned_when_full() {
+        let cache =
+            Arc::new(Cache::new(&CacheConfig::default(), Arc::new(Metrics::new())).unwrap());
+        let budget = cache.index_budget;
+        let long = "p".repeat(1000);
+        let bytes = || cache.urls.lock().unwrap().bytes;
+        let mut stored = 0u64;
+        loop {
+            let before = bytes();
+            cache.store(
+                object(format!("https://x/{stored}/{long}")),
+                Arc::from(Vec::new()),
+            );
+            if bytes() == before {
+                break;
+            }
+            stored += 1;
+            assert!(stored < budget / 1000, "the index never filled");
+        }
+        assert!(
+            bytes() <= budget && bytes() + 2 * 1100 > budget,
+            "{} of {budget}",
+            bytes()
+        );
+        // The object whose key did not fit was not stored.
+        let refused = format!("https://x/{stored}/{long}");
+        assert!(!cache.memory.contains_key(refused.as_str()));
+        // Once the objects are gone, a prune makes room again.
+        assert!(cache.purge_prefix("https://x/") as u64 == stored);
+        cache.urls.lock().unwrap().pruned_at = 0;
+        assert!(cache.index_add(&Arc::from(refused.as_str())));
+        assert_eq!(cache.urls.lock().unwrap().map.len(), 1);
+    }
+
     #[test]
     fn full_keys_split_back_and_normalize_values() {
         let names = vec![HeaderName::from_static("accept-language")];
@@ -618,9 +810,10 @@ mod tests {
         let (primary, n) = split_full_key(&ka);
         assert_eq!(primary, "https://x/a");
         assert_eq!(n, names);
-        assert!(belongs_to(&ka, "https://x/a"));
-        assert!(!belongs_to(&ka, "https://x/"));
-        assert!(belongs_to("https://x/a", "https://x/a"));
-        assert!(!belongs_to("https://x/ab", "https://x/a"));
+        assert_eq!(url_of(&ka), "https://x/a");
+        assert_eq!(url_of("https://x/a\nx-tenant=1"), "https://x/a");
+        let with_key_header = full_key("https://x/a\nx-tenant=1", &names, &a);
+        assert_eq!(url_of(&with_key_header), "https://x/a");
+        assert_eq!(url_of("https://x/ab"), "https://x/ab");
     }
 }

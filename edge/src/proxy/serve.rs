@@ -200,8 +200,9 @@ impl ConnState {
             target: "access",
             client = %self.ctx.client_addr.ip(),
             method = %method,
-            host = host.as_deref().unwrap_or("-"),
-            path = path.as_deref().unwrap_or("-"),
+            // Chosen by the client: escaped so that they cannot forge log lines or fields.
+            host = %keyless_shared::log_safe(host.as_deref().unwrap_or("-")),
+            path = %keyless_shared::log_safe(path.as_deref().unwrap_or("-")),
             status,
             bytes = %Dash(response.body().size_hint().exact()),
             duration_ms = millis(started.elapsed()),
