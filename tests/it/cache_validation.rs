@@ -168,16 +168,18 @@ fn response_no_cache_is_revalidated_on_every_use() -> Result<()> {
 fn must_revalidate_and_proxy_revalidate_revalidate_once_stale() -> Result<()> {
     let s = default_stack()?;
     for path in ["/must", "/proxy"] {
+        // `Date` has whole seconds: a response can be up to 1 s old when it arrives,
+        // so max-age=2 keeps it fresh for the immediate second request.
         let cc = if path == "/must" {
-            "max-age=1, must-revalidate"
+            "max-age=2, must-revalidate"
         } else {
-            "max-age=1, proxy-revalidate"
+            "max-age=2, proxy-revalidate"
         };
         s.script(path, &[etagged(cc, "body")])?;
         s.get(path)?.expect(200, "body")?.expect_stored()?;
         s.get(path)?.expect(200, "body")?.expect_hit()?;
     }
-    sleep_ms(1100);
+    sleep_ms(2100);
     for path in ["/must", "/proxy"] {
         // Even a client that accepts stale responses gets a revalidated one.
         let r = s.req(path).header("Cache-Control: max-stale=60").send()?;
