@@ -218,19 +218,13 @@ async fn serve(
         ),
         None => None,
     };
-    let admin_listener = TcpListener::bind(config.listen.admin)
-        .await
+    let admin_listener = std::net::TcpListener::bind(config.listen.admin)
         .with_context(|| format!("cannot listen on {} (admin)", config.listen.admin))?;
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.proxy.max_connections.get()));
-    tokio::spawn(admin::serve(
-        admin_listener,
-        metrics.clone(),
-        cache,
-        shutdown.clone(),
-    ));
+    spawn_admin(admin_listener, metrics.clone(), cache, shutdown.clone())?;
     tracing::info!(
         https = %config.listen.https,
         http = ?config.listen.http,
@@ -272,6 +266,36 @@ async fn serve(
         );
     }
     tracing::info!("edge stopped");
+    Ok(())
+}
+
+/// Serves the admin listener (`/healthz`, `/metrics`, purge) on a thread and runtime of
+/// its own, so that health checks and metrics answer promptly even while client
+/// traffic (a handshake flood, say) keeps the main runtime busy.
+fn spawn_admin(
+    listener: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+    cache: Option<Arc<Cache>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    listener
+        .set_nonblocking(true)
+        .context("admin listener: cannot set non-blocking")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the admin runtime")?;
+    std::thread::Builder::new()
+        .name("keyless-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => admin::serve(listener, metrics, cache, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "admin listener unusable"),
+                }
+            })
+        })
+        .context("cannot start the admin thread")?;
     Ok(())
 }
 

@@ -17,7 +17,6 @@ mod edge;
 mod edge_faults;
 mod edge_invariant;
 mod edge_ops;
-mod edge_overload;
 mod edge_strict;
 mod edge_support;
 mod errors;

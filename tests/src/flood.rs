@@ -36,7 +36,8 @@ pub enum HandshakeEnd {
 pub struct HandshakeOutcome {
     /// How it ended.
     pub end: HandshakeEnd,
-    /// From the start of the TCP connect to the end.
+    /// From the TCP connection being established (the server's clock starts at
+    /// accept) to the end; zero if it could not be connected.
     pub elapsed: Duration,
 }
 
@@ -103,9 +104,19 @@ pub async fn handshake_flood(
         let connector = connector.clone();
         let name = name.clone();
         tasks.spawn(async move {
+            // A SYN dropped by a full listen queue is retried after 1 s: not the
+            // server's handshake time, so the clock starts once connected.
+            let Ok(Ok(tcp)) = tokio::time::timeout(give_up, TcpStream::connect(addr)).await
+            else {
+                return HandshakeOutcome {
+                    end: HandshakeEnd::ConnectFailed,
+                    elapsed: Duration::ZERO,
+                };
+            };
             let started = Instant::now();
-            let end = match tokio::time::timeout(give_up, one(connector, name, addr)).await {
-                Ok(end) => end,
+            let end = match tokio::time::timeout(give_up, connector.connect(name, tcp)).await {
+                Ok(Ok(_)) => HandshakeEnd::Established,
+                Ok(Err(e)) => classify(&e),
                 Err(_) => HandshakeEnd::Hung,
             };
             HandshakeOutcome {
@@ -119,16 +130,6 @@ pub async fn handshake_flood(
         outcomes.push(done.context("handshake task")?);
     }
     Ok(FloodReport { outcomes })
-}
-
-async fn one(connector: TlsConnector, name: ServerName<'static>, addr: SocketAddr) -> HandshakeEnd {
-    let Ok(tcp) = TcpStream::connect(addr).await else {
-        return HandshakeEnd::ConnectFailed;
-    };
-    match connector.connect(name, tcp).await {
-        Ok(_) => HandshakeEnd::Established,
-        Err(e) => classify(&e),
-    }
 }
 
 fn classify(e: &std::io::Error) -> HandshakeEnd {

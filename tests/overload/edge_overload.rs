@@ -114,6 +114,11 @@ async fn flood_while_probing(
 /// slack), and most were refused with an alert without waiting for the key server.
 fn check_flood(report: &FloodReport) -> Result<()> {
     ensure!(report.outcomes.len() == FLOOD);
+    ensure!(
+        report.count(&HandshakeEnd::ConnectFailed) == 0,
+        "connections failed: {}",
+        report.summary()
+    );
     let slack = Duration::from_millis(1500);
     ensure!(
         report.count(&HandshakeEnd::Hung) == 0 && report.slowest() <= HANDSHAKE_TIMEOUT + slack,
@@ -132,6 +137,9 @@ fn check_flood(report: &FloodReport) -> Result<()> {
         "expected most handshakes refused with internal_error: {}",
         report.summary()
     );
+    // A refusal never waited for the key server: had it, the deadline would have
+    // closed it instead. How soon it came is the accept and ClientHello work of the
+    // whole flood on a shared machine: reported, not asserted.
     let mut refusals: Vec<Duration> = report
         .outcomes
         .iter()
@@ -139,19 +147,11 @@ fn check_flood(report: &FloodReport) -> Result<()> {
         .map(|o| o.elapsed)
         .collect();
     refusals.sort();
-    let (median, p90) = (
+    eprintln!(
+        "refusals: median {:?}, p90 {:?}; {}",
         refusals[refusals.len() / 2],
         refusals[refusals.len() * 9 / 10],
-    );
-    eprintln!(
-        "refusals: median {median:?}, p90 {p90:?}; {}",
         report.summary()
-    );
-    // Refusals queue only behind the accept and ClientHello work of the whole flood
-    // (debug builds, 2 cores shared with the clients), never behind the key server.
-    ensure!(
-        p90 < HANDSHAKE_TIMEOUT / 2,
-        "refusals waited: median {median:?}, p90 {p90:?} (deadline {HANDSHAKE_TIMEOUT:?})"
     );
     Ok(())
 }
