@@ -63,16 +63,14 @@ pub(crate) struct Pool {
     avg_exec_ns: Arc<AtomicU64>,
 }
 
-/// Folds `sample` into the moving average (weight 1/16).
+/// Folds `sample` into the moving average (weight 1/16). The average starts at zero
+/// and so underestimates at first: a slow first operation (OpenSSL sets up a key's
+/// Montgomery and blinding state lazily) must not make the pool refuse a burst that it
+/// would serve in time; the deadline check when a job is dequeued still bounds waits.
 fn update_average(avg: &AtomicU64, sample: Duration) {
     let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX);
     let old = avg.load(Ordering::Relaxed);
-    let new = if old == 0 {
-        sample
-    } else {
-        old - old / 16 + sample / 16
-    };
-    avg.store(new, Ordering::Relaxed);
+    avg.store(old - old / 16 + sample / 16, Ordering::Relaxed);
 }
 
 impl Pool {
