@@ -106,8 +106,7 @@ pub async fn handshake_flood(
         tasks.spawn(async move {
             // A SYN dropped by a full listen queue is retried after 1 s: not the
             // server's handshake time, so the clock starts once connected.
-            let Ok(Ok(tcp)) = tokio::time::timeout(give_up, TcpStream::connect(addr)).await
-            else {
+            let Ok(Ok(tcp)) = tokio::time::timeout(give_up, TcpStream::connect(addr)).await else {
                 return HandshakeOutcome {
                     end: HandshakeEnd::ConnectFailed,
                     elapsed: Duration::ZERO,
