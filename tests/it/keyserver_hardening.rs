@@ -762,16 +762,27 @@ async fn worker_queue_is_bounded_and_answers_overloaded_fast() -> Result<()> {
         "no queue refusals counted:\n{metrics}"
     );
 
-    // Jobs of a connection that went away are not performed.
+    assert_ping(&mut client).await?;
+    assert_still_serving(&d, &server).await?;
+    drop(client);
+    drop(server);
+
+    // Jobs of a connection that went away are not performed: a long queue with a long
+    // deadline, filled, then the connection closed.
+    let config = d.write_config_variant("origin-queue-long.toml", |t| {
+        t.insert("workers".into(), 1.into());
+        t.insert("queue_size".into(), 1000.into());
+        t.insert("queue_deadline".into(), "60s".into());
+    })?;
+    let server = KeyServer::start_with_config(&d, &config)?;
     let mut gone = KeyClient::connect(&d).await?;
     let mut ops = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..500 {
         ops.push(handshake_sign_request(Opcode::RsaPssSignSha256, rsa.ski)?.0);
     }
-    for _ in 0..50 {
-        gone.send_many(ops.clone()).await?;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let first = gone.send_many(ops).await?;
+    // Once the first answer is back the rest is queued; then the edge goes away.
+    gone.recv_id(first[0]).await?;
     drop(gone);
     let deadline = Instant::now() + LOG_WAIT;
     loop {
@@ -785,6 +796,7 @@ async fn worker_queue_is_bounded_and_answers_overloaded_fast() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let mut client = KeyClient::connect(&d).await?;
     assert_ping(&mut client).await?;
     assert_still_serving(&d, &server).await
 }
