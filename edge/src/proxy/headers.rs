@@ -10,9 +10,6 @@ use http::Version;
 
 use super::ClientCtx;
 
-/// This proxy's name in `Via`.
-const VIA_NAME: &str = "keyless";
-
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -93,41 +90,46 @@ pub(crate) fn prepare_request(
         }
     }
     let ip = ctx.client_addr.ip().to_canonical();
-    append(headers, &X_FORWARDED_FOR, &ip.to_string());
+    if let Ok(v) = HeaderValue::try_from(ip.to_string()) {
+        append(headers, &X_FORWARDED_FOR, v);
+    }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        if let Ok(proto) = HeaderValue::from_str(ctx.scheme) {
-            headers.insert(X_FORWARDED_PROTO.clone(), proto);
-        }
+        let proto = match ctx.scheme {
+            "https" => HeaderValue::from_static("https"),
+            "http" => HeaderValue::from_static("http"),
+            other => match HeaderValue::from_str(other) {
+                Ok(v) => v,
+                Err(_) => HeaderValue::from_static("-"),
+            },
+        };
+        headers.insert(X_FORWARDED_PROTO.clone(), proto);
     }
     if !headers.contains_key(&X_FORWARDED_HOST) {
         if let Ok(h) = HeaderValue::from_str(host) {
             headers.insert(X_FORWARDED_HOST.clone(), h);
         }
     }
-    append(
-        headers,
-        &header::FORWARDED,
-        &forwarded_element(ip, ctx.scheme, Some(host)),
-    );
-    append(headers, &header::VIA, &via(version));
+    if let Ok(v) = HeaderValue::try_from(forwarded_element(ip, ctx.scheme, Some(host))) {
+        append(headers, &header::FORWARDED, v);
+    }
+    append(headers, &header::VIA, via(version));
 }
 
 /// Rewrites an origin response's headers for the client.
 pub(crate) fn prepare_response(headers: &mut HeaderMap, version: Version) {
     strip_hop_by_hop(headers, false);
-    append(headers, &header::VIA, &via(version));
+    append(headers, &header::VIA, via(version));
 }
 
-/// `<received-protocol> keyless` for `Via`.
-fn via(version: Version) -> String {
-    let v = match version {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
-    };
-    format!("{v} {VIA_NAME}")
+/// `<received-protocol> keyless` for `Via` (static: this runs on every request).
+fn via(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_09 => "0.9 keyless",
+        Version::HTTP_10 => "1.0 keyless",
+        Version::HTTP_2 => "2 keyless",
+        Version::HTTP_3 => "3 keyless",
+        _ => "1.1 keyless",
+    })
 }
 
 /// One RFC 7239 element: `for=...;proto=...;host=...`.
@@ -164,7 +166,12 @@ fn token_or_quoted(s: &str) -> String {
 
 /// Appends `value` to the list header `name`, folding earlier field lines into one
 /// (`a, b, value`).
-fn append(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+fn append(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue) {
+    // The common case, nothing to join: no copy.
+    if !headers.contains_key(name) {
+        headers.insert(name.clone(), value);
+        return;
+    }
     let mut joined: Vec<u8> = Vec::new();
     for v in headers.get_all(name) {
         let v = v.as_bytes().trim_ascii();
@@ -174,13 +181,8 @@ fn append(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
         }
     }
     joined.extend_from_slice(value.as_bytes());
-    let value = HeaderValue::from_bytes(&joined)
-        .or_else(|_| HeaderValue::from_str(value))
-        .ok();
-    headers.remove(name);
-    if let Some(value) = value {
-        headers.insert(name.clone(), value);
-    }
+    let value = HeaderValue::from_bytes(&joined).unwrap_or(value);
+    headers.insert(name.clone(), value);
 }
 
 #[cfg(test)]
