@@ -21,6 +21,11 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// fixed list. A request's `TE: trailers` survives (as exactly that) when
 /// `keep_te_trailers`, since it is the one TE value HTTP/2 allows end to end.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Most messages carry none of these: one pass over the names instead of a hash
+    // lookup per name (this runs on every request, cache hits included).
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k)) {
+        return;
+    }
     let te_trailers = keep_te_trailers
         && headers
             .get_all(header::TE)
@@ -41,23 +46,35 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
+
+/// The fixed hop-by-hop fields (`Connection` names any others).
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+];
+
+/// Forwarding fields a client outside `[proxy] trusted_proxies` may not set.
+static CLIENT_FORWARDING: [&HeaderName; 5] = [
+    &X_FORWARDED_FOR,
+    &header::FORWARDED,
+    &X_FORWARDED_HOST,
+    &X_FORWARDED_PROTO,
+    &X_REAL_IP,
+];
 
 /// Rewrites a client request's headers for the origin. `host` is the host the
 /// request is for, as the cache keys it. `Host` itself is set by the caller.
@@ -77,34 +94,31 @@ pub(crate) fn prepare_request(
 ) {
     strip_hop_by_hop(headers, true);
     // hyper answered any `Expect: 100-continue` on the client side already.
-    headers.remove(header::EXPECT);
-    if !trusted {
-        for name in [
-            &X_FORWARDED_FOR,
-            &header::FORWARDED,
-            &X_FORWARDED_HOST,
-            &X_FORWARDED_PROTO,
-            &X_REAL_IP,
-        ] {
-            headers.remove(name);
+    let mut found = false;
+    for k in headers.keys() {
+        if k == header::EXPECT || (!trusted && CLIENT_FORWARDING.contains(&k)) {
+            found = true;
+            break;
         }
     }
+    if found {
+        headers.remove(header::EXPECT);
+        if !trusted {
+            for name in CLIENT_FORWARDING {
+                headers.remove(name);
+            }
+        }
+    }
+    headers.reserve(6);
     let ip = ctx.client_addr.ip().to_canonical();
     if let Ok(v) = HeaderValue::try_from(ip.to_string()) {
         append(headers, &X_FORWARDED_FOR, v);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        let proto = match ctx.scheme {
-            "https" => HeaderValue::from_static("https"),
-            "http" => HeaderValue::from_static("http"),
-            other => match HeaderValue::from_str(other) {
-                Ok(v) => v,
-                Err(_) => HeaderValue::from_static("-"),
-            },
-        };
-        headers.insert(X_FORWARDED_PROTO.clone(), proto);
+    // A trusted load balancer's own values are kept; anyone else's were removed above.
+    if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), proto_value(ctx.scheme));
     }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
+    if !trusted || !headers.contains_key(&X_FORWARDED_HOST) {
         if let Ok(h) = HeaderValue::from_str(host) {
             headers.insert(X_FORWARDED_HOST.clone(), h);
         }
@@ -119,6 +133,15 @@ pub(crate) fn prepare_request(
 pub(crate) fn prepare_response(headers: &mut HeaderMap, version: Version) {
     strip_hop_by_hop(headers, false);
     append(headers, &header::VIA, via(version));
+}
+
+/// The listener's scheme as a header value.
+fn proto_value(scheme: &str) -> HeaderValue {
+    match scheme {
+        "https" => HeaderValue::from_static("https"),
+        "http" => HeaderValue::from_static("http"),
+        other => HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("-")),
+    }
 }
 
 /// `<received-protocol> keyless` for `Via` (static: this runs on every request).
