@@ -164,6 +164,7 @@ impl KeyServerClient {
         deadline: Option<Instant>,
     ) -> Result<Operation, ClientError> {
         let deadline = self.deadline(deadline);
+        let allowed = budget(deadline);
         let pool = self.pool.clone();
         let task = self
             .handle
@@ -171,7 +172,7 @@ impl KeyServerClient {
         match tokio::time::timeout_at(deadline.into(), task).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ClientError::ConnectionLost),
-            Err(_) => Err(ClientError::Timeout(budget(deadline))),
+            Err(_) => Err(ClientError::Timeout(allowed)),
         }
     }
 

@@ -139,9 +139,7 @@ impl HandshakeBudget {
     /// Gives the permit back if no signature took it (a resumed handshake, or one
     /// waiting for the client's second hello after a HelloRetryRequest).
     pub(crate) fn release(&self) {
-        if let Ok(mut p) = self.permit.lock() {
-            p.take();
-        }
+        drop(self.take_permit());
     }
 
     fn take_permit(&self) -> Option<OwnedSemaphorePermit> {
@@ -265,10 +263,11 @@ impl Signer for RemoteSigner {
         }
         // The handshake's permit; after a HelloRetryRequest it was given back, so try
         // for a fresh one.
-        let permit = match self.budget.as_ref().and_then(|b| b.take_permit()) {
-            Some(p) => Some(p),
-            None => self.ctx.try_permit(),
-        };
+        let permit = self
+            .budget
+            .as_ref()
+            .and_then(|b| b.take_permit())
+            .or_else(|| self.ctx.try_permit());
         let Some(_permit) = permit else {
             tracing::warn!(sni = %self.sni, "too many remote signatures in flight; refusing");
             return Err(rustls::Error::General(
