@@ -583,32 +583,15 @@ fn issue_edge_cert(
     cn: &str,
     sans: &[&str],
 ) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
-    use openssl::asn1::Asn1Time;
-    use openssl::bn::{BigNum, MsbOption};
     use openssl::hash::MessageDigest;
     use openssl::pkey::PKey;
     use openssl::x509::extension::{ExtendedKeyUsage, SubjectAlternativeName};
-    use openssl::x509::{X509NameBuilder, X509};
+    use openssl::x509::X509;
 
     let ca = X509::from_pem(&std::fs::read(d.dir().join("ca/edge-ca.crt"))?)?;
     let ca_key = PKey::private_key_from_pem(&std::fs::read(d.dir().join("ca/edge-ca.key"))?)?;
     let key = keyless_tests::keys::generate_key(KeySpec::EcP256)?;
-    let mut name = X509NameBuilder::new()?;
-    name.append_entry_by_text("CN", cn)?;
-    let name = name.build();
-    let mut b = X509::builder()?;
-    b.set_version(2)?;
-    let mut serial = BigNum::new()?;
-    serial.rand(63, MsbOption::MAYBE_ZERO, false)?;
-    let serial = serial.to_asn1_integer()?;
-    b.set_serial_number(&serial)?;
-    b.set_subject_name(&name)?;
-    b.set_issuer_name(ca.subject_name())?;
-    b.set_pubkey(&key)?;
-    let not_before = Asn1Time::days_from_now(0)?;
-    let not_after = Asn1Time::days_from_now(2)?;
-    b.set_not_before(&not_before)?;
-    b.set_not_after(&not_after)?;
+    let mut b = keyless_tests::keys::cert_builder(&key, cn, Some(ca.subject_name()), 2)?;
     let mut san = SubjectAlternativeName::new();
     for s in sans {
         san.dns(s);

@@ -13,12 +13,12 @@ use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::{hash, MessageDigest};
 use openssl::md::Md;
 use openssl::nid::Nid;
-use openssl::pkey::{Id, PKey, Private, Public};
+use openssl::pkey::{HasPublic, Id, PKey, PKeyRef, Private, Public};
 use openssl::pkey_ctx::PkeyCtx;
 use openssl::rsa::{Padding, Rsa};
 use openssl::sign::{RsaPssSaltlen, Verifier};
 use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName, SubjectKeyIdentifier};
-use openssl::x509::{X509NameBuilder, X509};
+use openssl::x509::{X509Builder, X509NameBuilder, X509NameRef, X509};
 
 /// A key's signature algorithm family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,10 +294,17 @@ pub fn private_key_pem(key: &PKey<Private>, encoding: KeyEncoding) -> Result<Vec
     })
 }
 
-/// A self-signed leaf certificate for `key` with `names` as DNS SANs (first = CN).
-pub fn self_signed_cert(key: &PKey<Private>, names: &[&str]) -> Result<X509> {
+/// A v3 certificate builder for `key` with subject `CN = cn`, a random serial, valid
+/// from now for `days`, issued by `issuer` (self-issued when `None`); extensions and
+/// the signature are the caller's.
+pub fn cert_builder<T: HasPublic>(
+    key: &PKeyRef<T>,
+    cn: &str,
+    issuer: Option<&X509NameRef>,
+    days: u32,
+) -> Result<X509Builder> {
     let mut name = X509NameBuilder::new()?;
-    name.append_entry_by_text("CN", names.first().copied().unwrap_or("keyless test"))?;
+    name.append_entry_by_text("CN", cn)?;
     let name = name.build();
     let mut b = X509::builder()?;
     b.set_version(2)?;
@@ -306,12 +313,19 @@ pub fn self_signed_cert(key: &PKey<Private>, names: &[&str]) -> Result<X509> {
     let serial = serial.to_asn1_integer()?;
     b.set_serial_number(&serial)?;
     b.set_subject_name(&name)?;
-    b.set_issuer_name(&name)?;
+    b.set_issuer_name(issuer.unwrap_or(&name))?;
     b.set_pubkey(key)?;
     let not_before = Asn1Time::days_from_now(0)?;
-    let not_after = Asn1Time::days_from_now(90)?;
+    let not_after = Asn1Time::days_from_now(days)?;
     b.set_not_before(&not_before)?;
     b.set_not_after(&not_after)?;
+    Ok(b)
+}
+
+/// A self-signed leaf certificate for `key` with `names` as DNS SANs (first = CN).
+pub fn self_signed_cert(key: &PKey<Private>, names: &[&str]) -> Result<X509> {
+    let cn = names.first().copied().unwrap_or("keyless test");
+    let mut b = cert_builder(key, cn, None, 90)?;
     b.append_extension(BasicConstraints::new().critical().build()?)?;
     let mut san = SubjectAlternativeName::new();
     for n in names {
