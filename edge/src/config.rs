@@ -9,6 +9,19 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Implements `Deserialize` through `FromStr` for a configuration value.
+macro_rules! deserialize_from_str {
+    ($t:ty) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                String::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -75,7 +88,7 @@ pub struct ListenConfig {
 #[serde(deny_unknown_fields)]
 pub struct KeyServerConfig {
     /// `host:port` of each key server, most preferred first.
-    pub servers: Vec<String>,
+    pub servers: Vec<KeyServerAddr>,
     /// CA that key-server certificates chain to.
     pub ca: PathBuf,
     /// The edge's client certificate (PEM chain).
@@ -110,9 +123,10 @@ pub const MAX_CONCURRENT_OPS_LIMIT: usize = 256;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
-    /// Name servers (`ip` or `ip:port`); empty = the system's resolver configuration.
+    /// Name servers (`ip` or `ip:port`, port 53 by default); empty = the system's
+    /// resolver configuration.
     #[serde(default)]
-    pub nameservers: Vec<String>,
+    pub nameservers: Vec<NameServer>,
     /// Deadline of one DNS query. Default "2s".
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
@@ -204,17 +218,16 @@ impl IpNetwork {
 }
 
 impl std::str::FromStr for IpNetwork {
-    type Err = String;
+    type Err = AddrError;
 
-    fn from_str(s: &str) -> Result<IpNetwork, String> {
+    fn from_str(s: &str) -> Result<IpNetwork, AddrError> {
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: std::net::IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP network (addr/prefix)"))?;
+        let addr: std::net::IpAddr = addr.trim().parse().map_err(|_| {
+            AddrError::Network(s.to_owned(), "not an IP network (addr/prefix)".into())
+        })?;
         let addr = addr.to_canonical();
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
@@ -224,18 +237,15 @@ impl std::str::FromStr for IpNetwork {
                 .parse::<u8>()
                 .ok()
                 .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
+                .ok_or_else(|| {
+                    AddrError::Network(s.to_owned(), format!("prefix must be 0..={max}"))
+                })?,
         };
         Ok(IpNetwork { addr, prefix })
     }
 }
 
-impl<'de> Deserialize<'de> for IpNetwork {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<IpNetwork, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+deserialize_from_str!(IpNetwork);
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -258,7 +268,7 @@ pub struct SiteConfig {
     /// Names served (exact, or `*.example.com` for one label under it).
     pub domains: Vec<String>,
     /// Origin URL (`http://` or `https://`); its host is resolved through `[dns]`.
-    pub origin: String,
+    pub origin: OriginUrl,
     /// How this site's responses are cached.
     #[serde(default)]
     pub cache: SiteCacheConfig,
@@ -332,8 +342,8 @@ pub struct SiteCacheConfig {
     #[serde(default)]
     pub ignore_query: bool,
     /// Request headers whose values are part of the cache key.
-    #[serde(default)]
-    pub key_headers: Vec<String>,
+    #[serde(default, deserialize_with = "header_names")]
+    pub key_headers: Vec<http::HeaderName>,
     /// Responses carrying `Set-Cookie`: `"never"` stored (default) or `"strip"`:
     /// stored without their `Set-Cookie` fields (the client that fetched it still
     /// gets its cookie).
@@ -482,25 +492,266 @@ impl Config {
                     site.origin
                 )));
             }
-            let uri: http::Uri = site
-                .origin
-                .parse()
-                .map_err(|e| invalid(format!("site origin {:?}: {e}", site.origin)))?;
-            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return Err(invalid(format!(
-                    "site origin {:?} must be an http:// or https:// URL with a host",
-                    site.origin
-                )));
-            }
-            for h in &site.cache.key_headers {
-                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                    return Err(invalid(format!(
-                        "site {:?}: cache key_headers entry {h:?} is not a header name",
-                        site.origin
-                    )));
-                }
-            }
         }
         Ok(config)
+    }
+}
+
+/// Deserializes a list of header names, refusing what is not one.
+fn header_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<http::HeaderName>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|h| {
+            http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "cache key_headers entry {h:?} is not a header name"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Why a configured address or URL is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    /// A key server is not `host:port`.
+    #[error("key server {0:?} is not host:port")]
+    KeyServer(String),
+    /// A name server is not an IP address with an optional port.
+    #[error("[dns] name server {0:?} is not an ip or ip:port")]
+    NameServer(String),
+    /// A site origin is not a URL.
+    #[error("site origin {0:?}: {1}")]
+    OriginSyntax(String, String),
+    /// A network of `[proxy] trusted_proxies` is not `addr/prefix`.
+    #[error("{0:?}: {1}")]
+    Network(String, String),
+    /// A site origin is a URL of another kind.
+    #[error("site origin {0:?} must be an http:// or https:// URL with a host")]
+    OriginKind(String),
+}
+
+/// A key server's `host:port` (`[v6]:port` for IPv6 literals).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyServerAddr {
+    /// As configured: what is connected to (resolved by the system).
+    addr: String,
+    /// The host without brackets: the default name its certificate is checked for.
+    host: String,
+}
+
+impl KeyServerAddr {
+    /// `host:port` as configured.
+    pub fn as_str(&self) -> &str {
+        &self.addr
+    }
+
+    /// The host, without IPv6 brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+impl std::fmt::Display for KeyServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+impl std::str::FromStr for KeyServerAddr {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<KeyServerAddr, AddrError> {
+        let host = match s.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => {
+                h.trim_start_matches('[').trim_end_matches(']')
+            }
+            _ => return Err(AddrError::KeyServer(s.to_owned())),
+        };
+        if host.is_empty() {
+            return Err(AddrError::KeyServer(s.to_owned()));
+        }
+        Ok(KeyServerAddr {
+            addr: s.to_owned(),
+            host: host.to_owned(),
+        })
+    }
+}
+deserialize_from_str!(KeyServerAddr);
+
+/// A DNS server: `ip` or `ip:port` (`[v6]:port`), port 53 by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameServer(pub SocketAddr);
+
+impl std::str::FromStr for NameServer {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<NameServer, AddrError> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(NameServer(addr));
+        }
+        let bare = s
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(s);
+        let ip = bare
+            .parse::<std::net::IpAddr>()
+            .map_err(|_| AddrError::NameServer(s.to_owned()))?;
+        Ok(NameServer(SocketAddr::new(ip, 53)))
+    }
+}
+deserialize_from_str!(NameServer);
+
+/// A site's origin: an `http://` or `https://` URL with a host, optionally a port and
+/// a path prefix, checked and split once when the configuration is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginUrl {
+    /// As configured, for logs.
+    text: String,
+    tls: bool,
+    /// Lowercase; IPv6 literals in brackets.
+    host: String,
+    port: u16,
+    /// `scheme://host:port`: the origin's name in errors and its connection pool key.
+    key: String,
+    /// The URL's authority as written: the `Host` sent when the client named none.
+    authority: http::uri::Authority,
+    /// The URL's path, prepended to every request's path (`/` = none).
+    path: String,
+}
+
+impl OriginUrl {
+    /// Whether the origin is reached over TLS (`https`).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The host as written in the URL, lowercase (IPv6 literals in brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The host without IPv6 brackets, for TLS server names and resolution.
+    pub fn bare_host(&self) -> &str {
+        self.host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&self.host)
+    }
+
+    /// The port (the scheme's default when the URL names none).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `scheme://host:port`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The URL's authority.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.authority
+    }
+
+    /// The URL's path prefix (`/` when it has none).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl std::fmt::Display for OriginUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::str::FromStr for OriginUrl {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<OriginUrl, AddrError> {
+        let uri: http::Uri = s.parse().map_err(|e: http::uri::InvalidUri| {
+            AddrError::OriginSyntax(s.to_owned(), e.to_string())
+        })?;
+        let kind = || AddrError::OriginKind(s.to_owned());
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(kind()),
+        };
+        let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(kind)?;
+        let host = host.to_ascii_lowercase();
+        let authority = uri.authority().cloned().ok_or_else(kind)?;
+        if authority.as_str().contains('@') {
+            return Err(kind());
+        }
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let scheme = if tls { "https" } else { "http" };
+        Ok(OriginUrl {
+            text: s.to_owned(),
+            tls,
+            key: format!("{scheme}://{host}:{port}"),
+            host,
+            port,
+            authority,
+            path: uri.path().to_owned(),
+        })
+    }
+}
+deserialize_from_str!(OriginUrl);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_urls_are_split_once() {
+        let o: OriginUrl = "https://Origin.Example:8443/base/".parse().unwrap();
+        assert!(o.is_tls());
+        assert_eq!(o.host(), "origin.example");
+        assert_eq!(o.port(), 8443);
+        assert_eq!(o.key(), "https://origin.example:8443");
+        assert_eq!(o.authority().as_str(), "Origin.Example:8443");
+        assert_eq!(o.path(), "/base/");
+        let v6: OriginUrl = "http://[::1]".parse().unwrap();
+        assert_eq!((v6.bare_host(), v6.port(), v6.path()), ("::1", 80, "/"));
+        for bad in ["ftp://x", "/path", "http://", "http://u@x", "x y"] {
+            assert!(bad.parse::<OriginUrl>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn key_server_and_name_server_addresses() {
+        let k: KeyServerAddr = "[::1]:2407".parse().unwrap();
+        assert_eq!((k.as_str(), k.host()), ("[::1]:2407", "::1"));
+        assert_eq!(
+            "ks.example:1".parse::<KeyServerAddr>().unwrap().host(),
+            "ks.example"
+        );
+        for bad in ["ks.example", "ks:port", ":2407"] {
+            assert!(bad.parse::<KeyServerAddr>().is_err(), "{bad}");
+        }
+        let n = |s: &str| s.parse::<NameServer>().map(|n| n.0);
+        assert_eq!(n("10.0.0.1").unwrap(), "10.0.0.1:53".parse().unwrap());
+        assert_eq!(
+            n("127.0.0.1:5353").unwrap(),
+            "127.0.0.1:5353".parse().unwrap()
+        );
+        assert_eq!(n("::1").unwrap(), "[::1]:53".parse().unwrap());
+        assert_eq!(n("[::1]:53").unwrap(), "[::1]:53".parse().unwrap());
+        assert!(n("dns.example").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let text = |origin: &str| {
+            format!(
+                "[listen]\n[keyserver]\nservers = [\"k:1\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[[site]]\ndomains = [\"x\"]\norigin = \"{origin}\"\n"
+            )
+        };
+        let err = Config::parse(&text("ftp://x"), Path::new("e.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("origin") && msg.contains("ftp://x"), "{msg}");
+        assert!(Config::parse(&text("http://x:8080/p"), Path::new("e.toml")).is_ok());
     }
 }

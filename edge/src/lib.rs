@@ -1,17 +1,29 @@
 //! keyless edge: terminates TLS for customer sites while every private-key operation
-//! is made by a key server.
+//! is made by a key server, and serves their HTTP through a cache.
 //!
-//! - [`tls`]: client handshakes, chains fetched by SNI, remote signing;
-//! - [`keyserver`]: the multiplexed key-server client;
-//! - [`proxy`]: HTTP/1.1 and h2 reverse proxy to origins resolved by DNS;
-//! - [`admin`]: health and metrics.
+//! A request flows one way, each layer importing only those below it:
+//!
+//! - [`serve`]: listeners, client connections (TLS through [`tls`], HTTP/1.1 and h2),
+//!   site by host, the request rewritten into its upstream form;
+//! - [`cache`]: the HTTP cache, reaching the origin through the
+//!   [`exchange::Fetch`] interface only;
+//! - [`upstream`]: the origin client (DNS, pooled connections).
+//!
+//! Beside them: [`tls`] (handshakes, chains by SNI, remote signing), [`keyserver`]
+//! (the multiplexed key-server client), [`admin`] (health, metrics, purge),
+//! [`config`] (parsed once into typed values) and [`run`](mod@run) (assembly).
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod exchange;
 pub mod keyserver;
 pub mod metrics;
-pub mod proxy;
+pub mod run;
+pub mod serve;
 pub mod sites;
 pub mod tls;
+pub mod upstream;
+
+pub use run::{check, run, runtime, Stop};

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::SiteConfig;
+use crate::config::{OriginUrl, SiteConfig};
 
 /// One customer site.
 #[derive(Debug)]
@@ -12,7 +12,7 @@ pub struct Site {
     pub domains: Vec<String>,
     /// Origin base URL (`http://host:port` or `https://...`); path and query of a client
     /// request are appended to its path.
-    pub origin: http::Uri,
+    pub origin: OriginUrl,
     /// Whether this site's responses are cached.
     pub cache_enabled: bool,
     /// Leave the query out of cache keys.
@@ -30,6 +30,14 @@ impl Site {
     }
 }
 
+/// Why the sites cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum SitesError {
+    /// Two sites claim one name.
+    #[error("domain {0} is configured for two sites")]
+    Duplicate(String),
+}
+
 /// Name → site, exact names before `*.` wildcards (one label deep).
 #[derive(Debug, Default)]
 pub struct Sites {
@@ -38,28 +46,16 @@ pub struct Sites {
 }
 
 impl Sites {
-    /// Builds the index; [`crate::config::Config::parse`] has validated the origins.
-    pub fn new(configs: &[SiteConfig]) -> Result<Sites, String> {
+    /// Builds the index of the sites [`crate::config::Config::parse`] has checked.
+    pub fn new(configs: &[SiteConfig]) -> Result<Sites, SitesError> {
         let mut sites = Sites::default();
         for c in configs {
-            let origin: http::Uri = c
-                .origin
-                .parse()
-                .map_err(|e| format!("site origin {:?}: {e}", c.origin))?;
             let site = Arc::new(Site {
                 domains: c.domains.iter().map(|d| normalize(d)).collect(),
-                origin,
+                origin: c.origin.clone(),
                 cache_enabled: c.cache.enabled,
                 cache_ignore_query: c.cache.ignore_query,
-                cache_key_headers: c
-                    .cache
-                    .key_headers
-                    .iter()
-                    .map(|h| {
-                        http::HeaderName::from_bytes(h.as_bytes())
-                            .map_err(|_| format!("cache key header {h:?} is not a header name"))
-                    })
-                    .collect::<Result<_, _>>()?,
+                cache_key_headers: c.cache.key_headers.clone(),
                 cache_set_cookie: c.cache.store_set_cookie,
             });
             for d in &site.domains {
@@ -68,7 +64,7 @@ impl Sites {
                     None => (&mut sites.exact, d.clone()),
                 };
                 if map.insert(key, site.clone()).is_some() {
-                    return Err(format!("domain {d} is configured for two sites"));
+                    return Err(SitesError::Duplicate(d.clone()));
                 }
             }
         }
@@ -97,7 +93,7 @@ mod tests {
     fn site(domains: &[&str], origin: &str) -> SiteConfig {
         SiteConfig {
             domains: domains.iter().map(|s| s.to_string()).collect(),
-            origin: origin.into(),
+            origin: origin.parse().unwrap(),
             cache: Default::default(),
         }
     }
@@ -110,16 +106,16 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            sites.lookup("EXAMPLE.com.").unwrap().origin,
-            "http://o1:80/"
+            sites.lookup("EXAMPLE.com.").unwrap().origin.key(),
+            "http://o1:80"
         );
         assert_eq!(
-            sites.lookup("api.example.com").unwrap().origin,
-            "http://o2:80/"
+            sites.lookup("api.example.com").unwrap().origin.key(),
+            "http://o2:80"
         );
         assert_eq!(
-            sites.lookup("www.example.com").unwrap().origin,
-            "http://o1:80/"
+            sites.lookup("www.example.com").unwrap().origin.key(),
+            "http://o1:80"
         );
         assert!(sites.lookup("a.b.example.com").is_none());
         assert!(sites.lookup("example.org").is_none());

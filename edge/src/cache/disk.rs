@@ -101,7 +101,7 @@ struct Meta {
 /// A bounded on-disk store of cached objects (see the module docs). `Send + Sync`;
 /// share it behind an `Arc`.
 #[derive(Debug)]
-pub struct DiskTier {
+pub(crate) struct DiskTier {
     inner: Arc<Inner>,
 }
 
@@ -183,7 +183,7 @@ impl DiskTier {
     ///
     /// Creating or listing `dir` (or one of its subdirectories) failed. A bad entry
     /// is not an error: it is removed.
-    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<DiskTier> {
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> io::Result<DiskTier> {
         create_private_dir(dir)?;
         // Cached responses are other users' content: only the edge's user reads them.
         fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
@@ -269,7 +269,7 @@ impl DiskTier {
     /// if absent or unreadable (an unreadable or corrupt file is removed with its
     /// entry). A hit makes the key the most recently used and refreshes the file's
     /// mtime, so recency survives a restart.
-    pub async fn get(&self, key: &str) -> Option<CachedObject> {
+    pub(crate) async fn get(&self, key: &str) -> Option<CachedObject> {
         let gen = self.inner.lock().touch(key)?;
         let inner = Arc::clone(&self.inner);
         let owned = key.to_owned();
@@ -307,7 +307,7 @@ impl DiskTier {
     /// it over the key's file, then evicts least recently used entries until the total
     /// is within the bound. An object whose file would exceed the bound is not stored.
     /// Errors are logged and swallowed: the cache keeps working from memory.
-    pub async fn put(&self, obj: &CachedObject) {
+    pub(crate) async fn put(&self, obj: &CachedObject) {
         let inner = Arc::clone(&self.inner);
         let obj = obj.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || inner.store(&obj)).await {
@@ -317,7 +317,7 @@ impl DiskTier {
 
     /// Removes `key` (and cancels a put of it in progress); returns whether it was
     /// stored. Does not scan the index.
-    pub fn remove(&self, key: &str) -> bool {
+    pub(crate) fn remove(&self, key: &str) -> bool {
         let mut index = self.inner.lock();
         for p in index.pending.values_mut() {
             if p.key == key {
@@ -334,41 +334,42 @@ impl DiskTier {
     }
 
     /// Whether `key` is stored or being stored.
-    pub fn contains(&self, key: &str) -> bool {
+    pub(crate) fn contains(&self, key: &str) -> bool {
         let index = self.inner.lock();
         index.entries.contains_key(key) || index.pending.values().any(|p| p.key == key)
     }
 
     /// Removes every key for which `pred` holds (purge by URL or prefix); returns how
     /// many were stored. Scans the whole index.
-    pub fn remove_matching(&self, pred: &dyn Fn(&str) -> bool) -> usize {
+    pub(crate) fn remove_matching(&self, pred: &dyn Fn(&str) -> bool) -> usize {
         self.inner.remove_where(|k, _| pred(k))
     }
 
     /// Removes every object tagged `tag` (see [`CachedObject::tags`]); returns how
     /// many. Scans the whole index.
-    pub fn remove_tag(&self, tag: &str) -> usize {
+    pub(crate) fn remove_tag(&self, tag: &str) -> usize {
         self.inner
             .remove_where(|_, tags| tags.iter().any(|t| t == tag))
     }
 
     /// Bytes used: the sum of the stored files' sizes.
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.inner.lock().bytes
     }
 
     /// Number of stored objects.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.inner.lock().entries.len()
     }
 
     /// Whether no object is stored.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Objects evicted to fit the byte bound since open (including at open).
-    pub fn evictions(&self) -> u64 {
+    pub(crate) fn evictions(&self) -> u64 {
         self.inner.evictions.load(Ordering::Relaxed)
     }
 }

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::conditional::{self, Precondition};
@@ -21,7 +21,7 @@ use super::policy::{self, Directives, ResponsePolicy, Usability};
 use super::range::{self, RangeAnswer};
 use super::{Cache, Entry, Flight, FlightGuard, Lookup};
 use crate::config::SetCookiePolicy;
-use crate::proxy::{text_response, ClientCtx, Proxy, ProxyBody};
+use crate::exchange::{empty, full, text_response, ClientCtx, EdgeBody, Fetch};
 use crate::sites::Site;
 
 /// This cache's name in `Cache-Status`.
@@ -140,17 +140,17 @@ struct ReqInfo {
 }
 
 /// Serves `req` for `site` through the cache.
-pub(crate) async fn handle(
-    proxy: &Arc<Proxy>,
+pub(crate) async fn handle<F: Fetch>(
+    origin: &Arc<F>,
     cache: &Arc<Cache>,
-    req: Request<ProxyBody>,
+    req: Request<EdgeBody>,
     host: &str,
     site: &Arc<Site>,
     ctx: &ClientCtx,
-) -> Response<ProxyBody> {
+) -> Response<EdgeBody> {
     if !site.cache_enabled {
         cache.metrics().cache_lookup("bypass");
-        return CacheStatus::fwd("bypass").apply(proxy.forward(req, site, ctx).await);
+        return CacheStatus::fwd("bypass").apply(forward(origin.as_ref(), req, site, ctx).await);
     }
     let method = req.method().clone();
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -159,7 +159,7 @@ pub(crate) async fn handle(
     if method != Method::GET && method != Method::HEAD {
         cache.metrics().cache_lookup("bypass");
         let headers = req.headers().clone();
-        let response = proxy.forward(req, site, ctx).await;
+        let response = forward(origin.as_ref(), req, site, ctx).await;
         let s = response.status();
         if policy::is_unsafe(&method) && (s.is_success() || s.is_redirection()) {
             invalidate_after_unsafe(
@@ -181,7 +181,7 @@ pub(crate) async fn handle(
             detail: Some("url-too-long"),
             ..CacheStatus::fwd("bypass")
         };
-        return status.apply(proxy.forward(req, site, ctx).await);
+        return status.apply(forward(origin.as_ref(), req, site, ctx).await);
     }
 
     // The header map moves into `info` (hits need no copy); a request that goes to the
@@ -197,7 +197,7 @@ pub(crate) async fn handle(
     };
     let req = Held { parts, body };
     let scope = Scope {
-        proxy,
+        origin,
         cache,
         site,
         ctx,
@@ -242,23 +242,43 @@ pub(crate) async fn handle(
 }
 
 /// What every step of a request's way through the cache uses.
-#[derive(Clone, Copy)]
-struct Scope<'a> {
-    proxy: &'a Arc<Proxy>,
+struct Scope<'a, F> {
+    origin: &'a Arc<F>,
     cache: &'a Arc<Cache>,
     site: &'a Arc<Site>,
     ctx: &'a ClientCtx,
 }
 
+impl<F> Clone for Scope<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F> Copy for Scope<'_, F> {}
+
+/// `req`'s response from the origin, or the short answer when there is none.
+async fn forward<F: Fetch>(
+    origin: &F,
+    req: Request<EdgeBody>,
+    site: &Site,
+    ctx: &ClientCtx,
+) -> Response<EdgeBody> {
+    match origin.fetch(req, site).await {
+        Ok(response) => response,
+        Err(e) => e.response(site, ctx),
+    }
+}
+
 /// A client request whose header map is in its [`ReqInfo`].
 struct Held {
     parts: http::request::Parts,
-    body: ProxyBody,
+    body: EdgeBody,
 }
 
 impl Held {
     /// The request again, with a copy of `headers`.
-    fn into_request(self, headers: &HeaderMap) -> Request<ProxyBody> {
+    fn into_request(self, headers: &HeaderMap) -> Request<EdgeBody> {
         let mut parts = self.parts;
         parts.headers = headers.clone();
         Request::from_parts(parts, self.body)
@@ -266,15 +286,15 @@ impl Held {
 }
 
 /// Forwards a request nothing stored can answer; stores the answer when it may.
-async fn miss(
-    scope: Scope<'_>,
+async fn miss<F: Fetch>(
+    scope: Scope<'_, F>,
     req: Held,
     info: &ReqInfo,
     fwd: &'static str,
     full_key: Option<String>,
-) -> Response<ProxyBody> {
+) -> Response<EdgeBody> {
     let Scope {
-        proxy,
+        origin,
         cache,
         site,
         ctx,
@@ -343,8 +363,8 @@ async fn miss(
     let target = (req.parts.uri.clone(), req.parts.version);
     cache.metrics().cache_lookup("miss");
     let request_time = SystemTime::now();
-    match proxy.fetch(req.into_request(&info.headers), site).await {
-        Err(e) => CacheStatus::fwd(fwd).apply(proxy.error_response(&e, site, ctx)),
+    match origin.fetch(req.into_request(&info.headers), site).await {
+        Err(e) => CacheStatus::fwd(fwd).apply(e.response(site, ctx)),
         Ok(response) => {
             if fill && response.status() == StatusCode::PARTIAL_CONTENT {
                 let key = full_key.as_deref().unwrap_or(&info.primary);
@@ -363,8 +383,8 @@ async fn miss(
 /// these (or whose fill is not stored) is remembered for a while and not filled again,
 /// so small ranges of a large object cost one small origin request each, never a full
 /// download.
-fn fill_after_range(
-    scope: Scope<'_>,
+fn fill_after_range<F: Fetch>(
+    scope: Scope<'_, F>,
     target: &(http::Uri, http::Version),
     info: &ReqInfo,
     key: &str,
@@ -428,11 +448,11 @@ fn not_storable(
 fn store_or_pass(
     cache: &Arc<Cache>,
     info: &ReqInfo,
-    response: Response<ProxyBody>,
+    response: Response<EdgeBody>,
     request_time: SystemTime,
     guard: Option<FlightGuard>,
     mut status: CacheStatus,
-) -> Response<ProxyBody> {
+) -> Response<EdgeBody> {
     match storing(cache, info, response, request_time, guard) {
         Storing::Pass {
             response,
@@ -464,14 +484,14 @@ fn store_or_pass(
 enum Storing {
     /// Not stored: the response as it came.
     Pass {
-        response: Response<ProxyBody>,
+        response: Response<EdgeBody>,
         /// Not stored because of its size.
         too_large: bool,
     },
     /// To be stored: the body goes into `sink` as it streams.
     Store {
         parts: http::response::Parts,
-        body: ProxyBody,
+        body: EdgeBody,
         sink: Box<Sink>,
         /// Freshness lifetime, seconds.
         ttl: i64,
@@ -484,7 +504,7 @@ enum Storing {
 fn storing(
     cache: &Arc<Cache>,
     info: &ReqInfo,
-    response: Response<ProxyBody>,
+    response: Response<EdgeBody>,
     request_time: SystemTime,
     guard: Option<FlightGuard>,
 ) -> Storing {
@@ -575,15 +595,15 @@ fn storing(
 }
 
 /// Revalidates a stored response that cannot be used as it is.
-async fn revalidate(
-    scope: Scope<'_>,
+async fn revalidate<F: Fetch>(
+    scope: Scope<'_, F>,
     req: Held,
     info: &ReqInfo,
     entry: Arc<Entry>,
     fwd: &'static str,
-) -> Response<ProxyBody> {
+) -> Response<EdgeBody> {
     let Scope {
-        proxy,
+        origin,
         cache,
         site,
         ctx,
@@ -593,7 +613,7 @@ async fn revalidate(
     parts.headers = info.headers.clone();
     let conditional = conditional_request(parts, Some(&entry.obj));
     let request_time = SystemTime::now();
-    let result = proxy.fetch(conditional, site).await;
+    let result = origin.fetch(conditional, site).await;
     let now = SystemTime::now();
     let stale_ok = policy::may_serve_stale_on_error(&entry.policy, entry.age(now));
     match result {
@@ -609,7 +629,7 @@ async fn revalidate(
             };
             serve_stored(info, &entry, now, status)
         }
-        Err(e) => CacheStatus::fwd(fwd).apply(proxy.error_response(&e, site, ctx)),
+        Err(e) => CacheStatus::fwd(fwd).apply(e.response(site, ctx)),
         Ok(response) if response.status() == StatusCode::NOT_MODIFIED => {
             let entry = store_not_modified(cache, &entry, response.headers(), request_time, now);
             let status = CacheStatus {
@@ -675,10 +695,7 @@ fn is_error_status(s: StatusCode) -> bool {
 
 /// A full (200) response from the origin to a request that had conditionals the
 /// origin did not see: answers `304`/`412` when they say so.
-fn answer_client_conditionals(
-    info: &ReqInfo,
-    response: Response<ProxyBody>,
-) -> Response<ProxyBody> {
+fn answer_client_conditionals(info: &ReqInfo, response: Response<EdgeBody>) -> Response<EdgeBody> {
     if response.status() != StatusCode::OK {
         return response;
     }
@@ -699,7 +716,7 @@ fn answer_client_conditionals(
 
 /// The 304 or 412 answer of a request whose preconditions said so, about a response
 /// with `headers`.
-fn precondition_answer(precondition: Precondition, headers: &HeaderMap) -> Response<ProxyBody> {
+fn precondition_answer(precondition: Precondition, headers: &HeaderMap) -> Response<EdgeBody> {
     if precondition == Precondition::NotModified {
         let mut r = Response::new(empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -711,7 +728,7 @@ fn precondition_answer(precondition: Precondition, headers: &HeaderMap) -> Respo
 }
 
 /// Reads `body` to its end, discarding it (a body being stored then completes).
-async fn drain(mut body: ProxyBody) {
+async fn drain(mut body: EdgeBody) {
     while let Some(Ok(_)) = body.frame().await {}
 }
 
@@ -720,7 +737,7 @@ async fn drain(mut body: ProxyBody) {
 fn conditional_request(
     parts: http::request::Parts,
     obj: Option<&CachedObject>,
-) -> Request<ProxyBody> {
+) -> Request<EdgeBody> {
     let mut req = Request::from_parts(parts, empty());
     *req.method_mut() = Method::GET;
     let h = req.headers_mut();
@@ -787,7 +804,12 @@ fn merge_not_modified(
 }
 
 /// Refreshes a stale entry in a task (stale-while-revalidate), once at a time.
-fn refresh_in_background(scope: Scope<'_>, req: &Held, client: &ReqInfo, entry: &Arc<Entry>) {
+fn refresh_in_background<F: Fetch>(
+    scope: Scope<'_, F>,
+    req: &Held,
+    client: &ReqInfo,
+    entry: &Arc<Entry>,
+) {
     let Some(guard) = scope.cache.begin_refresh(&entry.obj.key) else {
         return;
     };
@@ -817,14 +839,14 @@ struct Background {
 /// revalidating `background.entry` when there is one, else filling the cache (after a
 /// range request missed). The client's own conditionals and range are not sent. A
 /// response that will not be stored is dropped, not read: its transfer is cancelled.
-fn fetch_in_background(
-    scope: Scope<'_>,
+fn fetch_in_background<F: Fetch>(
+    scope: Scope<'_, F>,
     target: &(http::Uri, http::Version),
     client: &ReqInfo,
     background: Background,
 ) {
     let Scope {
-        proxy,
+        origin,
         cache,
         site,
         ctx: _,
@@ -847,7 +869,7 @@ fn fetch_in_background(
         set_cookie: client.set_cookie,
     };
     let request = conditional_request(parts, background.entry.as_ref().map(|e| &e.obj));
-    let (proxy, cache, site) = (proxy.clone(), cache.clone(), site.clone());
+    let (origin, cache, site) = (origin.clone(), cache.clone(), site.clone());
     tokio::spawn(async move {
         let Background {
             entry,
@@ -857,7 +879,7 @@ fn fetch_in_background(
         } = background;
         let filling = entry.is_none();
         let request_time = SystemTime::now();
-        match (proxy.fetch(request, &site).await, entry) {
+        match (origin.fetch(request, &site).await, entry) {
             (Err(e), _) => {
                 tracing::warn!(key = %keyless_shared::log_safe(&info.primary), error = %e, "background fetch failed");
             }
@@ -890,7 +912,7 @@ fn serve_stored(
     entry: &Entry,
     now: SystemTime,
     status: CacheStatus,
-) -> Response<ProxyBody> {
+) -> Response<EdgeBody> {
     let obj = &entry.obj;
     let age = HeaderValue::from(entry.age(now).as_secs());
     // Preconditions apply to a stored 2xx only, ranges to a stored 200 only (RFC 9110
@@ -1015,14 +1037,6 @@ fn concat(mut parts: Vec<Bytes>, len: u64) -> Bytes {
     all.freeze()
 }
 
-fn empty() -> ProxyBody {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
-
-fn full(b: Bytes) -> ProxyBody {
-    Full::new(b).map_err(|never| match never {}).boxed_unsync()
-}
-
 /// Collects a streamed body for the cache and stores the object once it is whole.
 struct Sink {
     cache: Arc<Cache>,
@@ -1090,7 +1104,7 @@ impl Drop for Sink {
 /// cache. The copy is dropped if the body fails, is cut short (the client went away)
 /// or grows past `max_object_bytes`; it is stored only when whole.
 struct StoringBody {
-    inner: ProxyBody,
+    inner: EdgeBody,
     sink: Option<Sink>,
 }
 
@@ -1174,7 +1188,7 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Reads `body` to its end into `sink`, then stores the object (if whole and within
 /// the size bound); whether it was stored. Reading stops (and dropping `body` cancels
 /// the transfer) as soon as the object cannot be stored.
-async fn drain_into(mut body: ProxyBody, mut sink: Sink) -> bool {
+async fn drain_into(mut body: EdgeBody, mut sink: Sink) -> bool {
     loop {
         match body.frame().await {
             Some(Ok(frame)) => {

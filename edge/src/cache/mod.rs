@@ -12,11 +12,11 @@
 //! [`flow`]; the RFC rules in [`policy`].
 
 pub mod conditional;
-pub mod disk;
-pub(crate) mod flow;
-pub mod object;
-pub mod policy;
-pub mod range;
+mod disk;
+mod flow;
+mod object;
+mod policy;
+mod range;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,7 @@ use moka::notification::RemovalCause;
 use tokio::sync::watch;
 
 use crate::config::CacheConfig;
+use crate::exchange::{ClientCtx, EdgeBody, Fetch};
 use crate::metrics::{Metrics, TierLabels};
 use crate::sites::Site;
 use disk::DiskTier;
@@ -354,6 +355,19 @@ impl Cache {
             key.push_str(&String::from_utf8_lossy(&values.join(&b","[..])));
         }
         key
+    }
+
+    /// Answers `req` (in upstream form, for `host`) for `site` from the cache, fetching
+    /// from `origin` what it cannot answer; see [`flow`].
+    pub async fn handle<F: Fetch>(
+        self: &Arc<Self>,
+        origin: &Arc<F>,
+        req: http::Request<EdgeBody>,
+        host: &str,
+        site: &Arc<Site>,
+        ctx: &ClientCtx,
+    ) -> http::Response<EdgeBody> {
+        flow::handle(origin, self, req, host, site, ctx).await
     }
 
     /// Finds the stored response for a request (memory, then disk).

@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 /// A stored response, complete (the whole body arrived).
 #[derive(Clone, Debug)]
-pub struct CachedObject {
+pub(crate) struct CachedObject {
     /// The full cache key (primary key + variant), as [`super::key`] builds it.
     pub key: String,
     /// Status of the stored response (never 206 or 304).
@@ -33,7 +33,7 @@ pub struct CachedObject {
 impl CachedObject {
     /// Bytes this object takes, for the tiers' byte bounds: body, header fields and
     /// key, plus a fixed overhead per object.
-    pub fn weight(&self) -> u64 {
+    pub(crate) fn weight(&self) -> u64 {
         const OVERHEAD: usize = 256;
         let headers: usize = self
             .headers
@@ -50,14 +50,14 @@ impl CachedObject {
 
     /// The surrogate keys (purge tags) of this object: the space-separated tokens of
     /// `Surrogate-Key` and the comma-separated ones of `Cache-Tag`.
-    pub fn tags(&self) -> Vec<String> {
+    pub(crate) fn tags(&self) -> Vec<String> {
         surrogate_keys(&self.headers)
     }
 }
 
 /// The surrogate keys in `headers`: `Surrogate-Key` (space-separated) and `Cache-Tag`
 /// (comma-separated); empty and duplicate tokens dropped, each at most 1024 bytes.
-pub fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
+pub(crate) fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
     const MAX_TAG: usize = 1024;
     let mut tags: Vec<String> = Vec::new();
     let split = |name: &str, sep: &[char]| -> Vec<String> {

@@ -23,7 +23,7 @@ static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-contro
 
 /// A delta-seconds directive value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Delta {
+pub(crate) enum Delta {
     /// Not present.
     #[default]
     Absent,
@@ -44,14 +44,6 @@ impl Delta {
         };
     }
 
-    /// The value, if valid.
-    pub fn secs(self) -> Option<u64> {
-        match self {
-            Delta::Secs(v) => Some(v),
-            _ => None,
-        }
-    }
-
     fn is_present(self) -> bool {
         self != Delta::Absent
     }
@@ -67,7 +59,7 @@ fn parse_delta(v: &str) -> Option<u64> {
 
 /// Cache-Control directives (of a request or a response), as this cache uses them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Directives {
+pub(crate) struct Directives {
     /// `no-store`.
     pub no_store: bool,
     /// `no-cache` (qualified forms are treated as unqualified, which RFC 9111
@@ -101,7 +93,7 @@ pub struct Directives {
 impl Directives {
     /// Parses every field line of `values` (comma-separated directives, quoted
     /// strings honoured, names case-insensitive). Unknown directives are ignored.
-    pub fn parse<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> Directives {
+    pub(crate) fn parse<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> Directives {
         let mut d = Directives::default();
         for value in values {
             for (name, arg) in split_directives(value.as_bytes()) {
@@ -205,7 +197,7 @@ fn split_directives(bytes: &[u8]) -> Vec<(String, Option<String>)> {
 
 /// `Cache-Control` of `headers`, with `Pragma: no-cache` counting as `no-cache` when
 /// there is no `Cache-Control` (RFC 9111 §5.4).
-pub fn cache_control(headers: &HeaderMap) -> Directives {
+pub(crate) fn cache_control(headers: &HeaderMap) -> Directives {
     let mut d = Directives::parse(headers.get_all(header::CACHE_CONTROL));
     if !headers.contains_key(header::CACHE_CONTROL)
         && headers
@@ -238,7 +230,7 @@ fn heuristically_cacheable(status: StatusCode) -> bool {
 
 /// Operator defaults applied when a response carries no RFC 5861 directive.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct StaleDefaults {
+pub(crate) struct StaleDefaults {
     /// Default `stale-while-revalidate`.
     pub while_revalidate: Duration,
     /// Default `stale-if-error`.
@@ -247,7 +239,7 @@ pub struct StaleDefaults {
 
 /// What this cache knows of a stored (or storable) response's caching rules.
 #[derive(Clone, Debug)]
-pub struct ResponsePolicy {
+pub(crate) struct ResponsePolicy {
     /// The governing directives: `CDN-Cache-Control` when present, else
     /// `Cache-Control` (+ `Pragma: no-cache` when it has none).
     pub directives: Directives,
@@ -255,7 +247,8 @@ pub struct ResponsePolicy {
     pub cdn: bool,
     /// Freshness lifetime.
     pub lifetime: Duration,
-    /// Whether the lifetime is heuristic (RFC 9111 §4.2.2).
+    /// Whether the lifetime is heuristic (RFC 9111 §4.2.2); read by tests only.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub heuristic: bool,
     /// Stale serving forbidden (`must-revalidate`, `proxy-revalidate`, `s-maxage`,
     /// `no-cache`).
@@ -269,7 +262,7 @@ pub struct ResponsePolicy {
 impl ResponsePolicy {
     /// The policy of a response with `status` and `headers`, received at
     /// `response_time`.
-    pub fn new(
+    pub(crate) fn new(
         status: StatusCode,
         headers: &HeaderMap,
         response_time: SystemTime,
@@ -309,14 +302,14 @@ impl ResponsePolicy {
 
     /// Whether the response states its freshness: `max-age`, `s-maxage`, or (unless
     /// `CDN-Cache-Control` governs) `Expires` — valid or not.
-    pub fn has_explicit_freshness(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn has_explicit_freshness(&self, headers: &HeaderMap) -> bool {
         self.directives.max_age.is_present()
             || self.directives.s_maxage.is_present()
             || (!self.cdn && headers.contains_key(header::EXPIRES))
     }
 
     /// Why a response to a GET may not be stored, or `None` when it may (RFC 9111 §3).
-    pub fn not_storable(
+    pub(crate) fn not_storable(
         &self,
         status: StatusCode,
         headers: &HeaderMap,
@@ -394,15 +387,15 @@ fn freshness_lifetime(
 }
 
 /// The `Date` of a response, if present and valid.
-pub fn date_value(headers: &HeaderMap) -> Option<SystemTime> {
+pub(crate) fn date_value(headers: &HeaderMap) -> Option<SystemTime> {
     headers.get(header::DATE).and_then(parse_http_date)
 }
 
-pub use super::conditional::parse_http_date;
+pub(crate) use super::conditional::parse_http_date;
 
 /// The names a response's `Vary` lists (lowercase, deduplicated, sorted); `None` for
 /// `Vary: *` (never matches, RFC 9111 §4.1).
-pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+pub(crate) fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
     let mut names: Vec<HeaderName> = Vec::new();
     for v in headers.get_all(header::VARY) {
         let Ok(s) = v.to_str() else {
@@ -426,7 +419,7 @@ pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
 }
 
 /// The current age of a stored response (RFC 9111 §4.2.3), whole seconds.
-pub fn current_age(
+pub(crate) fn current_age(
     headers: &HeaderMap,
     request_time: SystemTime,
     response_time: SystemTime,
@@ -450,7 +443,7 @@ pub fn current_age(
 
 /// What a request may get from a stored response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Usability {
+pub(crate) enum Usability {
     /// Fresh enough for this request: serve it.
     Fresh,
     /// Stale, but `stale-while-revalidate` allows serving it while one background
@@ -465,7 +458,7 @@ pub enum Usability {
 
 /// Decides whether a stored response with `policy` and current `age` can serve a
 /// request with directives `req` (RFC 9111 §4.2, §5.2.1; RFC 5861).
-pub fn usability(policy: &ResponsePolicy, age: Duration, req: &Directives) -> Usability {
+pub(crate) fn usability(policy: &ResponsePolicy, age: Duration, req: &Directives) -> Usability {
     if req.no_cache || policy.directives.no_cache {
         return Usability::Revalidate;
     }
@@ -501,7 +494,7 @@ pub fn usability(policy: &ResponsePolicy, age: Duration, req: &Directives) -> Us
 }
 
 /// Whether a stale response may be served because the origin failed (RFC 5861 §4).
-pub fn may_serve_stale_on_error(policy: &ResponsePolicy, age: Duration) -> bool {
+pub(crate) fn may_serve_stale_on_error(policy: &ResponsePolicy, age: Duration) -> bool {
     if policy.no_stale {
         return false;
     }
@@ -510,7 +503,7 @@ pub fn may_serve_stale_on_error(policy: &ResponsePolicy, age: Duration) -> bool 
 
 /// Whether `method` is unsafe, so that a non-error response to it invalidates stored
 /// responses (RFC 9111 §4.4).
-pub fn is_unsafe(method: &Method) -> bool {
+pub(crate) fn is_unsafe(method: &Method) -> bool {
     !matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE

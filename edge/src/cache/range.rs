@@ -12,11 +12,11 @@ use super::conditional::{parse_http_date, stored_etag, stored_last_modified, Ent
 
 /// More range specs than this in one `Range` field: the field is ignored (RFC 9110
 /// §14.2 lets a server ignore many small or overlapping ranges).
-pub const MAX_RANGES: usize = 32;
+pub(crate) const MAX_RANGES: usize = 32;
 
 /// How to answer a request with respect to its `Range` field.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RangeAnswer {
+pub(crate) enum RangeAnswer {
     /// Serve the full representation (no `Range`, or `Range` ignored: malformed, not
     /// the `bytes` unit, too many ranges, `If-Range` mismatch, method not GET).
     Full,
@@ -62,7 +62,12 @@ enum Spec {
 /// stored `Last-Modified` *and* that `Last-Modified` is a strong validator, i.e. at
 /// least 60 seconds before the stored `Date` (§8.8.2.2). Otherwise, or if `If-Range`
 /// is malformed or repeated, the full representation is served.
-pub fn answer(method: &Method, req: &HeaderMap, stored: &HeaderMap, body: &Bytes) -> RangeAnswer {
+pub(crate) fn answer(
+    method: &Method,
+    req: &HeaderMap,
+    stored: &HeaderMap,
+    body: &Bytes,
+) -> RangeAnswer {
     if method != Method::GET {
         return RangeAnswer::Full;
     }

@@ -14,6 +14,7 @@
 //! which is where priorities, weights and probing plug in.
 
 mod conn;
+mod identity;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -24,6 +25,8 @@ use rustls_pki_types::ServerName;
 use tokio::sync::Mutex;
 
 use conn::Conn;
+
+pub use identity::IdentityError;
 
 /// Why a key-server call failed. Every variant says whether a retry elsewhere is safe.
 #[derive(Debug, thiserror::Error)]

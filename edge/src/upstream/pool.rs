@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::future::Either;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,65 +20,22 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
-use super::{ProxyBody, ProxyError, Resolver};
+use super::Resolver;
+use crate::config::OriginUrl;
+use crate::exchange::{EdgeBody, FetchError};
 
 /// Idle HTTP/1.1 connections kept per origin; more are closed when they fall idle.
 const MAX_IDLE_PER_ORIGIN: usize = 64;
 /// Resolved addresses tried per connection attempt, bounding its total time.
 const MAX_ADDRS_TRIED: usize = 4;
 
-/// Where a site's origin is, parsed from its URL.
-#[derive(Debug)]
-pub(crate) struct Origin {
-    /// `scheme://host:port`: the pool key, and the origin's name in errors.
-    pub(crate) key: String,
-    /// Host as written in the URL (IPv6 in brackets).
-    host: String,
-    port: u16,
-    tls: bool,
-    /// The URL's authority, the `Host` sent when the client named none.
-    pub(crate) authority: String,
-}
-
-impl Origin {
-    /// `None` unless `uri` is an `http` or `https` URL with a host (which the
-    /// configuration has checked).
-    pub(crate) fn from_uri(uri: &Uri) -> Option<Origin> {
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return None,
-        };
-        let host = uri.host()?.to_ascii_lowercase();
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let scheme = if tls { "https" } else { "http" };
-        Some(Origin {
-            key: format!("{scheme}://{host}:{port}"),
-            authority: uri
-                .authority()
-                .map_or_else(|| host.clone(), |a| a.to_string()),
-            host,
-            port,
-            tls,
-        })
-    }
-
-    /// The host without IPv6 brackets, for TLS server names.
-    fn bare_host(&self) -> &str {
-        self.host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(&self.host)
-    }
-}
-
 /// A connection's request sender.
 pub(crate) enum Sender {
-    H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+    H1(http1::SendRequest<EdgeBody>),
+    H2(http2::SendRequest<EdgeBody>),
 }
 
-type SendResult = Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>;
+type SendResult = Result<Response<Incoming>, TrySendError<Request<EdgeBody>>>;
 
 impl Sender {
     pub(crate) fn is_h2(&self) -> bool {
@@ -89,7 +46,7 @@ impl Sender {
     /// was written, the error gives the request back.
     pub(crate) fn send(
         &mut self,
-        req: Request<ProxyBody>,
+        req: Request<EdgeBody>,
     ) -> impl Future<Output = SendResult> + Send + use<> {
         match self {
             Sender::H1(s) => Either::Left(s.try_send_request(req)),
@@ -110,11 +67,11 @@ pub(crate) struct Conn {
 struct Idle {
     h2: Option<Shared>,
     /// With the time each fell idle; the most recent last.
-    h1: Vec<(Instant, http1::SendRequest<ProxyBody>)>,
+    h1: Vec<(Instant, http1::SendRequest<EdgeBody>)>,
 }
 
 struct Shared {
-    sender: http2::SendRequest<ProxyBody>,
+    sender: http2::SendRequest<EdgeBody>,
     last_used: Instant,
 }
 
@@ -153,7 +110,7 @@ impl Pool {
     }
 
     /// An idle connection to `origin`, or a new one.
-    pub(crate) async fn get(&self, origin: &Origin) -> Result<Conn, ProxyError> {
+    pub(crate) async fn get(&self, origin: &OriginUrl) -> Result<Conn, FetchError> {
         self.start_sweeper();
         if let Some(sender) = self.take_idle(origin) {
             return Ok(Conn {
@@ -164,9 +121,9 @@ impl Pool {
         self.connect(origin).await
     }
 
-    fn take_idle(&self, origin: &Origin) -> Option<Sender> {
+    fn take_idle(&self, origin: &OriginUrl) -> Option<Sender> {
         let mut map = lock(&self.idle);
-        let idle = map.get_mut(&origin.key)?;
+        let idle = map.get_mut(origin.key())?;
         if let Some(shared) = &mut idle.h2 {
             if !shared.sender.is_closed() {
                 shared.last_used = Instant::now();
@@ -185,12 +142,12 @@ impl Pool {
     /// Gives an HTTP/1.1 connection back once its response has been read to the end
     /// (if the response is abandoned, hyper closes the connection and it is dropped).
     /// HTTP/2 connections stay shared in the pool and need nothing.
-    pub(crate) fn release(&self, origin: &Origin, sender: Sender) {
+    pub(crate) fn release(&self, origin: &OriginUrl, sender: Sender) {
         let Sender::H1(mut sender) = sender else {
             return;
         };
         let idle = Arc::downgrade(&self.idle);
-        let key = origin.key.clone();
+        let key = origin.key().to_owned();
         tokio::spawn(async move {
             if sender.ready().await.is_err() {
                 return;
@@ -236,25 +193,25 @@ impl Pool {
     }
 
     /// A new connection to `origin`; an HTTP/2 one also becomes its shared one.
-    pub(crate) async fn connect(&self, origin: &Origin) -> Result<Conn, ProxyError> {
-        let addrs = self.resolver.resolve(&origin.host, origin.port).await?;
+    pub(crate) async fn connect(&self, origin: &OriginUrl) -> Result<Conn, FetchError> {
+        let addrs = self.resolver.resolve(origin.host(), origin.port()).await?;
         let tcp = self.connect_tcp(origin, &addrs).await?;
-        let sender = if origin.tls {
+        let sender = if origin.is_tls() {
             let name = ServerName::try_from(origin.bare_host().to_owned()).map_err(|e| {
-                ProxyError::Tls {
-                    origin: origin.key.clone(),
+                FetchError::Tls {
+                    origin: origin.key().to_owned(),
                     source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
                 }
             })?;
             let stream = match timeout(self.connect_timeout, self.tls.connect(name, tcp)).await {
                 Err(_) => {
-                    return Err(ProxyError::ConnectTimeout {
-                        origin: origin.key.clone(),
+                    return Err(FetchError::ConnectTimeout {
+                        origin: origin.key().to_owned(),
                     })
                 }
                 Ok(Err(source)) => {
-                    return Err(ProxyError::Tls {
-                        origin: origin.key.clone(),
+                    return Err(FetchError::Tls {
+                        origin: origin.key().to_owned(),
                         source,
                     })
                 }
@@ -266,7 +223,10 @@ impl Pool {
             self.handshake(TokioIo::new(tcp), false, origin).await?
         };
         if let Sender::H2(s) = &sender {
-            lock(&self.idle).entry(origin.key.clone()).or_default().h2 = Some(Shared {
+            lock(&self.idle)
+                .entry(origin.key().to_owned())
+                .or_default()
+                .h2 = Some(Shared {
                 sender: s.clone(),
                 last_used: Instant::now(),
             });
@@ -279,9 +239,9 @@ impl Pool {
 
     async fn connect_tcp(
         &self,
-        origin: &Origin,
+        origin: &OriginUrl,
         addrs: &[SocketAddr],
-    ) -> Result<TcpStream, ProxyError> {
+    ) -> Result<TcpStream, FetchError> {
         let mut last_error = None;
         for addr in addrs.iter().take(MAX_ADDRS_TRIED) {
             match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
@@ -292,36 +252,36 @@ impl Pool {
                     return Ok(stream);
                 }
                 Ok(Err(source)) => {
-                    tracing::debug!(origin = %origin.key, %addr, error = %source, "origin connect failed");
-                    last_error = Some(ProxyError::Connect {
-                        origin: origin.key.clone(),
+                    tracing::debug!(origin = %origin.key(), %addr, error = %source, "origin connect failed");
+                    last_error = Some(FetchError::Connect {
+                        origin: origin.key().to_owned(),
                         source,
                     });
                 }
                 Err(_) => {
-                    tracing::debug!(origin = %origin.key, %addr, "origin connect timed out");
-                    last_error = Some(ProxyError::ConnectTimeout {
-                        origin: origin.key.clone(),
+                    tracing::debug!(origin = %origin.key(), %addr, "origin connect timed out");
+                    last_error = Some(FetchError::ConnectTimeout {
+                        origin: origin.key().to_owned(),
                     });
                 }
             }
         }
-        Err(last_error.unwrap_or_else(|| ProxyError::Dns {
-            host: origin.host.clone(),
+        Err(last_error.unwrap_or_else(|| FetchError::Dns {
+            host: origin.host().to_owned(),
             reason: "no addresses".into(),
         }))
     }
 
-    async fn handshake<T>(&self, io: T, h2: bool, origin: &Origin) -> Result<Sender, ProxyError>
+    async fn handshake<T>(&self, io: T, h2: bool, origin: &OriginUrl) -> Result<Sender, FetchError>
     where
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let failed = |source| ProxyError::Http {
-            origin: origin.key.clone(),
+        let failed = |source| FetchError::Http {
+            origin: origin.key().to_owned(),
             source,
         };
-        let timed_out = |_| ProxyError::ConnectTimeout {
-            origin: origin.key.clone(),
+        let timed_out = |_| FetchError::ConnectTimeout {
+            origin: origin.key().to_owned(),
         };
         if h2 {
             let (sender, conn) = timeout(
@@ -351,23 +311,5 @@ impl Pool {
             });
             Ok(Sender::H1(sender))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn origins_parse_with_default_ports() {
-        let o = Origin::from_uri(&"https://Origin.example".parse().unwrap()).unwrap();
-        assert_eq!(o.key, "https://origin.example:443");
-        assert!(o.tls);
-        let o = Origin::from_uri(&"http://[::1]:8080/base".parse().unwrap()).unwrap();
-        assert_eq!(o.key, "http://[::1]:8080");
-        assert_eq!(o.bare_host(), "::1");
-        assert_eq!(o.authority, "[::1]:8080");
-        assert!(Origin::from_uri(&"/relative".parse().unwrap()).is_none());
-        assert!(Origin::from_uri(&"ftp://x/".parse().unwrap()).is_none());
     }
 }

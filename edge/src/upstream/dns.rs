@@ -9,8 +9,10 @@ use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfi
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 
-use super::ProxyError;
+use super::SetupError;
 use crate::config::DnsConfig;
+use crate::config::NameServer;
+use crate::exchange::FetchError;
 
 /// Answers kept at most (names × record types); each expires with its TTL.
 const CACHE_SIZE: u64 = 1024;
@@ -35,7 +37,7 @@ impl std::fmt::Debug for Resolver {
 impl Resolver {
     /// Builds the resolver of `[dns]`: its name servers (UDP, and TCP for truncated
     /// answers), or the system configuration when none are listed.
-    pub fn new(config: &DnsConfig) -> Result<Resolver, ProxyError> {
+    pub fn new(config: &DnsConfig) -> Result<Resolver, SetupError> {
         let mut builder = if config.nameservers.is_empty() {
             match TokioResolver::builder_tokio() {
                 Ok(builder) => builder,
@@ -53,8 +55,9 @@ impl Resolver {
             let servers = config
                 .nameservers
                 .iter()
-                .map(|s| name_server(s))
-                .collect::<Result<Vec<_>, _>>()?;
+                .copied()
+                .map(name_server)
+                .collect();
             TokioResolver::builder_with_config(
                 ResolverConfig::from_name_servers(servers),
                 TokioRuntimeProvider::default(),
@@ -68,15 +71,13 @@ impl Resolver {
         opts.negative_max_ttl = Some(NEGATIVE_MAX_TTL);
         // Both families, IPv4 first: the connector tries them in this order.
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-        let inner = builder
-            .build()
-            .map_err(|e| ProxyError::Config(format!("DNS resolver: {e}")))?;
+        let inner = builder.build().map_err(SetupError::Resolver)?;
         Ok(Resolver { inner })
     }
 
     /// The addresses of `host` (a name, an IP literal, or a bracketed IPv6 literal) with
     /// `port`, in the order to try them. IP literals are returned without a query.
-    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ProxyError> {
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, FetchError> {
         let bare = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
@@ -84,7 +85,7 @@ impl Resolver {
         if let Ok(ip) = bare.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        let dns_error = |reason: String| ProxyError::Dns {
+        let dns_error = |reason: String| FetchError::Dns {
             host: host.to_owned(),
             reason,
         };
@@ -104,26 +105,13 @@ impl Resolver {
     }
 }
 
-/// `ip` or `ip:port` (`[v6]:port`), port 53 by default.
-fn name_server(s: &str) -> Result<NameServerConfig, ProxyError> {
-    let addr = match s.parse::<SocketAddr>() {
-        Ok(addr) => addr,
-        Err(_) => {
-            let bare = s
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(s);
-            let ip = bare.parse::<IpAddr>().map_err(|_| {
-                ProxyError::Config(format!("[dns] name server {s:?} is not an ip or ip:port"))
-            })?;
-            SocketAddr::new(ip, 53)
-        }
-    };
+/// The hickory configuration of one name server (UDP, and TCP for truncated answers).
+fn name_server(NameServer(addr): NameServer) -> NameServerConfig {
     let mut server = NameServerConfig::udp_and_tcp(addr.ip());
     for conn in &mut server.connections {
         conn.port = addr.port();
     }
-    Ok(server)
+    server
 }
 
 #[cfg(test)]
@@ -158,29 +146,21 @@ mod tests {
     }
 
     #[test]
-    fn name_servers_parse() {
+    fn name_servers_configure_udp_and_tcp_on_their_port() {
+        let ns = |s: &str| s.parse::<NameServer>().unwrap();
         let config = DnsConfig {
-            nameservers: vec![
-                "10.0.0.1".into(),
-                "127.0.0.1:5353".into(),
-                "[::1]:53".into(),
-                "::1".into(),
-            ],
+            nameservers: ["10.0.0.1", "127.0.0.1:5353", "[::1]:53", "::1"]
+                .map(ns)
+                .to_vec(),
             timeout: Some(Duration::from_millis(500)),
         };
         assert!(Resolver::new(&config).is_ok());
-        let s = name_server("127.0.0.1:5353").unwrap();
+        let s = name_server(ns("127.0.0.1:5353"));
         assert!(s.connections.iter().all(|c| c.port == 5353));
         assert_eq!(s.connections.len(), 2);
-        assert!(name_server("10.0.0.1")
-            .unwrap()
+        assert!(name_server(ns("10.0.0.1"))
             .connections
             .iter()
             .all(|c| c.port == 53));
-        let bad = DnsConfig {
-            nameservers: vec!["dns.example".into()],
-            timeout: None,
-        };
-        assert!(matches!(Resolver::new(&bad), Err(ProxyError::Config(_))));
     }
 }

@@ -2,7 +2,8 @@
 //! `origin_ca`, ALPN h2 upstream with `:authority` kept, and streaming over it.
 
 use super::*;
-use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A CA and a `localhost` / `127.0.0.1` server certificate made by the `openssl` tool
 /// in a fresh directory; `None` where the tool is missing.

@@ -21,7 +21,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::config::Config;
+use crate::exchange::ClientCtx;
+use crate::metrics::Metrics;
 use crate::sites::Sites;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::Response;
 
 const MIB: usize = 1024 * 1024;
 
@@ -118,7 +123,6 @@ struct Edge {
 
 struct EdgeOpts {
     scheme: &'static str,
-    default_site: bool,
     response_header_timeout: &'static str,
     idle_timeout: &'static str,
     origin_ca: Option<std::path::PathBuf>,
@@ -128,7 +132,6 @@ impl Default for EdgeOpts {
     fn default() -> Self {
         EdgeOpts {
             scheme: "http",
-            default_site: false,
             response_header_timeout: "5s",
             idle_timeout: "10s",
             origin_ca: None,
@@ -160,11 +163,15 @@ origin = "{origin}"
     let mut config = Config::parse(&text, Path::new("/nonexistent/edge.toml")).unwrap();
     config.proxy.origin_ca = opts.origin_ca;
     let metrics = Arc::new(Metrics::new());
-    let proxy = Arc::new(Proxy::new(&config, metrics.clone(), None).unwrap());
+    let origin = OriginClient::new(&config.proxy, &config.dns, metrics.clone()).unwrap();
     let sites = Arc::new(Sites::new(&config.sites).unwrap());
-    let default_site = opts
-        .default_site
-        .then(|| sites.lookup("example.com").unwrap().clone());
+    let front = Arc::new(HttpFront::new(
+        &config.proxy,
+        sites,
+        None,
+        Arc::new(origin),
+        metrics.clone(),
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -178,14 +185,7 @@ origin = "{origin}"
                 scheme,
                 local_addr: addr,
             };
-            tokio::spawn(serve_connection(
-                stream,
-                proxy.clone(),
-                sites.clone(),
-                default_site.clone(),
-                ctx,
-                token.clone(),
-            ));
+            tokio::spawn(serve_connection(stream, front.clone(), ctx, token.clone()));
         }
     });
     Edge {
@@ -396,7 +396,6 @@ async fn unknown_hosts_and_default_site() {
         &format!("http://{origin}"),
         EdgeOpts {
             scheme: "https",
-            default_site: true,
             ..EdgeOpts::default()
         },
     )

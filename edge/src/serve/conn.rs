@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{request_authority, text_response, ClientCtx, OriginTime, Proxy, ProxyBody};
-use crate::sites::{Site, Sites};
+use super::HttpFront;
+use crate::exchange::{request_authority, text_response, ClientCtx, EdgeBody, OriginTime};
 
 /// Longest wait for a request's header block (and, on HTTP/1.1, for the next request
 /// of a kept-alive connection); shorter when `idle_timeout` is.
@@ -35,29 +35,25 @@ const MIN_HEADER_BUF: usize = 8192;
 ///
 /// Requests go to the site named by their host (`:authority`, or `Host` without
 /// port). A request that names no host gets `400`: the host keys the cache and goes
-/// to the origin, so it is never guessed (`_default_site`, the TLS SNI's site, is not
-/// used for that).
+/// to the origin, so it is never guessed (the TLS SNI's site is not used for that).
 /// Unknown hosts get `421 Misdirected Request` on https and `404` on http.
 pub async fn serve_connection<IO>(
     io: IO,
-    proxy: Arc<Proxy>,
-    sites: Arc<Sites>,
-    _default_site: Option<Arc<Site>>,
+    front: Arc<HttpFront>,
     ctx: ClientCtx,
     shutdown: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let idle_timeout = proxy.idle_timeout;
-    let max_header_bytes = proxy.max_header_bytes;
+    let idle_timeout = front.idle_timeout;
+    let max_header_bytes = front.max_header_bytes;
     let clock = Arc::new(Clock::new());
     let io = TokioIo::new(Tracked {
         io,
         clock: clock.clone(),
     });
     let state = Arc::new(ConnState {
-        proxy,
-        sites,
+        front,
         ctx,
         in_flight: AtomicUsize::new(0),
     });
@@ -124,8 +120,7 @@ pub async fn serve_connection<IO>(
 
 /// What every request of one connection shares.
 struct ConnState {
-    proxy: Arc<Proxy>,
-    sites: Arc<Sites>,
+    front: Arc<HttpFront>,
     ctx: ClientCtx,
     /// Requests waiting for their response headers.
     in_flight: AtomicUsize,
@@ -148,7 +143,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl ConnState {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<EdgeBody> {
         let in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
         let method = req.method().clone();
@@ -168,7 +163,9 @@ impl ConnState {
             .nth(1)
             .is_some();
 
-        let site = host.as_deref().and_then(|h| self.sites.lookup(h).cloned());
+        let site = host
+            .as_deref()
+            .and_then(|h| self.front.sites.lookup(h).cloned());
         let response = if !named {
             text_response(StatusCode::BAD_REQUEST, "request names no host\n")
         } else if host.is_none() || several_hosts {
@@ -176,7 +173,7 @@ impl ConnState {
         } else if method == Method::CONNECT {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
         } else if let (Some(site), Some(host)) = (site, host.as_deref()) {
-            self.proxy.handle(req, host, &site, &self.ctx).await
+            self.front.handle(req, host, &site, &self.ctx).await
         } else if self.ctx.scheme == "https" {
             text_response(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -191,7 +188,7 @@ impl ConnState {
         drop(in_flight);
 
         let status = response.status().as_u16();
-        self.proxy.metrics.request(status, self.ctx.scheme);
+        self.front.metrics.request(status, self.ctx.scheme);
         let origin_ms = response
             .extensions()
             .get::<OriginTime>()

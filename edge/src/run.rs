@@ -1,0 +1,272 @@
+//! The edge assembled from its configuration: [`run`] builds every component from its
+//! own section of the (already parsed and checked) [`Config`], binds the listeners and
+//! serves until told to stop. `keyless-edge` is a thin CLI around it; tests can start
+//! an edge in-process with [`Edge::bind`] and [`Edge::serve`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin;
+use crate::cache::Cache;
+use crate::config::{CacheConfig, Config, MAX_CONCURRENT_OPS_LIMIT};
+use crate::keyserver::{ClientConfig, KeyServerClient};
+use crate::metrics::Metrics;
+use crate::serve::{HttpFront, Listeners};
+use crate::sites::Sites;
+use crate::tls::{TlsFront, TlsFrontConfig};
+use crate::upstream::OriginClient;
+
+/// How long a draining edge waits for its connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the edge is asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Stop accepting, let requests in flight finish (up to 10 s), then stop.
+    Drain,
+    /// Stop now.
+    Now,
+}
+
+/// The runtime the edge serves on. Waiting remote signatures take blocking threads
+/// (`block_in_place`); the configuration bounds them to half of the pool.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyless-edge")
+        .max_blocking_threads(2 * MAX_CONCURRENT_OPS_LIMIT)
+        .build()
+}
+
+/// Serves `config` until `stop` resolves.
+pub async fn run(config: Config, stop: impl Future<Output = Stop>) -> anyhow::Result<()> {
+    Edge::bind(config).await?.serve(stop).await
+}
+
+/// What `keyless-edge --test` checks beyond parsing: sites, the key-server identity
+/// files, the origin client and the cache's disk directory. A one-line summary.
+pub fn check(config: &Config) -> anyhow::Result<String> {
+    Sites::new(&config.sites)?;
+    let ks = ClientConfig::from_config(&config.keyserver)?;
+    let cache = check_cache(&config.cache)?;
+    Ok(format!(
+        "{} site(s), {} key server(s), {cache}",
+        config.sites.len(),
+        ks.endpoints.len()
+    ))
+}
+
+/// The cache's disk directory can be created and written; a summary.
+fn check_cache(cache: &CacheConfig) -> anyhow::Result<String> {
+    if !cache.enabled {
+        return Ok("cache off".to_owned());
+    }
+    let mib = |b: u64| b >> 20;
+    let disk = match &cache.disk_dir {
+        None => "no disk tier".to_owned(),
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cache disk_dir {}", dir.display()))?;
+            let probe = dir.join(format!(".keyless-edge-test-{}", std::process::id()));
+            std::fs::write(&probe, b"")
+                .with_context(|| format!("cache disk_dir {} is not writable", dir.display()))?;
+            let _ = std::fs::remove_file(&probe);
+            format!(
+                "disk tier {} ({} MiB)",
+                dir.display(),
+                mib(cache.disk_bytes)
+            )
+        }
+    };
+    Ok(format!(
+        "cache {} MiB in memory, {disk}",
+        mib(cache.memory_bytes)
+    ))
+}
+
+/// An edge with its components built and its listeners bound, not yet serving.
+pub struct Edge {
+    config: Config,
+    tls: Arc<TlsFront>,
+    front: Arc<HttpFront>,
+    cache: Option<Arc<Cache>>,
+    metrics: Arc<Metrics>,
+    https: TcpListener,
+    http: Option<TcpListener>,
+    admin: std::net::TcpListener,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("https", &self.https.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Edge {
+    /// Builds the components and binds the listeners of `config`.
+    pub async fn bind(config: Config) -> anyhow::Result<Edge> {
+        let metrics = Arc::new(Metrics::new());
+        let sites = Arc::new(Sites::new(&config.sites)?);
+        let ks = ClientConfig::from_config(&config.keyserver)?;
+        let client =
+            Arc::new(KeyServerClient::new(ks).context("cannot start the key-server client")?);
+        let tls = TlsFront::new(
+            TlsFrontConfig {
+                default_site: config.tls.default_site.clone(),
+                handshake_timeout: config.tls.handshake_timeout,
+                cert_ttl: config.tls.cert_ttl,
+                send_handshake_message: true,
+                max_concurrent_ops: config.keyserver.max_concurrent_ops.get(),
+            },
+            sites.clone(),
+            client,
+            metrics.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
+        let cache = open_cache(&config.cache, &metrics)?;
+        let origin = OriginClient::new(&config.proxy, &config.dns, metrics.clone())
+            .context("cannot set up the origin client")?;
+        let front = HttpFront::new(
+            &config.proxy,
+            sites,
+            cache.clone(),
+            Arc::new(origin),
+            metrics.clone(),
+        );
+
+        let listen = &config.listen;
+        let https = TcpListener::bind(listen.https)
+            .await
+            .with_context(|| format!("cannot listen on {} (https)", listen.https))?;
+        let http = match listen.http {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (http)"))?,
+            ),
+            None => None,
+        };
+        let admin = std::net::TcpListener::bind(listen.admin)
+            .with_context(|| format!("cannot listen on {} (admin)", listen.admin))?;
+        Ok(Edge {
+            tls: Arc::new(tls),
+            front: Arc::new(front),
+            cache,
+            metrics,
+            https,
+            http,
+            admin,
+            config,
+        })
+    }
+
+    /// The address the `https` listener is bound to.
+    pub fn https_addr(&self) -> std::io::Result<SocketAddr> {
+        self.https.local_addr()
+    }
+
+    /// Serves until `stop` resolves, then stops accepting and, for [`Stop::Drain`],
+    /// lets the connections finish (up to 10 s).
+    pub async fn serve(self, stop: impl Future<Output = Stop>) -> anyhow::Result<()> {
+        let shutdown = CancellationToken::new();
+        spawn_admin(
+            self.admin,
+            self.metrics.clone(),
+            self.cache,
+            shutdown.clone(),
+        )?;
+        let listen = &self.config.listen;
+        tracing::info!(
+            https = %listen.https,
+            http = ?listen.http,
+            admin = %listen.admin,
+            sites = self.config.sites.len(),
+            keyservers = ?self.config.keyserver.servers.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "edge listening"
+        );
+        let tracker = TaskTracker::new();
+        let listeners = Listeners {
+            limit: Arc::new(Semaphore::new(self.config.proxy.max_connections.get())),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+            front: self.front,
+            metrics: self.metrics,
+        };
+        tokio::spawn(listeners.clone().https(self.https, self.tls));
+        if let Some(http) = self.http {
+            tokio::spawn(listeners.http(http));
+        }
+
+        let how = stop.await;
+        shutdown.cancel();
+        tracker.close();
+        if how == Stop::Drain
+            && tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                open = tracker.len(),
+                "drain timeout: closing remaining connections"
+            );
+        }
+        tracing::info!("edge stopped");
+        Ok(())
+    }
+}
+
+/// The cache of `[cache]`, if enabled. Opening the disk tier reads its index:
+/// blocking, once, before serving.
+fn open_cache(config: &CacheConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Option<Arc<Cache>>> {
+    if !config.enabled {
+        return Ok(None);
+    }
+    let cache = Cache::new(config, metrics.clone()).context("cannot set up the cache")?;
+    tracing::info!(
+        memory_bytes = config.memory_bytes,
+        disk_dir = ?config.disk_dir,
+        disk_bytes = config.disk_dir.as_ref().map(|_| config.disk_bytes),
+        "cache ready"
+    );
+    Ok(Some(Arc::new(cache)))
+}
+
+/// Serves the admin listener (`/healthz`, `/metrics`, purge) on a thread and runtime of
+/// its own, so that health checks and metrics answer promptly even while client
+/// traffic (a handshake flood, say) keeps the main runtime busy.
+fn spawn_admin(
+    listener: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+    cache: Option<Arc<Cache>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    listener
+        .set_nonblocking(true)
+        .context("admin listener: cannot set non-blocking")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the admin runtime")?;
+    std::thread::Builder::new()
+        .name("keyless-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => admin::serve(listener, metrics, cache, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "admin listener unusable"),
+                }
+            })
+        })
+        .context("cannot start the admin thread")?;
+    Ok(())
+}

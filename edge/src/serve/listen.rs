@@ -1,0 +1,105 @@
+//! The client listeners: `https` (TLS through [`TlsFront`], then HTTP) and optional
+//! plain `http`, sharing one bound on open connections, each connection a tracked task
+//! that finishes its requests when the edge shuts down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{serve_connection, HttpFront};
+use crate::exchange::ClientCtx;
+use crate::metrics::Metrics;
+use crate::tls::TlsFront;
+
+/// What every client connection of every listener shares.
+#[derive(Clone)]
+pub(crate) struct Listeners {
+    /// Free connection slots (`[proxy] max_connections`).
+    pub(crate) limit: Arc<Semaphore>,
+    /// Every connection's task, waited for when draining.
+    pub(crate) tracker: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) front: Arc<HttpFront>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Listeners {
+    /// Next client connection, within the connection bound; `None` at shutdown.
+    async fn next(
+        &self,
+        listener: &TcpListener,
+    ) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+        loop {
+            let permit = tokio::select! {
+                p = self.limit.clone().acquire_owned() => p.ok()?,
+                () = self.shutdown.cancelled() => return None,
+            };
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        return Some((tcp, peer, permit));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                () = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Serves `listener` as `https` until shutdown.
+    pub(crate) async fn https(self, listener: TcpListener, tls: Arc<TlsFront>) {
+        while let Some((tcp, peer, permit)) = self.next(&listener).await {
+            let me = self.clone();
+            let tls = tls.clone();
+            let local_addr = tcp.local_addr().unwrap_or(peer);
+            self.tracker.spawn(async move {
+                let _permit = permit;
+                let Ok((stream, _site)) = tls.accept(tcp, peer).await else {
+                    return;
+                };
+                me.serve(stream, peer, "https", local_addr).await;
+            });
+        }
+    }
+
+    /// Serves `listener` as plain `http` until shutdown.
+    pub(crate) async fn http(self, listener: TcpListener) {
+        while let Some((tcp, peer, permit)) = self.next(&listener).await {
+            let me = self.clone();
+            let local_addr = tcp.local_addr().unwrap_or(peer);
+            self.tracker.spawn(async move {
+                let _permit = permit;
+                me.serve(tcp, peer, "http", local_addr).await;
+            });
+        }
+    }
+
+    /// Serves HTTP on one client connection, counted in `connections_active`.
+    async fn serve<IO>(
+        self,
+        io: IO,
+        client_addr: SocketAddr,
+        scheme: &'static str,
+        local_addr: SocketAddr,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        self.metrics.connections_active.inc();
+        let ctx = ClientCtx {
+            client_addr,
+            scheme,
+            local_addr,
+        };
+        serve_connection(io, self.front, ctx, self.shutdown).await;
+        self.metrics.connections_active.dec();
+    }
+}
