@@ -42,6 +42,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use ring::digest;
 use tracing::{debug, warn};
 
+use super::key::CacheKey;
 use super::object::CachedObject;
 
 const MAGIC: &[u8; 4] = b"KLC1";
@@ -339,6 +340,14 @@ impl DiskTier {
         index.entries.contains_key(key) || index.pending.values().any(|p| p.key == key)
     }
 
+    /// Calls `f` with every stored key (not those being written).
+    pub(crate) fn for_each_key(&self, f: &mut dyn FnMut(&str)) {
+        let keys: Vec<String> = self.inner.lock().entries.keys().cloned().collect();
+        for k in &keys {
+            f(k);
+        }
+    }
+
     /// Removes every key for which `pred` holds (purge by URL or prefix); returns how
     /// many were stored. Scans the whole index.
     pub(crate) fn remove_matching(&self, pred: &dyn Fn(&str) -> bool) -> usize {
@@ -432,7 +441,7 @@ impl Inner {
         let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         file.read_to_end(&mut buf)?;
         let obj = decode(Bytes::from(buf))?;
-        if obj.key != key {
+        if obj.key.as_str() != key {
             return Err(FormatError::WrongKey);
         }
         if let Err(e) = file.set_modified(SystemTime::now()) {
@@ -454,13 +463,13 @@ impl Inner {
         let meta = match encode_meta(obj) {
             Ok(m) => m,
             Err(e) => {
-                warn!(key = %keyless_shared::log_safe(&obj.key), error = %e, "object not storable on disk");
+                warn!(key = %keyless_shared::log_safe(obj.key.as_str()), error = %e, "object not storable on disk");
                 return None;
             }
         };
         let size = FIXED + meta.len() as u64 + obj.body.len() as u64;
         if size > self.max_bytes {
-            debug!(key = %keyless_shared::log_safe(&obj.key), size, "object larger than the disk cache; not stored");
+            debug!(key = %keyless_shared::log_safe(obj.key.as_str()), size, "object larger than the disk cache; not stored");
             return None;
         }
         let tags = obj.tags();
@@ -471,14 +480,14 @@ impl Inner {
             index.pending.insert(
                 id,
                 Pending {
-                    key: obj.key.clone(),
+                    key: obj.key.as_str().to_owned(),
                     tags: tags.clone(),
                     cancelled: false,
                 },
             );
             id
         };
-        let final_path = self.path(&obj.key);
+        let final_path = self.path(obj.key.as_str());
         let tmp = final_path.with_extension(format!(
             "{}.{}.tmp",
             std::process::id(),
@@ -486,13 +495,13 @@ impl Inner {
         ));
         if let Err(e) = write_file(&tmp, &meta, &obj.body) {
             self.lock().pending.remove(&id);
-            warn!(key = %keyless_shared::log_safe(&obj.key), error = %e, "writing disk cache file failed");
+            warn!(key = %keyless_shared::log_safe(obj.key.as_str()), error = %e, "writing disk cache file failed");
             remove_path(&tmp);
             return None;
         }
         Some(Staged {
             id,
-            key: obj.key.clone(),
+            key: obj.key.as_str().to_owned(),
             tags,
             size,
             tmp,
@@ -633,7 +642,7 @@ fn encode_meta(obj: &CachedObject) -> Result<Vec<u8>, FormatError> {
         return Err(FormatError::Bound("vary count"));
     }
     let mut m = Vec::with_capacity(256);
-    put_bytes(&mut m, obj.key.as_bytes())?;
+    put_bytes(&mut m, obj.key.as_str().as_bytes())?;
     m.extend_from_slice(&obj.status.as_u16().to_le_bytes());
     put_time(&mut m, obj.request_time);
     put_time(&mut m, obj.response_time);
@@ -796,7 +805,7 @@ fn decode(file: Bytes) -> Result<CachedObject, FormatError> {
     }
     let body_start = payload_len - r.buf.len(); // r.buf is the tail of payload
     Ok(CachedObject {
-        key: meta.key,
+        key: CacheKey::from_stored(&meta.key),
         status: meta.status,
         headers: meta.headers,
         body: file.slice(body_start..payload_len),
@@ -860,7 +869,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("content-type", HeaderValue::from_static("text/plain"));
         CachedObject {
-            key: key.to_owned(),
+            key: CacheKey::from_stored(key),
             status: StatusCode::OK,
             headers,
             body: Bytes::copy_from_slice(body),
@@ -931,10 +940,12 @@ mod tests {
         assert_eq!(tier.len(), 1);
         assert_eq!(tier.bytes(), file_size(&o));
         assert_eq!(
-            fs::metadata(path_of(dir.path(), &o.key)).unwrap().len(),
+            fs::metadata(path_of(dir.path(), o.key.as_str()))
+                .unwrap()
+                .len(),
             file_size(&o)
         );
-        let got = tier.get(&o.key).await.unwrap();
+        let got = tier.get(o.key.as_str()).await.unwrap();
         assert_same(&got, &o);
         let values: Vec<_> = got.headers.get_all("set-cookie").iter().collect();
         assert_eq!(values, ["a=1", "b=2"]);

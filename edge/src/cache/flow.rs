@@ -16,10 +16,12 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::conditional::{self, Precondition};
+use super::key::{CacheKey, PrimaryKey};
 use super::object::CachedObject;
+use super::object::Entry;
 use super::policy::{self, Directives, ResponsePolicy, Usability};
 use super::range::{self, RangeAnswer};
-use super::{Cache, Entry, Flight, FlightGuard, Lookup};
+use super::{Cache, Flight, FlightGuard, Lookup};
 use crate::config::SetCookiePolicy;
 use crate::exchange::{empty, full, text_response, ClientCtx, EdgeBody, Fetch};
 use crate::sites::Site;
@@ -134,7 +136,7 @@ struct ReqInfo {
     /// as it is for the origin.
     headers: HeaderMap,
     directives: Directives,
-    primary: String,
+    primary: PrimaryKey,
     /// The site's `store_set_cookie`.
     set_cookie: SetCookiePolicy,
 }
@@ -154,7 +156,7 @@ pub(crate) async fn handle<F: Fetch>(
     }
     let method = req.method().clone();
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let primary = Cache::primary_key(site, ctx.scheme, host, path_and_query, req.headers());
+    let primary = PrimaryKey::new(site, ctx.scheme, host, path_and_query, req.headers());
 
     if method != Method::GET && method != Method::HEAD {
         cache.metrics().cache_lookup("bypass");
@@ -291,7 +293,7 @@ async fn miss<F: Fetch>(
     req: Held,
     info: &ReqInfo,
     fwd: &'static str,
-    full_key: Option<String>,
+    full_key: Option<CacheKey>,
 ) -> Response<EdgeBody> {
     let Scope {
         origin,
@@ -313,13 +315,13 @@ async fn miss<F: Fetch>(
     let partial_or_conditional = CONDITIONAL.iter().any(|h| info.headers.contains_key(h));
     let mut guard = None;
     if info.method == Method::GET && !partial_or_conditional && !info.directives.no_store {
-        let key = full_key.as_deref().unwrap_or(&info.primary);
+        let key = full_key.clone().unwrap_or_else(|| info.primary.unvaried());
         let deadline = tokio::time::Instant::now() + cache.coalesce_timeout;
         // Follow the fetch in progress; when it ends without a usable object (its
         // client went away before the body was stored, or the fetch failed), one of
         // the waiters leads the next attempt. A URL marked not cacheable, or the
         // deadline, sends this request to the origin on its own.
-        while let Some(flight) = cache.join_flight(&info.primary, key) {
+        while let Some(flight) = cache.join_flight(&key) {
             let mut rx = match flight {
                 Flight::Leader(g) => {
                     guard = Some(g);
@@ -367,8 +369,8 @@ async fn miss<F: Fetch>(
         Err(e) => CacheStatus::fwd(fwd).apply(e.response(site, ctx)),
         Ok(response) => {
             if fill && response.status() == StatusCode::PARTIAL_CONTENT {
-                let key = full_key.as_deref().unwrap_or(&info.primary);
-                fill_after_range(scope, &target, info, key, response.headers());
+                let key = full_key.unwrap_or_else(|| info.primary.unvaried());
+                fill_after_range(scope, &target, info, &key, response.headers());
             }
             let status = CacheStatus::fwd(fwd);
             store_or_pass(cache, info, response, request_time, guard, status)
@@ -387,7 +389,7 @@ fn fill_after_range<F: Fetch>(
     scope: Scope<'_, F>,
     target: &(http::Uri, http::Version),
     info: &ReqInfo,
-    key: &str,
+    key: &CacheKey,
     headers: &HeaderMap,
 ) {
     let cache = scope.cache;
@@ -398,14 +400,14 @@ fn fill_after_range<F: Fetch>(
     let storable = size.is_some_and(|n| n <= cache.max_object_bytes)
         && not_storable(cache, info, StatusCode::OK, headers, SystemTime::now()).is_none();
     if !storable {
-        tracing::debug!(key = %keyless_shared::log_safe(&info.primary), ?size, "range miss: whole object not fetched");
+        tracing::debug!(key = %info.primary, ?size, "range miss: whole object not fetched");
         cache.refuse_fill(&info.primary);
         return;
     }
     let Some(slot) = cache.fill_slot() else {
         return;
     };
-    if let Some(Flight::Leader(flight)) = cache.join_flight(&info.primary, key) {
+    if let Some(Flight::Leader(flight)) = cache.join_flight(key) {
         let background = Background {
             entry: None,
             flight: Some(flight),
@@ -526,7 +528,7 @@ fn storing(
             cache.mark_pass(&info.primary);
             cache.refuse_fill(&info.primary);
         }
-        tracing::debug!(key = %keyless_shared::log_safe(&info.primary), reason, "response not stored");
+        tracing::debug!(key = %info.primary, reason, "response not stored");
         drop(guard);
         return Storing::Pass {
             response,
@@ -557,7 +559,7 @@ fn storing(
     let names: Arc<[HeaderName]> = policy::vary_names(response.headers())
         .unwrap_or_default()
         .into();
-    let key = super::full_key(&info.primary, &names, &info.headers);
+    let key = info.primary.variant(&names, &info.headers);
     let vary = names
         .iter()
         .map(|n| (n.clone(), info.headers.get(n).cloned()))
@@ -618,7 +620,7 @@ async fn revalidate<F: Fetch>(
     let stale_ok = policy::may_serve_stale_on_error(&entry.policy, entry.age(now));
     match result {
         Err(e) if stale_ok => {
-            tracing::warn!(key = %keyless_shared::log_safe(&info.primary), error = %e, "origin failed; serving stale (stale-if-error)");
+            tracing::warn!(key = %info.primary, error = %e, "origin failed; serving stale (stale-if-error)");
             cache.metrics().cache_lookup("stale");
             let status = CacheStatus {
                 fwd: Some("stale"),
@@ -649,7 +651,7 @@ async fn revalidate<F: Fetch>(
             served
         }
         Ok(response) if is_error_status(response.status()) && stale_ok => {
-            tracing::warn!(key = %keyless_shared::log_safe(&info.primary), status = response.status().as_u16(), "origin error; serving stale (stale-if-error)");
+            tracing::warn!(key = %info.primary, status = response.status().as_u16(), "origin error; serving stale (stale-if-error)");
             cache.metrics().cache_lookup("stale");
             let status = CacheStatus {
                 fwd: Some("stale"),
@@ -881,7 +883,7 @@ fn fetch_in_background<F: Fetch>(
         let request_time = SystemTime::now();
         match (origin.fetch(request, &site).await, entry) {
             (Err(e), _) => {
-                tracing::warn!(key = %keyless_shared::log_safe(&info.primary), error = %e, "background fetch failed");
+                tracing::warn!(key = %info.primary, error = %e, "background fetch failed");
             }
             (Ok(response), Some(entry)) if response.status() == StatusCode::NOT_MODIFIED => {
                 let now = SystemTime::now();
@@ -980,13 +982,12 @@ fn invalidate_after_unsafe(
     site: &Site,
     ctx: &ClientCtx,
     host: &str,
-    primary: &str,
+    primary: &PrimaryKey,
     req_headers: &HeaderMap,
     resp_headers: &HeaderMap,
 ) {
     // Every stored response for the URL goes, whatever its key-header values.
-    let url = |key: &str| key.split('\n').next().unwrap_or_default().to_owned();
-    let mut n = cache.invalidate(&url(primary));
+    let mut n = cache.invalidate(primary.url());
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         let Some(target) = resp_headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
@@ -1007,11 +1008,11 @@ fn invalidate_after_unsafe(
         if !pq.starts_with('/') {
             continue;
         }
-        let key = Cache::primary_key(site, ctx.scheme, host, pq, req_headers);
-        n += cache.invalidate(&url(&key));
+        let key = PrimaryKey::new(site, ctx.scheme, host, pq, req_headers);
+        n += cache.invalidate(key.url());
     }
     if n > 0 {
-        tracing::debug!(key = %keyless_shared::log_safe(primary), removed = n, "invalidated after unsafe method");
+        tracing::debug!(key = %primary, removed = n, "invalidated after unsafe method");
     }
 }
 
@@ -1071,14 +1072,14 @@ impl Sink {
     /// Stores the object; false when its body was not whole.
     fn finish(mut self) -> bool {
         if self.expected.is_some_and(|e| e != self.len) {
-            tracing::debug!(key = %keyless_shared::log_safe(&self.template.key), "body length differs from Content-Length; not stored");
+            tracing::debug!(key = %self.template.key, "body length differs from Content-Length; not stored");
             return false;
         }
         let body = concat(std::mem::take(&mut self.chunks), self.len);
         let mut obj = std::mem::replace(
             &mut self.template,
             CachedObject {
-                key: String::new(),
+                key: CacheKey::from_stored(""),
                 status: StatusCode::OK,
                 headers: HeaderMap::new(),
                 body: Bytes::new(),
@@ -1123,7 +1124,7 @@ impl Body for StoringBody {
                 if let Some(data) = frame.data_ref() {
                     if let Some(sink) = this.sink.as_mut() {
                         if !sink.push(data) {
-                            tracing::debug!(key = %keyless_shared::log_safe(&sink.template.key), "object larger than max_object_bytes; not stored");
+                            tracing::debug!(key = %sink.template.key, "object larger than max_object_bytes; not stored");
                             this.sink = None;
                         }
                     }

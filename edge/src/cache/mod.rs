@@ -1,30 +1,32 @@
 //! The edge's shared HTTP cache (RFC 9111, RFC 5861, RFC 9211, RFC 9213).
 //!
-//! Storage: a memory tier (`moka`, bounded in bytes by a weigher, TinyLFU admission
-//! and LRU eviction) in front of an optional disk tier ([`disk`]) that survives
-//! restarts. Objects are addressed by a *full key*: the primary key (scheme, host
-//! without port, path, query — per-site options may drop the query or add request
-//! headers) and, when the response had `Vary`, the names it listed and a hash of the
-//! request's values for them. A small index maps each primary key to its `Vary` names,
-//! so a lookup costs two hash-map probes.
+//! Storage: tiers behind the [`storage::Storage`] interface, fastest first: a memory
+//! tier (`moka`, bounded in bytes, TinyLFU admission and LRU eviction) and an optional
+//! disk tier ([`disk`]) that survives restarts. Objects are addressed by a
+//! [`key::CacheKey`]: the request's primary key (URL and per-site key-header values)
+//! and, when the response had `Vary`, its variant. A small index maps each primary key
+//! to its `Vary` names, so a lookup costs two hash-map probes; another maps each URL to
+//! its stored keys, for invalidation and purge.
 //!
 //! The HTTP flow (hits, revalidation, stale serving, coalescing, invalidation) is in
-//! [`flow`]; the RFC rules in [`policy`].
+//! [`flow`]; it reaches the origin only through [`Fetch`]. The RFC rules are in
+//! [`policy`], [`conditional`] and [`range`].
 
 pub mod conditional;
 mod disk;
 mod flow;
+mod key;
 mod object;
 mod policy;
 mod range;
+mod storage;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
-use moka::notification::RemovalCause;
 use tokio::sync::watch;
 
 use crate::config::CacheConfig;
@@ -32,8 +34,10 @@ use crate::exchange::{ClientCtx, EdgeBody, Fetch};
 use crate::metrics::{Metrics, TierLabels};
 use crate::sites::Site;
 use disk::DiskTier;
-use object::CachedObject;
-use policy::{ResponsePolicy, StaleDefaults};
+use key::{CacheKey, PrimaryKey};
+use object::{CachedObject, Entry};
+use policy::StaleDefaults;
+use storage::{DiskStore, MemoryTier, Purge, Storage};
 
 /// How long a "not cacheable" answer exempts its URL from request coalescing.
 const PASS_TTL: Duration = Duration::from_secs(30);
@@ -49,61 +53,18 @@ const NO_FILL_BYTES: u64 = 4 << 20;
 /// none free fills nothing (a later one will).
 pub const MAX_RANGE_FILLS: usize = 8;
 
-/// A primary key and the `Vary` names of its responses.
-type VaryIndexEntry = (Arc<str>, Arc<[HeaderName]>);
-
-/// URL → the full keys stored under it (every `Vary` and `key_headers` variant, in
-/// either tier), so that invalidation and purge by URL touch only that URL's objects.
-/// A key may outlive its object (evicted meanwhile); it is dropped when its URL is
+/// URL → the keys stored under it (every `Vary` and `key_headers` variant, in any
+/// tier), so that invalidation and purge by URL touch only that URL's objects. A key
+/// may outlive its object (evicted meanwhile); it is dropped when its URL is
 /// invalidated or when the index is pruned. Bounded in bytes: an object whose key
 /// would not fit is not stored (a stored object is always findable).
 #[derive(Debug, Default)]
 struct UrlIndex {
-    map: HashMap<Arc<str>, std::collections::HashSet<Arc<str>>>,
+    map: HashMap<Arc<str>, HashSet<Arc<str>>>,
     bytes: u64,
     /// `bytes` after the last prune; the next prune waits until the index has grown
     /// by a quarter of the budget since, so that a full index costs no scan per store.
     pruned_at: u64,
-}
-/// A stored object with what every hit needs precomputed.
-#[derive(Debug)]
-pub(crate) struct Entry {
-    pub(crate) obj: CachedObject,
-    pub(crate) policy: ResponsePolicy,
-    /// RFC 9111 §4.2.3 `corrected_initial_age`.
-    corrected_initial_age: Duration,
-}
-
-impl Entry {
-    fn new(obj: CachedObject, defaults: StaleDefaults) -> Entry {
-        let policy = ResponsePolicy::new(obj.status, &obj.headers, obj.response_time, defaults);
-        let corrected_initial_age = policy::current_age(
-            &obj.headers,
-            obj.request_time,
-            obj.response_time,
-            obj.response_time,
-        );
-        Entry {
-            obj,
-            policy,
-            corrected_initial_age,
-        }
-    }
-
-    /// The object's current age.
-    pub(crate) fn age(&self, now: SystemTime) -> Duration {
-        self.corrected_initial_age
-            + now
-                .duration_since(self.obj.response_time)
-                .unwrap_or(Duration::ZERO)
-    }
-
-    /// Seconds of freshness left (negative when stale), for `Cache-Status: ttl`.
-    pub(crate) fn ttl(&self, now: SystemTime) -> i64 {
-        let lifetime = i64::try_from(self.policy.lifetime.as_secs()).unwrap_or(i64::MAX);
-        let age = i64::try_from(self.age(now).as_secs()).unwrap_or(i64::MAX);
-        lifetime.saturating_sub(age)
-    }
 }
 
 /// What a lookup found.
@@ -113,8 +74,8 @@ pub(crate) enum Lookup {
     /// Nothing stored under this URL (`fwd=uri-miss`).
     UriMiss,
     /// Responses stored under this URL, none for this request's `Vary` values
-    /// (`fwd=vary-miss`); the request's full key.
-    VaryMiss(String),
+    /// (`fwd=vary-miss`); the request's key.
+    VaryMiss(CacheKey),
 }
 
 /// Registers the one origin fetch of a cache key; dropping it (stored, abandoned or
@@ -142,44 +103,43 @@ pub(crate) enum Flight {
 
 /// The cache shared by every connection.
 pub struct Cache {
-    memory: moka::sync::Cache<Arc<str>, Arc<Entry>>,
+    /// Storage tiers, fastest first: memory, then disk when configured.
+    tiers: Vec<Arc<dyn Storage>>,
     /// Primary key → the `Vary` names of its stored responses (bounded in bytes; a
     /// forgotten entry makes its variants misses).
     vary: moka::sync::Cache<Arc<str>, Arc<[HeaderName]>>,
-    /// URL → full keys ([`UrlIndex`]).
+    /// URL → keys ([`UrlIndex`]).
     urls: Mutex<UrlIndex>,
     /// Bytes [`UrlIndex`] may take (and, separately, the `Vary` index).
     index_budget: u64,
     /// Longest primary key (URL plus `key_headers` values) cached; longer ones pass.
-    pub(crate) max_url_bytes: usize,
+    max_url_bytes: usize,
     /// Primary keys whose last answer was not cacheable (no coalescing for them).
     pass: moka::sync::Cache<Arc<str>, ()>,
     /// Primary keys not to fill after a range miss (too large or not storable).
     no_fill: moka::sync::Cache<Arc<str>, ()>,
     /// Free range-fill slots ([`MAX_RANGE_FILLS`]).
     fills: Arc<tokio::sync::Semaphore>,
-    disk: Option<Arc<DiskTier>>,
-    /// Full keys being fetched → the channel their waiters watch.
+    /// Keys being fetched → the channel their waiters watch.
     inflight: Mutex<HashMap<Arc<str>, watch::Sender<()>>>,
-    /// Full keys being refreshed in the background (stale-while-revalidate).
-    refreshing: Mutex<std::collections::HashSet<Arc<str>>>,
-    pub(crate) max_object_bytes: u64,
+    /// Keys being refreshed in the background (stale-while-revalidate).
+    refreshing: Mutex<HashSet<Arc<str>>>,
+    max_object_bytes: u64,
     /// Bytes of response bodies being collected for storing, by all requests; at
     /// most `collect_budget`.
     collecting: AtomicU64,
     collect_budget: u64,
-    pub(crate) defaults: StaleDefaults,
-    pub(crate) coalesce_timeout: Duration,
-    pub(crate) purge_token: Option<String>,
+    defaults: StaleDefaults,
+    coalesce_timeout: Duration,
+    purge_token: Option<String>,
     metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tiers: Vec<_> = self.tiers.iter().map(|t| (t.tier(), t.usage())).collect();
         f.debug_struct("Cache")
-            .field("memory_objects", &self.memory.entry_count())
-            .field("memory_bytes", &self.memory.weighted_size())
-            .field("disk", &self.disk.is_some())
+            .field("tiers", &tiers)
             .finish_non_exhaustive()
     }
 }
@@ -188,33 +148,20 @@ impl Cache {
     /// Builds the cache of `[cache]`, opening (and indexing) the disk tier if one is
     /// configured. Blocking when there is a disk tier: call it before serving.
     pub fn new(config: &CacheConfig, metrics: Arc<Metrics>) -> std::io::Result<Cache> {
-        let evictions = metrics
-            .cache_evictions
-            .get_or_create(&TierLabels { tier: "memory" })
-            .clone();
-        let memory = moka::sync::Cache::builder()
-            .max_capacity(config.memory_bytes)
-            .weigher(|_k: &Arc<str>, e: &Arc<Entry>| {
-                u32::try_from(e.obj.weight()).unwrap_or(u32::MAX)
-            })
-            .eviction_listener(move |_k, _v, cause| {
-                if cause == RemovalCause::Size {
-                    evictions.inc();
-                }
-            })
-            .build();
-        let disk = match &config.disk_dir {
-            Some(dir) => {
-                let tier = DiskTier::open(dir, config.disk_bytes).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("cache disk_dir {}: {e}", dir.display()))
-                })?;
-                Some(Arc::new(tier))
-            }
-            None => None,
+        let defaults = StaleDefaults {
+            while_revalidate: config.stale_while_revalidate.unwrap_or_default(),
+            if_error: config.stale_if_error.unwrap_or_default(),
         };
+        let mut tiers: Vec<Arc<dyn Storage>> = vec![Arc::new(MemoryTier::new(config.memory_bytes))];
+        if let Some(dir) = &config.disk_dir {
+            let disk = DiskTier::open(dir, config.disk_bytes).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cache disk_dir {}: {e}", dir.display()))
+            })?;
+            tiers.push(Arc::new(DiskStore::new(disk, defaults)));
+        }
         let index_budget = index_budget(config);
         let cache = Cache {
-            memory,
+            tiers,
             vary: moka::sync::Cache::builder()
                 .max_capacity(index_budget)
                 .weigher(|k: &Arc<str>, names: &Arc<[HeaderName]>| {
@@ -236,44 +183,35 @@ impl Cache {
                 .time_to_live(NO_FILL_TTL)
                 .build(),
             fills: Arc::new(tokio::sync::Semaphore::new(MAX_RANGE_FILLS)),
-            disk,
             inflight: Mutex::new(HashMap::new()),
-            refreshing: Mutex::new(std::collections::HashSet::new()),
+            refreshing: Mutex::new(HashSet::new()),
             max_object_bytes: config.max_object_bytes,
             collecting: AtomicU64::new(0),
             collect_budget: config.memory_bytes,
-            defaults: StaleDefaults {
-                while_revalidate: config.stale_while_revalidate.unwrap_or_default(),
-                if_error: config.stale_if_error.unwrap_or_default(),
-            },
+            defaults,
             coalesce_timeout: config.coalesce_timeout,
             purge_token: config.purge_token.clone(),
             metrics,
         };
-        cache.rebuild_vary_index();
+        cache.rebuild_indexes();
         cache.update_gauges();
         Ok(cache)
     }
 
-    /// After a restart, the disk tier's keys tell which `Vary` names each URL had and
-    /// which keys each URL has; objects whose keys do not fit the index are dropped.
-    fn rebuild_vary_index(&self) {
-        let Some(disk) = &self.disk else {
-            return;
-        };
-        let found: Mutex<Vec<(String, VaryIndexEntry)>> = Mutex::new(Vec::new());
-        disk.remove_matching(&|key: &str| {
-            let (primary, names) = split_full_key(key);
-            if let Ok(mut f) = found.lock() {
-                f.push((key.to_owned(), (primary.into(), names.into())));
-            }
-            false
-        });
-        for (key, (primary, names)) in found.into_inner().unwrap_or_default() {
-            if self.index_add(&key.as_str().into()) {
-                self.vary.insert(primary, names);
-            } else {
-                disk.remove(&key);
+    /// After a restart, the keys of the persistent tiers tell which `Vary` names each
+    /// URL had and which keys each URL has; objects whose keys do not fit the index
+    /// are dropped.
+    fn rebuild_indexes(&self) {
+        for tier in &self.tiers {
+            let mut keys = Vec::new();
+            tier.for_each_key(&mut |k| keys.push(CacheKey::from_stored(k)));
+            for key in keys {
+                if self.index_add(&key) {
+                    self.vary
+                        .insert(key.primary().into(), key.vary_names().into());
+                } else {
+                    tier.remove(key.as_str());
+                }
             }
         }
     }
@@ -281,15 +219,19 @@ impl Cache {
     /// Adds `key` to the URL index; false when it does not fit (then the object is not
     /// stored). Callers add a key after inserting its object, so that a prune running
     /// meanwhile either sees the object or runs before the key is added.
-    fn index_add(&self, key: &Arc<str>) -> bool {
+    fn index_add(&self, key: &CacheKey) -> bool {
         let Ok(mut index) = self.urls.lock() else {
             return false;
         };
-        let url = url_of(key);
-        if index.map.get(url).is_some_and(|keys| keys.contains(key)) {
+        let url = key.url();
+        if index
+            .map
+            .get(url)
+            .is_some_and(|keys| keys.contains(key.as_str()))
+        {
             return true;
         }
-        let cost = key_cost(key)
+        let cost = key_cost(key.as_str())
             + if index.map.contains_key(url) {
                 0
             } else {
@@ -304,19 +246,21 @@ impl Cache {
             return false;
         }
         index.bytes += cost;
-        index.map.entry(url.into()).or_default().insert(key.clone());
+        index
+            .map
+            .entry(url.into())
+            .or_default()
+            .insert(key.shared().clone());
         true
     }
 
-    /// Drops the keys whose objects are in neither tier any more. Scans the index (not
-    /// the objects), and only when it is full.
+    /// Drops the keys whose objects are in no tier any more. Scans the index (not the
+    /// objects), and only when it is full.
     fn prune(&self, index: &mut UrlIndex) {
         let before = index.bytes;
         let mut bytes = 0;
         index.map.retain(|url, keys| {
-            keys.retain(|k| {
-                self.memory.contains_key(k) || self.disk.as_ref().is_some_and(|d| d.contains(k))
-            });
+            keys.retain(|k| self.tiers.iter().any(|t| t.contains(k)));
             if keys.is_empty() {
                 return false;
             }
@@ -326,35 +270,6 @@ impl Cache {
         index.bytes = bytes;
         index.pruned_at = bytes;
         tracing::debug!(before, after = bytes, "cache URL index pruned");
-    }
-
-    /// The primary key of a request for `path_and_query` at `host` over `scheme`.
-    pub(crate) fn primary_key(
-        site: &Site,
-        scheme: &str,
-        host: &str,
-        path_and_query: &str,
-        headers: &HeaderMap,
-    ) -> String {
-        let host = crate::sites::normalize(host);
-        let target = if site.cache_ignore_query {
-            path_and_query.split('?').next().unwrap_or("/")
-        } else {
-            path_and_query
-        };
-        let mut key = String::with_capacity(scheme.len() + host.len() + target.len() + 3);
-        key.push_str(scheme);
-        key.push_str("://");
-        key.push_str(&host);
-        key.push_str(target);
-        for name in &site.cache_key_headers {
-            key.push('\n');
-            key.push_str(name.as_str());
-            key.push('=');
-            let values: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
-            key.push_str(&String::from_utf8_lossy(&values.join(&b","[..])));
-        }
-        key
     }
 
     /// Answers `req` (in upstream form, for `host`) for `site` from the cache, fetching
@@ -370,62 +285,65 @@ impl Cache {
         flow::handle(origin, self, req, host, site, ctx).await
     }
 
-    /// Finds the stored response for a request (memory, then disk).
-    pub(crate) async fn lookup(&self, primary: &str, headers: &HeaderMap) -> Lookup {
-        let Some(names) = self.vary.get(primary) else {
+    /// Finds the stored response for a request, fastest tier first; an object found
+    /// in a slower tier is copied into the faster ones.
+    pub(crate) async fn lookup(&self, primary: &PrimaryKey, headers: &HeaderMap) -> Lookup {
+        let Some(names) = self.vary.get(primary.as_str()) else {
             return Lookup::UriMiss;
         };
-        let full: std::borrow::Cow<'_, str> = if names.is_empty() {
-            std::borrow::Cow::Borrowed(primary)
-        } else {
-            std::borrow::Cow::Owned(full_key(primary, &names, headers))
-        };
-        if let Some(e) = self.memory.get(full.as_ref()) {
-            return Lookup::Found(e);
-        }
-        if let Some(disk) = &self.disk {
-            if let Some(obj) = disk.get(&full).await {
-                let entry = Arc::new(Entry::new(obj, self.defaults));
-                if entry.obj.weight() <= self.max_object_bytes {
-                    self.memory.insert(full.as_ref().into(), entry.clone());
+        let key = primary.variant(&names, headers);
+        for (i, tier) in self.tiers.iter().enumerate() {
+            let Some(entry) = tier.get(key.as_str()).await else {
+                continue;
+            };
+            if i > 0 && entry.obj.weight() <= self.max_object_bytes {
+                for faster in &self.tiers[..i] {
+                    if let Some(write) = faster.clone().put(entry.clone()) {
+                        tokio::spawn(write);
+                    }
                 }
-                return Lookup::Found(entry);
             }
+            return Lookup::Found(entry);
         }
         if names.is_empty() {
             Lookup::UriMiss
         } else {
-            Lookup::VaryMiss(full.into_owned())
+            Lookup::VaryMiss(key)
         }
     }
 
-    /// Stores a complete response in memory (and, in the background, on disk). The
-    /// entry is returned even when it could not be stored (the URL index is full).
+    /// Stores a complete response in the first tier (and, in the background, in the
+    /// others). The entry is returned even when it could not be stored (the URL index
+    /// is full).
     pub(crate) fn store(
         self: &Arc<Self>,
         obj: CachedObject,
         names: Arc<[HeaderName]>,
     ) -> Arc<Entry> {
-        let (primary, _) = split_full_key(&obj.key);
-        let primary: Arc<str> = primary.into();
-        let key: Arc<str> = obj.key.as_str().into();
+        let key = obj.key.clone();
         let entry = Arc::new(Entry::new(obj, self.defaults));
-        self.memory.insert(key.clone(), entry.clone());
+        let (first, rest) = match self.tiers.split_first() {
+            Some(split) => split,
+            None => return entry,
+        };
+        if let Some(write) = first.clone().put(entry.clone()) {
+            tokio::spawn(write);
+        }
         if !self.index_add(&key) {
-            self.memory.invalidate(&key);
-            tracing::debug!(key = %keyless_shared::log_safe(&key), "cache URL index full; response not stored");
+            first.remove(key.as_str());
+            tracing::debug!(%key, "cache URL index full; response not stored");
             return entry;
         }
-        self.vary.insert(primary, names);
+        self.vary.insert(key.primary().into(), names);
         self.metrics.cache_stores.inc();
-        if let Some(disk) = &self.disk {
-            let disk = disk.clone();
-            let entry = entry.clone();
-            let cache = self.clone();
-            tokio::spawn(async move {
-                disk.put(&entry.obj).await;
-                cache.update_gauges();
-            });
+        for tier in rest {
+            if let Some(write) = tier.clone().put(entry.clone()) {
+                let cache = self.clone();
+                tokio::spawn(async move {
+                    write.await;
+                    cache.update_gauges();
+                });
+            }
         }
         self.update_gauges();
         entry
@@ -447,10 +365,11 @@ impl Cache {
         };
         let mut removed = 0;
         for key in keys {
-            self.vary.invalidate(split_full_key(&key).0);
-            let in_memory = self.memory.remove(&key).is_some();
-            let on_disk = self.disk.as_ref().is_some_and(|d| d.remove(&key));
-            if in_memory || on_disk {
+            self.vary.invalidate(CacheKey::from_stored(&key).primary());
+            // Every tier, not just the first that had it.
+            let removals: Vec<bool> = self.tiers.iter().map(|t| t.remove(&key)).collect();
+            let found = removals.contains(&true);
+            if found {
                 removed += 1;
             }
         }
@@ -458,27 +377,12 @@ impl Cache {
         removed
     }
 
-    /// Removes the memory objects for which `in_memory` holds and what `on_disk`
-    /// removes from the disk tier; objects on both tiers count once.
-    fn remove_where(
-        &self,
-        in_memory: &dyn Fn(&str, &Entry) -> bool,
-        on_disk: &dyn Fn(&DiskTier) -> usize,
-    ) -> usize {
-        let keys: Vec<Arc<str>> = self
-            .memory
-            .iter()
-            .filter(|(k, e)| in_memory(k, e))
-            .map(|(k, _)| k.as_ref().clone())
-            .collect();
-        let mut removed = keys.len();
-        for k in keys {
-            self.memory.invalidate(&k);
-        }
-        if let Some(disk) = &self.disk {
-            removed = removed.max(on_disk(disk));
-        }
+    /// Removes what `purge` selects from every tier; objects on several tiers count
+    /// once.
+    fn purge(&self, purge: Purge<'_>) -> usize {
+        let removed = self.tiers.iter().map(|t| t.purge(purge)).max().unwrap_or(0);
         self.update_gauges();
+        self.metrics.cache_purged.inc_by(removed as u64);
         removed
     }
 
@@ -491,21 +395,12 @@ impl Cache {
 
     /// Purge API: every object whose URL starts with `prefix`.
     pub fn purge_prefix(&self, prefix: &str) -> usize {
-        let matches = |key: &str| key.starts_with(prefix);
-        let n = self.remove_where(&|key, _| matches(key), &|disk| {
-            disk.remove_matching(&matches)
-        });
-        self.metrics.cache_purged.inc_by(n as u64);
-        n
+        self.purge(Purge::Prefix(prefix))
     }
 
     /// Purge API: every object tagged `tag` (`Surrogate-Key` / `Cache-Tag`).
     pub fn purge_tag(&self, tag: &str) -> usize {
-        let n = self.remove_where(&|_, e| e.obj.tags().iter().any(|t| t == tag), &|disk| {
-            disk.remove_tag(tag)
-        });
-        self.metrics.cache_purged.inc_by(n as u64);
-        n
+        self.purge(Purge::Tag(tag))
     }
 
     /// Whether the purge API is enabled (`None` when not) and `token` is its bearer
@@ -520,42 +415,41 @@ impl Cache {
     }
 
     /// Joins the fetch of `key`: the first caller leads, the others follow. `None`
-    /// when the key is marked not cacheable (no coalescing).
-    pub(crate) fn join_flight(self: &Arc<Self>, primary: &str, key: &str) -> Option<Flight> {
-        if self.pass.contains_key(primary) {
+    /// when its primary key is marked not cacheable (no coalescing).
+    pub(crate) fn join_flight(self: &Arc<Self>, key: &CacheKey) -> Option<Flight> {
+        if self.pass.contains_key(key.primary()) {
             return None;
         }
         let mut map = self.inflight.lock().ok()?;
-        if let Some(tx) = map.get(key) {
+        if let Some(tx) = map.get(key.as_str()) {
             return Some(Flight::Follower(tx.subscribe()));
         }
-        let key: Arc<str> = key.into();
         let (tx, _rx) = watch::channel(());
-        map.insert(key.clone(), tx);
+        map.insert(key.shared().clone(), tx);
         Some(Flight::Leader(FlightGuard {
             cache: self.clone(),
-            key,
+            key: key.shared().clone(),
         }))
     }
 
     /// Marks `primary` as not cacheable for a while: requests for it skip coalescing.
-    pub(crate) fn mark_pass(&self, primary: &str) {
-        self.pass.insert(primary.into(), ());
+    pub(crate) fn mark_pass(&self, primary: &PrimaryKey) {
+        self.pass.insert(primary.shared().clone(), ());
     }
 
     /// Clears a pass mark (the URL answered with something cacheable).
-    pub(crate) fn clear_pass(&self, primary: &str) {
-        self.pass.invalidate(primary);
+    pub(crate) fn clear_pass(&self, primary: &PrimaryKey) {
+        self.pass.invalidate(primary.as_str());
     }
 
     /// Remembers (for [`NO_FILL_TTL`]) that `primary` is not filled after range misses.
-    pub(crate) fn refuse_fill(&self, primary: &str) {
-        self.no_fill.insert(primary.into(), ());
+    pub(crate) fn refuse_fill(&self, primary: &PrimaryKey) {
+        self.no_fill.insert(primary.shared().clone(), ());
     }
 
     /// Whether `primary` was found too large or not storable lately.
-    pub(crate) fn fill_refused(&self, primary: &str) -> bool {
-        self.no_fill.contains_key(primary)
+    pub(crate) fn fill_refused(&self, primary: &PrimaryKey) -> bool {
+        self.no_fill.contains_key(primary.as_str())
     }
 
     /// A range-fill slot, if one is free.
@@ -565,12 +459,11 @@ impl Cache {
 
     /// Starts a background refresh of `key` unless one is running; the returned guard
     /// ends it.
-    pub(crate) fn begin_refresh(self: &Arc<Self>, key: &str) -> Option<RefreshGuard> {
+    pub(crate) fn begin_refresh(self: &Arc<Self>, key: &CacheKey) -> Option<RefreshGuard> {
         let mut set = self.refreshing.lock().ok()?;
-        let key: Arc<str> = key.into();
-        set.insert(key.clone()).then(|| RefreshGuard {
+        set.insert(key.shared().clone()).then(|| RefreshGuard {
             cache: self.clone(),
-            key,
+            key: key.shared().clone(),
         })
     }
 
@@ -594,37 +487,32 @@ impl Cache {
         &self.metrics
     }
 
-    /// Refreshes the tier gauges.
+    /// Refreshes the tier gauges and eviction counters.
     pub fn update_gauges(&self) {
         let m = &self.metrics;
-        let memory = TierLabels { tier: "memory" };
-        m.cache_bytes
-            .get_or_create(&memory)
-            .set(i64::try_from(self.memory.weighted_size()).unwrap_or(i64::MAX));
-        m.cache_objects
-            .get_or_create(&memory)
-            .set(i64::try_from(self.memory.entry_count()).unwrap_or(i64::MAX));
-        if let Some(disk) = &self.disk {
-            let tier = TierLabels { tier: "disk" };
+        for tier in &self.tiers {
+            let usage = tier.usage();
+            let labels = TierLabels { tier: tier.tier() };
             m.cache_bytes
-                .get_or_create(&tier)
-                .set(i64::try_from(disk.bytes()).unwrap_or(i64::MAX));
+                .get_or_create(&labels)
+                .set(i64::try_from(usage.bytes).unwrap_or(i64::MAX));
             m.cache_objects
-                .get_or_create(&tier)
-                .set(i64::try_from(disk.len()).unwrap_or(i64::MAX));
-            let evicted = disk.evictions();
-            let counter = m.cache_evictions.get_or_create(&tier);
+                .get_or_create(&labels)
+                .set(i64::try_from(usage.objects).unwrap_or(i64::MAX));
+            let counter = m.cache_evictions.get_or_create(&labels);
             let seen = counter.get();
-            if evicted > seen {
-                counter.inc_by(evicted - seen);
+            if usage.evictions > seen {
+                counter.inc_by(usage.evictions - seen);
             }
         }
     }
 
-    /// Runs the memory tier's pending maintenance (evictions) and refreshes gauges;
-    /// called before metrics are rendered.
+    /// Runs the tiers' pending maintenance (evictions) and refreshes gauges; called
+    /// before metrics are rendered.
     pub fn maintain(&self) {
-        self.memory.run_pending_tasks();
+        for tier in &self.tiers {
+            tier.maintain();
+        }
         self.update_gauges();
     }
 }
@@ -641,67 +529,6 @@ impl Drop for RefreshGuard {
             set.remove(&self.key);
         }
     }
-}
-
-/// Separates variant keys from their primary key.
-const VARY_SEP: char = '\0';
-
-/// `primary` itself when `names` is empty, else
-/// `primary \0 name,name \0 sha256(values)` (hex).
-pub(crate) fn full_key(primary: &str, names: &[HeaderName], headers: &HeaderMap) -> String {
-    if names.is_empty() {
-        return primary.to_owned();
-    }
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut key = String::with_capacity(primary.len() + 80);
-    key.push_str(primary);
-    key.push(VARY_SEP);
-    for (i, name) in names.iter().enumerate() {
-        if i > 0 {
-            key.push(',');
-        }
-        key.push_str(name.as_str());
-        // The request's value of the field: its lines combined, whitespace around
-        // commas normalized (RFC 9111 §4.1).
-        let mut first = true;
-        for v in headers.get_all(name) {
-            for part in v.as_bytes().split(|&b| b == b',') {
-                if !first {
-                    ctx.update(b",");
-                }
-                first = false;
-                ctx.update(part.trim_ascii());
-            }
-        }
-        ctx.update(if first { b"\x01" } else { b"\x00" });
-    }
-    key.push(VARY_SEP);
-    for b in ctx.finish().as_ref().iter().take(16) {
-        key.push_str(&format!("{b:02x}"));
-    }
-    key
-}
-
-/// The primary key and `Vary` names encoded in a full key.
-fn split_full_key(key: &str) -> (&str, Vec<HeaderName>) {
-    match key.split_once(VARY_SEP) {
-        None => (key, Vec::new()),
-        Some((primary, rest)) => {
-            let names = rest
-                .split(VARY_SEP)
-                .next()
-                .unwrap_or("")
-                .split(',')
-                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-                .collect();
-            (primary, names)
-        }
-    }
-}
-
-/// The URL of a primary or full key: up to its first `key_headers` or `Vary` part.
-fn url_of(key: &str) -> &str {
-    key.split(['\n', VARY_SEP]).next().unwrap_or(key)
 }
 
 /// What a key costs in an index.
@@ -726,7 +553,10 @@ fn index_budget(config: &CacheConfig) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SiteConfig;
+    use crate::sites::Sites;
     use http::HeaderValue;
+    use std::time::SystemTime;
 
     #[test]
     fn bodies_being_collected_share_the_memory_budget() {
@@ -743,7 +573,26 @@ mod tests {
         assert!(!cache.reserve_collecting(u64::MAX));
     }
 
-    fn object(key: String) -> CachedObject {
+    /// A site keyed on `x-tenant` besides the URL.
+    fn tenant_site() -> Arc<Site> {
+        let mut config = SiteConfig {
+            domains: vec!["x".into()],
+            origin: "http://o".parse().unwrap(),
+            cache: Default::default(),
+        };
+        config.cache.key_headers = vec![HeaderName::from_static("x-tenant")];
+        Sites::new(&[config]).unwrap().lookup("x").unwrap().clone()
+    }
+
+    fn primary(target: &str, headers: &[(&'static str, &str)]) -> PrimaryKey {
+        let mut h = HeaderMap::new();
+        for (n, v) in headers {
+            h.insert(*n, HeaderValue::from_str(v).unwrap());
+        }
+        PrimaryKey::new(&tenant_site(), "https", "x", target, &h)
+    }
+
+    fn object(key: CacheKey) -> CachedObject {
         CachedObject {
             key,
             status: http::StatusCode::OK,
@@ -755,28 +604,52 @@ mod tests {
         }
     }
 
-    #[test]
-    fn invalidation_finds_every_variant_through_the_url_index() {
+    fn stored_keys(cache: &Cache) -> usize {
+        let mut n = 0;
+        cache.tiers[0].for_each_key(&mut |_| n += 1);
+        n
+    }
+
+    #[tokio::test]
+    async fn invalidation_finds_every_variant_through_the_url_index() {
         let cache =
             Arc::new(Cache::new(&CacheConfig::default(), Arc::new(Metrics::new())).unwrap());
         let names: Arc<[HeaderName]> = vec![HeaderName::from_static("accept-language")].into();
         for (lang, tenant) in [("en", "1"), ("fr", "1"), ("en", "2")] {
             let mut h = HeaderMap::new();
             h.insert("accept-language", HeaderValue::from_str(lang).unwrap());
-            let primary = format!("https://x/a\nx-tenant={tenant}");
-            cache.store(object(full_key(&primary, &names, &h)), names.clone());
+            let key = primary("/a", &[("x-tenant", tenant)]).variant(&names, &h);
+            cache.store(object(key), names.clone());
         }
-        cache.store(object("https://x/a?q".into()), Arc::from(Vec::new()));
-        cache.store(object("https://x/ab".into()), Arc::from(Vec::new()));
+        cache.store(
+            object(primary("/a?q", &[]).unvaried()),
+            Arc::from(Vec::new()),
+        );
+        cache.store(
+            object(primary("/ab", &[]).unvaried()),
+            Arc::from(Vec::new()),
+        );
+        let mut h = HeaderMap::new();
+        h.insert("accept-language", HeaderValue::from_static("fr"));
+        h.insert("x-tenant", HeaderValue::from_static("1"));
+        assert!(matches!(
+            cache.lookup(&primary("/a", &[("x-tenant", "1")]), &h).await,
+            Lookup::Found(_)
+        ));
         assert_eq!(cache.invalidate("https://x/a"), 3);
         assert_eq!(cache.invalidate("https://x/a"), 0);
-        assert_eq!(cache.memory.iter().count(), 2);
+        assert!(matches!(
+            cache.lookup(&primary("/a", &[("x-tenant", "1")]), &h).await,
+            Lookup::UriMiss
+        ));
+        cache.maintain();
+        assert_eq!(stored_keys(&cache), 2);
         assert_eq!(cache.purge_url("https://x/ab"), 1);
         assert_eq!(cache.urls.lock().unwrap().map.len(), 1);
     }
 
-    #[test]
-    fn the_url_index_is_bounded_in_bytes_and_pruned_when_full() {
+    #[tokio::test]
+    async fn the_url_index_is_bounded_in_bytes_and_pruned_when_full() {
         let cache =
             Arc::new(Cache::new(&CacheConfig::default(), Arc::new(Metrics::new())).unwrap());
         let budget = cache.index_budget;
@@ -785,10 +658,8 @@ mod tests {
         let mut stored = 0u64;
         loop {
             let before = bytes();
-            cache.store(
-                object(format!("https://x/{stored}/{long}")),
-                Arc::from(Vec::new()),
-            );
+            let key = primary(&format!("/{stored}/{long}"), &[]).unvaried();
+            cache.store(object(key), Arc::from(Vec::new()));
             if bytes() == before {
                 break;
             }
@@ -801,33 +672,12 @@ mod tests {
             bytes()
         );
         // The object whose key did not fit was not stored.
-        let refused = format!("https://x/{stored}/{long}");
-        assert!(!cache.memory.contains_key(refused.as_str()));
+        let refused = primary(&format!("/{stored}/{long}"), &[]).unvaried();
+        assert!(!cache.tiers[0].contains(refused.as_str()));
         // Once the objects are gone, a prune makes room again.
         assert!(cache.purge_prefix("https://x/") as u64 == stored);
         cache.urls.lock().unwrap().pruned_at = 0;
-        assert!(cache.index_add(&Arc::from(refused.as_str())));
+        assert!(cache.index_add(&refused));
         assert_eq!(cache.urls.lock().unwrap().map.len(), 1);
-    }
-
-    #[test]
-    fn full_keys_split_back_and_normalize_values() {
-        let names = vec![HeaderName::from_static("accept-language")];
-        let mut a = HeaderMap::new();
-        a.insert("accept-language", HeaderValue::from_static("en,  fr"));
-        let mut b = HeaderMap::new();
-        b.insert("accept-language", HeaderValue::from_static("en, fr"));
-        let empty = HeaderMap::new();
-        let ka = full_key("https://x/a", &names, &a);
-        assert_eq!(ka, full_key("https://x/a", &names, &b));
-        assert_ne!(ka, full_key("https://x/a", &names, &empty));
-        let (primary, n) = split_full_key(&ka);
-        assert_eq!(primary, "https://x/a");
-        assert_eq!(n, names);
-        assert_eq!(url_of(&ka), "https://x/a");
-        assert_eq!(url_of("https://x/a\nx-tenant=1"), "https://x/a");
-        let with_key_header = full_key("https://x/a\nx-tenant=1", &names, &a);
-        assert_eq!(url_of(&with_key_header), "https://x/a");
-        assert_eq!(url_of("https://x/ab"), "https://x/ab");
     }
 }

@@ -1,16 +1,19 @@
 //! A stored response: what the cache keeps of an origin response and the request that
 //! got it, in memory and (serialized by [`super::disk`]) on disk.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use super::key::CacheKey;
+use super::policy::{self, ResponsePolicy, StaleDefaults};
+
 /// A stored response, complete (the whole body arrived).
 #[derive(Clone, Debug)]
 pub(crate) struct CachedObject {
-    /// The full cache key (primary key + variant), as [`super::key`] builds it.
-    pub key: String,
+    /// The key of this response: primary key and variant.
+    pub key: CacheKey,
     /// Status of the stored response (never 206 or 304).
     pub status: StatusCode,
     /// The response's header fields as stored: hop-by-hop fields removed, no `Age`
@@ -45,7 +48,7 @@ impl CachedObject {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.as_ref().map_or(0, HeaderValue::len) + 16)
             .sum();
-        (OVERHEAD + self.key.len() + self.body.len() + headers + vary) as u64
+        (OVERHEAD + self.key.as_str().len() + self.body.len() + headers + vary) as u64
     }
 
     /// The surrogate keys (purge tags) of this object: the space-separated tokens of
@@ -83,4 +86,45 @@ pub(crate) fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
         }
     }
     tags
+}
+
+/// A stored object with what every hit needs precomputed.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) obj: CachedObject,
+    pub(crate) policy: ResponsePolicy,
+    /// RFC 9111 §4.2.3 `corrected_initial_age`.
+    corrected_initial_age: Duration,
+}
+
+impl Entry {
+    pub(crate) fn new(obj: CachedObject, defaults: StaleDefaults) -> Entry {
+        let policy = ResponsePolicy::new(obj.status, &obj.headers, obj.response_time, defaults);
+        let corrected_initial_age = policy::current_age(
+            &obj.headers,
+            obj.request_time,
+            obj.response_time,
+            obj.response_time,
+        );
+        Entry {
+            obj,
+            policy,
+            corrected_initial_age,
+        }
+    }
+
+    /// The object's current age.
+    pub(crate) fn age(&self, now: SystemTime) -> Duration {
+        self.corrected_initial_age
+            + now
+                .duration_since(self.obj.response_time)
+                .unwrap_or(Duration::ZERO)
+    }
+
+    /// Seconds of freshness left (negative when stale), for `Cache-Status: ttl`.
+    pub(crate) fn ttl(&self, now: SystemTime) -> i64 {
+        let lifetime = i64::try_from(self.policy.lifetime.as_secs()).unwrap_or(i64::MAX);
+        let age = i64::try_from(self.age(now).as_secs()).unwrap_or(i64::MAX);
+        lifetime.saturating_sub(age)
+    }
 }
