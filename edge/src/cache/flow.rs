@@ -141,8 +141,23 @@ struct ReqInfo {
     set_cookie: SetCookiePolicy,
 }
 
+impl Cache {
+    /// Answers `req` (in upstream form, for `host`) for `site` from the cache, fetching
+    /// from `origin` what it cannot answer.
+    pub async fn handle<F: Fetch>(
+        self: &Arc<Self>,
+        origin: &Arc<F>,
+        req: Request<EdgeBody>,
+        host: &str,
+        site: &Arc<Site>,
+        ctx: &ClientCtx,
+    ) -> Response<EdgeBody> {
+        handle(origin, self, req, host, site, ctx).await
+    }
+}
+
 /// Serves `req` for `site` through the cache.
-pub(crate) async fn handle<F: Fetch>(
+async fn handle<F: Fetch>(
     origin: &Arc<F>,
     cache: &Arc<Cache>,
     req: Request<EdgeBody>,

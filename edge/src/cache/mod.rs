@@ -9,7 +9,8 @@
 //! its stored keys, for invalidation and purge.
 //!
 //! The HTTP flow (hits, revalidation, stale serving, coalescing, invalidation) is in
-//! [`flow`]; it reaches the origin only through [`Fetch`]. The RFC rules are in
+//! [`flow`] (with [`Cache::handle`]); it reaches the origin only through
+//! [`crate::exchange::Fetch`]. The RFC rules are in
 //! [`policy`], [`conditional`] and [`range`].
 
 pub mod conditional;
@@ -30,9 +31,7 @@ use http::{HeaderMap, HeaderName};
 use tokio::sync::watch;
 
 use crate::config::CacheConfig;
-use crate::exchange::{ClientCtx, EdgeBody, Fetch};
 use crate::metrics::{Metrics, TierLabels};
-use crate::sites::Site;
 use disk::DiskTier;
 use key::{CacheKey, PrimaryKey};
 use object::{CachedObject, Entry};
@@ -270,19 +269,6 @@ impl Cache {
         index.bytes = bytes;
         index.pruned_at = bytes;
         tracing::debug!(before, after = bytes, "cache URL index pruned");
-    }
-
-    /// Answers `req` (in upstream form, for `host`) for `site` from the cache, fetching
-    /// from `origin` what it cannot answer; see [`flow`].
-    pub async fn handle<F: Fetch>(
-        self: &Arc<Self>,
-        origin: &Arc<F>,
-        req: http::Request<EdgeBody>,
-        host: &str,
-        site: &Arc<Site>,
-        ctx: &ClientCtx,
-    ) -> http::Response<EdgeBody> {
-        flow::handle(origin, self, req, host, site, ctx).await
     }
 
     /// Finds the stored response for a request, fastest tier first; an object found
