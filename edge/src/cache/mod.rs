@@ -540,7 +540,7 @@ fn index_budget(config: &CacheConfig) -> u64 {
 mod tests {
     use super::*;
     use crate::config::SiteConfig;
-    use crate::sites::Sites;
+    use crate::sites::{Site, Sites};
     use http::HeaderValue;
     use std::time::SystemTime;
 
