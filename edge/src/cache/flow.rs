@@ -174,22 +174,13 @@ async fn handle<F: Fetch>(
     let primary = PrimaryKey::new(site, ctx.scheme, host, path_and_query, req.headers());
 
     if method != Method::GET && method != Method::HEAD {
-        cache.metrics().cache_lookup("bypass");
-        let headers = req.headers().clone();
-        let response = forward(origin.as_ref(), req, site, ctx).await;
-        let s = response.status();
-        if policy::is_unsafe(&method) && (s.is_success() || s.is_redirection()) {
-            invalidate_after_unsafe(
-                cache,
-                site,
-                ctx,
-                host,
-                &primary,
-                &headers,
-                response.headers(),
-            );
-        }
-        return CacheStatus::fwd("method").apply(response);
+        let scope = Scope {
+            origin,
+            cache,
+            site,
+            ctx,
+        };
+        return other_method(scope, req, host, &primary).await;
     }
 
     if primary.len() > cache.max_url_bytes {
@@ -220,41 +211,84 @@ async fn handle<F: Fetch>(
         ctx,
     };
     match cache.lookup(&info.primary, &info.headers).await {
-        Lookup::Found(entry) => {
-            let now = SystemTime::now();
-            let age = entry.age(now);
-            match policy::usability(&entry.policy, age, &info.directives) {
-                Usability::Fresh | Usability::StaleAccepted => {
-                    cache
-                        .metrics()
-                        .cache_lookup(if age < entry.policy.lifetime {
-                            "hit"
-                        } else {
-                            "stale"
-                        });
-                    serve_stored(&info, &entry, now, CacheStatus::hit(entry.ttl(now)))
-                }
-                Usability::StaleWhileRevalidate => {
-                    cache.metrics().cache_lookup("stale");
-                    refresh_in_background(scope, &req, &info, &entry);
-                    let status = CacheStatus {
-                        detail: Some("stale-while-revalidate"),
-                        ..CacheStatus::hit(entry.ttl(now))
-                    };
-                    serve_stored(&info, &entry, now, status)
-                }
-                Usability::Revalidate => {
-                    let fwd = if info.directives.no_cache {
-                        "request"
-                    } else {
-                        "stale"
-                    };
-                    revalidate(scope, req, &info, entry, fwd).await
-                }
-            }
-        }
+        Lookup::Found(entry) => found(scope, req, &info, entry).await,
         Lookup::UriMiss => miss(scope, req, &info, "uri-miss", None).await,
         Lookup::VaryMiss(key) => miss(scope, req, &info, "vary-miss", Some(key)).await,
+    }
+}
+
+/// Forwards a request of a method the cache does not answer; a successful unsafe one
+/// invalidates what is stored for its URL (RFC 9111 §4.4).
+async fn other_method<F: Fetch>(
+    scope: Scope<'_, F>,
+    req: Request<EdgeBody>,
+    host: &str,
+    primary: &PrimaryKey,
+) -> Response<EdgeBody> {
+    let Scope {
+        origin,
+        cache,
+        site,
+        ctx,
+    } = scope;
+    cache.metrics().cache_lookup("bypass");
+    let method = req.method().clone();
+    let headers = req.headers().clone();
+    let response = forward(origin.as_ref(), req, site, ctx).await;
+    let s = response.status();
+    if policy::is_unsafe(&method) && (s.is_success() || s.is_redirection()) {
+        invalidate_after_unsafe(
+            cache,
+            site,
+            ctx,
+            host,
+            primary,
+            &headers,
+            response.headers(),
+        );
+    }
+    CacheStatus::fwd("method").apply(response)
+}
+
+/// Answers from a stored response: at once when it may be used as it is (stale while
+/// revalidating in the background), else after revalidating it.
+async fn found<F: Fetch>(
+    scope: Scope<'_, F>,
+    req: Held,
+    info: &ReqInfo,
+    entry: Arc<Entry>,
+) -> Response<EdgeBody> {
+    let cache = scope.cache;
+    let now = SystemTime::now();
+    let age = entry.age(now);
+    match policy::usability(&entry.policy, age, &info.directives) {
+        Usability::Fresh | Usability::StaleAccepted => {
+            cache
+                .metrics()
+                .cache_lookup(if age < entry.policy.lifetime {
+                    "hit"
+                } else {
+                    "stale"
+                });
+            serve_stored(info, &entry, now, CacheStatus::hit(entry.ttl(now)))
+        }
+        Usability::StaleWhileRevalidate => {
+            cache.metrics().cache_lookup("stale");
+            refresh_in_background(scope, &req, info, &entry);
+            let status = CacheStatus {
+                detail: Some("stale-while-revalidate"),
+                ..CacheStatus::hit(entry.ttl(now))
+            };
+            serve_stored(info, &entry, now, status)
+        }
+        Usability::Revalidate => {
+            let fwd = if info.directives.no_cache {
+                "request"
+            } else {
+                "stale"
+            };
+            revalidate(scope, req, info, entry, fwd).await
+        }
     }
 }
 
@@ -331,39 +365,10 @@ async fn miss<F: Fetch>(
     let mut guard = None;
     if info.method == Method::GET && !partial_or_conditional && !info.directives.no_store {
         let key = full_key.clone().unwrap_or_else(|| info.primary.unvaried());
-        let deadline = tokio::time::Instant::now() + cache.coalesce_timeout;
-        // Follow the fetch in progress; when it ends without a usable object (its
-        // client went away before the body was stored, or the fetch failed), one of
-        // the waiters leads the next attempt. A URL marked not cacheable, or the
-        // deadline, sends this request to the origin on its own.
-        while let Some(flight) = cache.join_flight(&key) {
-            let mut rx = match flight {
-                Flight::Leader(g) => {
-                    guard = Some(g);
-                    break;
-                }
-                Flight::Follower(rx) => rx,
-            };
-            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
-            if let Lookup::Found(entry) = cache.lookup(&info.primary, &info.headers).await {
-                let now = SystemTime::now();
-                let age = entry.age(now);
-                if matches!(
-                    policy::usability(&entry.policy, age, &info.directives),
-                    Usability::Fresh | Usability::StaleAccepted
-                ) {
-                    cache.metrics().cache_lookup("hit");
-                    cache.metrics().cache_coalesced.inc();
-                    let status = CacheStatus {
-                        collapsed: true,
-                        ..CacheStatus::hit(entry.ttl(now))
-                    };
-                    return serve_stored(info, &entry, now, status);
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break;
-            }
+        match coalesce(cache, info, &key).await {
+            Coalesced::Served(response) => return response,
+            Coalesced::Lead(g) => guard = Some(g),
+            Coalesced::Alone => {}
         }
     }
     // A range request that misses goes to the origin as it is; when its answer shows
@@ -391,6 +396,51 @@ async fn miss<F: Fetch>(
             store_or_pass(cache, info, response, request_time, guard, status)
         }
     }
+}
+
+/// How a miss joined the fetches of its key.
+enum Coalesced {
+    /// Another request's fetch stored what answers this one.
+    Served(Response<EdgeBody>),
+    /// This request fetches; others wait for it until the guard drops.
+    Lead(FlightGuard),
+    /// This request goes to the origin on its own.
+    Alone,
+}
+
+/// Follows the fetch in progress for `key`; when it ends without a usable object (its
+/// client went away before the body was stored, or the fetch failed), one of the
+/// waiters leads the next attempt. A URL marked not cacheable, or the coalescing
+/// deadline, sends the request to the origin on its own.
+async fn coalesce(cache: &Arc<Cache>, info: &ReqInfo, key: &CacheKey) -> Coalesced {
+    let deadline = tokio::time::Instant::now() + cache.coalesce_timeout;
+    while let Some(flight) = cache.join_flight(key) {
+        let mut rx = match flight {
+            Flight::Leader(g) => return Coalesced::Lead(g),
+            Flight::Follower(rx) => rx,
+        };
+        let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+        if let Lookup::Found(entry) = cache.lookup(&info.primary, &info.headers).await {
+            let now = SystemTime::now();
+            let age = entry.age(now);
+            if matches!(
+                policy::usability(&entry.policy, age, &info.directives),
+                Usability::Fresh | Usability::StaleAccepted
+            ) {
+                cache.metrics().cache_lookup("hit");
+                cache.metrics().cache_coalesced.inc();
+                let status = CacheStatus {
+                    collapsed: true,
+                    ..CacheStatus::hit(entry.ttl(now))
+                };
+                return Coalesced::Served(serve_stored(info, &entry, now, status));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    Coalesced::Alone
 }
 
 /// After a range miss answered `206` with `headers`: fetches the whole object in the
@@ -564,13 +614,26 @@ fn storing(
             too_large: true,
         };
     }
+    cache.clear_pass(&info.primary);
+    store(cache, info, response, (request_time, response_time), guard)
+}
+
+/// The [`Storing::Store`] of a response that will be stored: its body streams into a
+/// [`Sink`] holding the stored object's key, header fields (without cookies) and
+/// times.
+fn store(
+    cache: &Arc<Cache>,
+    info: &ReqInfo,
+    response: Response<EdgeBody>,
+    (request_time, response_time): (SystemTime, SystemTime),
+    guard: Option<FlightGuard>,
+) -> Storing {
     let policy = ResponsePolicy::new(
         response.status(),
         response.headers(),
         response_time,
         cache.defaults,
     );
-    cache.clear_pass(&info.primary);
     let names: Arc<[HeaderName]> = policy::vary_names(response.headers())
         .unwrap_or_default()
         .into();
