@@ -130,7 +130,7 @@ impl CacheStatus {
 /// the origin.
 struct ReqInfo {
     method: Method,
-    /// The request's header fields as the origin gets them ([`Proxy::handle`] has
+    /// The request's header fields as the origin gets them ([`crate::serve::HttpFront`] has
     /// rewritten them): `Vary` variants and `key_headers` are computed from these, so
     /// a field the client named hop-by-hop (`Connection: origin`) counts as absent,
     /// as it is for the origin.
