@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod httpdate;
 pub mod keyserver;
 pub mod metrics;
 pub mod proxy;
