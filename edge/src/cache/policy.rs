@@ -559,7 +559,8 @@ mod tests {
 
     #[test]
     fn malformed_and_conflicting_values_are_invalid() {
-        let cases: [(&str, &[(&str, &str)], Duration); 5] = [
+        type Fields = &'static [(&'static str, &'static str)];
+        let cases: [(&str, Fields, Duration); 5] = [
             (
                 "malformed max-age",
                 &[("cache-control", "max-age=abc")],
