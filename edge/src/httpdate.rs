@@ -80,16 +80,7 @@ fn parse_imf_fixdate(s: &[u8]) -> Option<Civil> {
         return None;
     }
     let rest = rest.strip_prefix(b", ")?;
-    let (day, rest) = digits(rest, 2)?;
-    let rest = rest.strip_prefix(b" ")?;
-    let (month, rest) = month(rest)?;
-    let rest = rest.strip_prefix(b" ")?;
-    let (year, rest) = digits(rest, 4)?;
-    let rest = rest.strip_prefix(b" ")?;
-    let (h, m, sec, rest) = time_of_day(rest)?;
-    if rest != b" GMT" {
-        return None;
-    }
+    let (day, month, year, h, m, sec) = date_time_gmt(rest, b" ", 4)?;
     Some((i64::from(year), month, day, h, m, sec))
 }
 
@@ -101,22 +92,30 @@ fn parse_rfc850(s: &[u8]) -> Option<Civil> {
         return None;
     }
     let rest = rest.strip_prefix(b", ")?;
-    let (day, rest) = digits(rest, 2)?;
-    let rest = rest.strip_prefix(b"-")?;
-    let (month, rest) = month(rest)?;
-    let rest = rest.strip_prefix(b"-")?;
-    let (yy, rest) = digits(rest, 2)?;
-    let rest = rest.strip_prefix(b" ")?;
-    let (h, m, sec, rest) = time_of_day(rest)?;
-    if rest != b" GMT" {
-        return None;
-    }
+    let (day, month, yy, h, m, sec) = date_time_gmt(rest, b"-", 2)?;
     let this_year = current_year();
     let mut year = this_year - this_year.rem_euclid(100) + i64::from(yy);
     if year > this_year + 50 {
         year -= 100;
     }
     Some((year, month, day, h, m, sec))
+}
+
+/// `DD<sep>Mon<sep>YYYY HH:MM:SS GMT` with `year_digits` digits of year, the part
+/// IMF-fixdate and RFC 850 share: day, month, year, hour, minute, second.
+fn date_time_gmt(
+    s: &[u8],
+    sep: &[u8],
+    year_digits: usize,
+) -> Option<(u32, u32, u32, u32, u32, u32)> {
+    let (day, rest) = digits(s, 2)?;
+    let rest = rest.strip_prefix(sep)?;
+    let (month, rest) = month(rest)?;
+    let rest = rest.strip_prefix(sep)?;
+    let (year, rest) = digits(rest, year_digits)?;
+    let rest = rest.strip_prefix(b" ")?;
+    let (h, m, sec, rest) = time_of_day(rest)?;
+    (rest == b" GMT").then_some((day, month, year, h, m, sec))
 }
 
 fn parse_asctime(s: &[u8]) -> Option<Civil> {
