@@ -13,7 +13,8 @@ use prometheus_client::registry::Registry;
 /// `result` and TLS `version` of a client handshake.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
-    /// `ok`, `unknown-sni`, `no-sni`, `keyserver-error`, `failed`, `timeout`.
+    /// `ok`, `unknown-sni`, `no-sni`, `keyserver-error`, `overloaded` (too many remote
+    /// signatures waiting), `failed`, `timeout`.
     pub result: &'static str,
     /// `TLSv1_3`, `TLSv1_2` or `-`.
     pub version: &'static str,
@@ -47,7 +48,8 @@ pub struct OriginLabels {
 /// Cache lookup result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
-    /// `hit`, `stale` (served stale), `miss`, `revalidated`, `bypass`.
+    /// `hit`, `stale` (served stale), `miss`, `revalidate` (a stored response sent to
+    /// the origin for validation), `bypass`.
     pub result: &'static str,
 }
 
@@ -111,132 +113,137 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let handshakes = Family::<HandshakeLabels, Counter>::default();
-        registry.register(
+        let mut m = Metrics {
+            registry: Registry::default(),
+            handshakes: Family::default(),
+            handshake_seconds: latency(),
+            keyserver_ops: Family::default(),
+            keyserver_seconds: Family::new_with_constructor(latency),
+            requests: Family::default(),
+            origin_seconds: Family::new_with_constructor(latency),
+            connections_active: Gauge::default(),
+            certs_cached: Gauge::default(),
+            remote_ops_in_flight: Gauge::default(),
+            remote_ops_rejected: Counter::default(),
+            cache_lookups: Family::default(),
+            cache_bytes: Family::default(),
+            cache_objects: Family::default(),
+            cache_evictions: Family::default(),
+            cache_coalesced: Counter::default(),
+            cache_stores: Counter::default(),
+            cache_purged: Counter::default(),
+        };
+        // The exposition lists metrics in registration order: keep these calls in order.
+        m.register_tls();
+        m.register_http();
+        m.register_cache();
+        m.register_remote_ops();
+        m
+    }
+
+    /// Handshakes and the key-server operations they make.
+    fn register_tls(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "keyless_edge_handshakes",
             "Client TLS handshakes by result and version",
-            handshakes.clone(),
+            self.handshakes.clone(),
         );
-        let handshake_seconds = latency();
-        registry.register(
+        r.register(
             "keyless_edge_handshake_seconds",
             "Duration of successful client TLS handshakes",
-            handshake_seconds.clone(),
+            self.handshake_seconds.clone(),
         );
-        let keyserver_ops = Family::<KeyServerLabels, Counter>::default();
-        registry.register(
+        r.register(
             "keyless_edge_keyserver_ops",
             "Key-server operations by opcode and result",
-            keyserver_ops.clone(),
+            self.keyserver_ops.clone(),
         );
-        let keyserver_seconds = Family::<KeyServerLabels, Histogram>::new_with_constructor(
-            latency as fn() -> Histogram,
-        );
-        registry.register(
+        r.register(
             "keyless_edge_keyserver_seconds",
             "Key-server operation latency",
-            keyserver_seconds.clone(),
+            self.keyserver_seconds.clone(),
         );
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+    }
+
+    /// Requests, origin exchanges, connections and the certificate cache.
+    fn register_http(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "keyless_edge_requests",
             "Client requests answered, by status",
-            requests.clone(),
+            self.requests.clone(),
         );
-        let origin_seconds =
-            Family::<OriginLabels, Histogram>::new_with_constructor(latency as fn() -> Histogram);
-        registry.register(
+        r.register(
             "keyless_edge_origin_seconds",
             "Time to the origin's response headers",
-            origin_seconds.clone(),
+            self.origin_seconds.clone(),
         );
-        let connections_active = Gauge::default();
-        registry.register(
+        r.register(
             "keyless_edge_connections_active",
             "Open client connections",
-            connections_active.clone(),
+            self.connections_active.clone(),
         );
-        let certs_cached = Gauge::default();
-        registry.register(
+        r.register(
             "keyless_edge_certificates_cached",
             "Certificate chains in the cache",
-            certs_cached.clone(),
+            self.certs_cached.clone(),
         );
-        let cache_lookups = Family::<CacheLabels, Counter>::default();
-        registry.register(
+    }
+
+    /// The HTTP cache.
+    fn register_cache(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "keyless_edge_cache_lookups",
             "Cache lookups by result",
-            cache_lookups.clone(),
+            self.cache_lookups.clone(),
         );
-        let cache_bytes = Family::<TierLabels, Gauge>::default();
-        registry.register(
+        r.register(
             "keyless_edge_cache_bytes",
             "Bytes held by each cache tier",
-            cache_bytes.clone(),
+            self.cache_bytes.clone(),
         );
-        let cache_objects = Family::<TierLabels, Gauge>::default();
-        registry.register(
+        r.register(
             "keyless_edge_cache_objects",
             "Objects held by each cache tier",
-            cache_objects.clone(),
+            self.cache_objects.clone(),
         );
-        let cache_evictions = Family::<TierLabels, Counter>::default();
-        registry.register(
+        r.register(
             "keyless_edge_cache_evictions",
             "Objects evicted from each cache tier to respect its size",
-            cache_evictions.clone(),
+            self.cache_evictions.clone(),
         );
-        let cache_coalesced = Counter::default();
-        registry.register(
+        r.register(
             "keyless_edge_cache_coalesced",
             "Requests served from a concurrent request's origin fetch",
-            cache_coalesced.clone(),
+            self.cache_coalesced.clone(),
         );
-        let cache_stores = Counter::default();
-        registry.register(
+        r.register(
             "keyless_edge_cache_stores",
             "Responses stored in the cache",
-            cache_stores.clone(),
+            self.cache_stores.clone(),
         );
-        let cache_purged = Counter::default();
-        registry.register(
+        r.register(
             "keyless_edge_cache_purged",
             "Objects removed through the purge API",
-            cache_purged.clone(),
+            self.cache_purged.clone(),
         );
-        let remote_ops_in_flight = Gauge::default();
-        registry.register(
+    }
+
+    /// Back-pressure on remote private-key operations.
+    fn register_remote_ops(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "keyless_edge_remote_ops_in_flight",
             "Remote private-key operations waiting for the key server",
-            remote_ops_in_flight.clone(),
+            self.remote_ops_in_flight.clone(),
         );
-        let remote_ops_rejected = Counter::default();
-        registry.register(
+        r.register(
             "keyless_edge_remote_ops_rejected",
             "Handshakes refused because too many remote private-key operations were waiting",
-            remote_ops_rejected.clone(),
+            self.remote_ops_rejected.clone(),
         );
-        Metrics {
-            registry,
-            cache_lookups,
-            cache_bytes,
-            cache_objects,
-            cache_evictions,
-            cache_coalesced,
-            cache_stores,
-            cache_purged,
-            handshakes,
-            handshake_seconds,
-            keyserver_ops,
-            keyserver_seconds,
-            requests,
-            origin_seconds,
-            connections_active,
-            certs_cached,
-            remote_ops_in_flight,
-            remote_ops_rejected,
-        }
     }
 
     /// Records one key-server operation.

@@ -121,18 +121,11 @@ impl Edge {
         let client =
             Arc::new(KeyServerClient::new(ks).context("cannot start the key-server client")?);
         let tls = TlsFront::new(
-            TlsFrontConfig {
-                default_site: config.tls.default_site.clone(),
-                handshake_timeout: config.tls.handshake_timeout,
-                cert_ttl: config.tls.cert_ttl,
-                send_handshake_message: true,
-                max_concurrent_ops: config.keyserver.max_concurrent_ops.get(),
-            },
+            TlsFrontConfig::from_config(&config.tls, &config.keyserver),
             sites.clone(),
             client,
             metrics.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!(e))?;
+        )?;
         let cache = open_cache(&config.cache, &metrics)?;
         let origin = OriginClient::new(&config.proxy, &config.dns, metrics.clone())
             .context("cannot set up the origin client")?;

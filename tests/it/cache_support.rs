@@ -5,10 +5,12 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
-use keyless_tests::{free_addr, metric_sum, Edge, EdgeConfig, HttpVersion, Scripted, SeenRequest};
+use keyless_tests::{
+    free_addr, http_date, metric_sum, Edge, EdgeConfig, HttpVersion, Scripted, SeenRequest,
+};
 
 use crate::edge_support::{Stack, StackBuilder, ORIGIN_HOST, SITE};
 
@@ -482,6 +484,18 @@ impl CacheStatus {
 /// A `Scripted` 200 with `Cache-Control: CC` and `body`.
 pub(crate) fn ok(cc: &str, body: &str) -> Scripted {
     Scripted::new(200).header("Cache-Control", cc).body(body)
+}
+
+/// A `Date` for a response scripted now: the current time rounded up to the next whole
+/// second. The origin's own `Date` is rounded down, so a response can arrive up to 1 s
+/// old (a `max-age=1` response was once stale 21 ms after it was stored); with this
+/// one its age counts from when the edge fetched it, and a test can rely on it being
+/// fresh for its whole `max-age`.
+pub(crate) fn date_now() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    http_date(UNIX_EPOCH + Duration::from_secs(now.as_secs() + 1))
 }
 
 /// What a raw HTTP/1.1 exchange got.

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Result};
 use keyless_tests::{http_date, pattern_body, Scripted};
 
-use crate::cache_support::{default_stack, ok, sleep_ms, CacheStack};
+use crate::cache_support::{date_now, default_stack, ok, sleep_ms, CacheStack};
 use crate::edge_support::WILDCARD_NAME;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -36,44 +36,30 @@ fn assert_revalidated(s: &CacheStack, path: &str, n: usize) -> Result<()> {
 }
 
 #[test]
-fn request_no_cache_revalidates_with_the_origin() -> Result<()> {
+fn request_no_cache_max_age_zero_and_pragma_revalidate_with_the_origin() -> Result<()> {
     let s = default_stack()?;
-    s.script("/a", &[etagged("max-age=60", "body")])?;
-    s.get("/a")?.expect(200, "body")?.expect_stored()?;
-    let r = s.req("/a").header("Cache-Control: no-cache").send()?;
-    r.expect(200, "body")?.expect_forwarded()?;
-    ensure!(
-        r.cs().fwd() == Some("request"),
-        "expected fwd=request: {}",
-        r.show()
-    );
-    assert_revalidated(&s, "/a", 2)
-}
-
-#[test]
-fn request_max_age_zero_goes_to_the_origin() -> Result<()> {
-    let s = default_stack()?;
-    s.script("/a", &[etagged("max-age=60", "body")])?;
-    s.get("/a")?.expect(200, "body")?;
-    s.req("/a")
-        .header("Cache-Control: max-age=0")
-        .send()?
-        .expect(200, "body")?
-        .expect_forwarded()?;
-    assert_revalidated(&s, "/a", 2)
-}
-
-#[test]
-fn request_pragma_no_cache_goes_to_the_origin() -> Result<()> {
-    let s = default_stack()?;
-    s.script("/a", &[etagged("max-age=60", "body")])?;
-    s.get("/a")?.expect(200, "body")?;
-    s.req("/a")
-        .header("Pragma: no-cache")
-        .send()?
-        .expect(200, "body")?
-        .expect_forwarded()?;
-    assert_revalidated(&s, "/a", 2)
+    // Name, request field, and the `fwd` reason the edge gives.
+    for (i, (name, field, fwd)) in [
+        ("no-cache", "Cache-Control: no-cache", "request"),
+        ("max-age=0", "Cache-Control: max-age=0", "stale"),
+        ("Pragma", "Pragma: no-cache", "request"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/{i}");
+        s.script(&path, &[etagged("max-age=60", "body")])?;
+        s.get(&path)?.expect(200, "body")?.expect_stored()?;
+        let r = s.req(&path).header(field).send()?;
+        r.expect(200, "body")?.expect_forwarded()?;
+        ensure!(
+            r.cs().fwd() == Some(fwd),
+            "{name}: expected fwd={fwd}: {}",
+            r.show()
+        );
+        assert_revalidated(&s, &path, 2).map_err(|e| e.context(name))?;
+    }
+    Ok(())
 }
 
 #[test]
@@ -167,20 +153,19 @@ fn response_no_cache_is_revalidated_on_every_use() -> Result<()> {
 #[test]
 fn must_revalidate_and_proxy_revalidate_revalidate_once_stale() -> Result<()> {
     let s = default_stack()?;
-    for path in ["/must", "/proxy"] {
-        // `Date` has whole seconds: a response can be up to 1 s old when it arrives,
-        // so max-age=2 keeps it fresh for the immediate second request.
-        let cc = if path == "/must" {
-            "max-age=2, must-revalidate"
-        } else {
-            "max-age=2, proxy-revalidate"
-        };
-        s.script(path, &[etagged(cc, "body")])?;
+    let cases = [
+        ("/must", "max-age=2, must-revalidate"),
+        ("/proxy", "max-age=2, proxy-revalidate"),
+    ];
+    for (path, cc) in cases {
+        // The test's own `Date` (see `date_now`): the response is 0 s old when it
+        // arrives, so it stays fresh for the immediate second request.
+        s.script(path, &[etagged(cc, "body").header("Date", &date_now())])?;
         s.get(path)?.expect(200, "body")?.expect_stored()?;
         s.get(path)?.expect(200, "body")?.expect_hit()?;
     }
     sleep_ms(2100);
-    for path in ["/must", "/proxy"] {
+    for (path, _) in cases {
         // Even a client that accepts stale responses gets a revalidated one.
         let r = s.req(path).header("Cache-Control: max-stale=60").send()?;
         r.expect(200, "body")?.expect_forwarded()?;

@@ -430,13 +430,13 @@ pub fn pattern_body(n: usize) -> Vec<u8> {
 
 /// `t` as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the HTTP date format.
 pub fn http_date(t: SystemTime) -> String {
-    keyless_edge::cache::conditional::fmt_http_date(t)
+    keyless_edge::httpdate::fmt_http_date(t)
 }
 
 /// Parses an HTTP date (IMF-fixdate, RFC 850 or asctime); `None` for anything else.
 pub fn parse_http_date(s: &str) -> Option<SystemTime> {
     let value = hyper::header::HeaderValue::from_str(s).ok()?;
-    keyless_edge::cache::conditional::parse_http_date(&value)
+    keyless_edge::httpdate::parse_http_date(&value)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! [`crate::exchange::Fetch`]. The RFC rules are in
 //! [`policy`], [`conditional`] and [`range`].
 
-pub mod conditional;
+mod conditional;
 mod disk;
 mod flow;
 mod key;

@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
+use crate::httpdate::parse_http_date;
+
 /// RFC 9111 §1.2.2: a delta-seconds too large to represent counts as 2^31.
 const DELTA_MAX: u64 = 2_147_483_648;
 /// Heuristic freshness is this fraction of the time since `Last-Modified` ...
@@ -391,8 +393,6 @@ pub(crate) fn date_value(headers: &HeaderMap) -> Option<SystemTime> {
     headers.get(header::DATE).and_then(parse_http_date)
 }
 
-pub(crate) use super::conditional::parse_http_date;
-
 /// The names a response's `Vary` lists (lowercase, deduplicated, sorted); `None` for
 /// `Vary: *` (never matches, RFC 9111 §4.1).
 pub(crate) fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
@@ -513,6 +513,7 @@ pub(crate) fn is_unsafe(method: &Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::httpdate::fmt_http_date;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -531,7 +532,7 @@ mod tests {
         if !h.contains_key(header::DATE) {
             h.insert(
                 header::DATE,
-                HeaderValue::from_str(&super::super::conditional::fmt_http_date(now)).unwrap(),
+                HeaderValue::from_str(&fmt_http_date(now)).unwrap(),
             );
         }
         ResponsePolicy::new(StatusCode::OK, &h, now, StaleDefaults::default())
@@ -551,27 +552,36 @@ mod tests {
 
     #[test]
     fn malformed_and_conflicting_values_are_invalid() {
-        assert_eq!(
-            policy(&[("cache-control", "max-age=abc")]).lifetime,
-            Duration::ZERO
-        );
-        assert_eq!(
-            policy(&[("cache-control", "max-age=60, max-age=120")]).lifetime,
-            Duration::ZERO
-        );
-        assert_eq!(
-            policy(&[
-                ("cache-control", "max-age=60"),
-                ("cache-control", "max-age=60")
-            ])
-            .lifetime,
-            Duration::from_secs(60)
-        );
-        assert_eq!(
-            policy(&[("cache-control", "max-age=99999999999999999999")]).lifetime,
-            Duration::from_secs(DELTA_MAX)
-        );
-        assert_eq!(policy(&[("expires", "0")]).lifetime, Duration::ZERO);
+        type Fields = &'static [(&'static str, &'static str)];
+        let cases: [(&str, Fields, Duration); 5] = [
+            (
+                "malformed max-age",
+                &[("cache-control", "max-age=abc")],
+                Duration::ZERO,
+            ),
+            (
+                "conflicting max-age",
+                &[("cache-control", "max-age=60, max-age=120")],
+                Duration::ZERO,
+            ),
+            (
+                "repeated identical max-age",
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cache-control", "max-age=60"),
+                ],
+                Duration::from_secs(60),
+            ),
+            (
+                "max-age past 2^31",
+                &[("cache-control", "max-age=99999999999999999999")],
+                Duration::from_secs(DELTA_MAX),
+            ),
+            ("invalid Expires", &[("expires", "0")], Duration::ZERO),
+        ];
+        for (name, fields, lifetime) in cases {
+            assert_eq!(policy(fields).lifetime, lifetime, "{name}");
+        }
     }
 
     #[test]
@@ -625,10 +635,7 @@ mod tests {
     #[test]
     fn heuristic_freshness_from_last_modified() {
         let ten_days = SystemTime::now() - Duration::from_secs(10 * 24 * 3600);
-        let p = policy(&[(
-            "last-modified",
-            &super::super::conditional::fmt_http_date(ten_days),
-        )]);
+        let p = policy(&[("last-modified", &fmt_http_date(ten_days))]);
         assert!(p.heuristic);
         assert!(p.lifetime >= Duration::from_secs(23 * 3600));
     }
@@ -676,44 +683,36 @@ mod tests {
 
     #[test]
     fn request_directives_decide_usability() {
+        use Usability::{Fresh, Revalidate, StaleAccepted};
         let p = policy(&[("cache-control", "max-age=100")]);
-        let age = Duration::from_secs(50);
-        let req = |v: &str| cache_control(&headers(&[("cache-control", v)]));
-        assert_eq!(usability(&p, age, &Directives::default()), Usability::Fresh);
-        assert_eq!(
-            usability(&p, age, &req("max-age=10")),
-            Usability::Revalidate
-        );
-        assert_eq!(
-            usability(&p, age, &req("min-fresh=60")),
-            Usability::Revalidate
-        );
-        assert_eq!(usability(&p, age, &req("min-fresh=40")), Usability::Fresh);
-        assert_eq!(usability(&p, age, &req("no-cache")), Usability::Revalidate);
-        let pragma = cache_control(&headers(&[("pragma", "no-cache")]));
-        assert_eq!(usability(&p, age, &pragma), Usability::Revalidate);
-        let old = Duration::from_secs(150);
-        assert_eq!(
-            usability(&p, old, &Directives::default()),
-            Usability::Revalidate
-        );
-        assert_eq!(
-            usability(&p, old, &req("max-stale")),
-            Usability::StaleAccepted
-        );
-        assert_eq!(
-            usability(&p, old, &req("max-stale=60")),
-            Usability::StaleAccepted
-        );
-        assert_eq!(
-            usability(&p, old, &req("max-stale=10")),
-            Usability::Revalidate
-        );
         let mr = policy(&[("cache-control", "max-age=100, must-revalidate")]);
-        assert_eq!(
-            usability(&mr, old, &req("max-stale")),
-            Usability::Revalidate
-        );
+        let young = Duration::from_secs(50);
+        let old = Duration::from_secs(150);
+        let none = Directives::default;
+        let req = |v: &str| cache_control(&headers(&[("cache-control", v)]));
+        let pragma = cache_control(&headers(&[("pragma", "no-cache")]));
+        let cases = [
+            ("fresh", &p, young, none(), Fresh),
+            ("max-age < age", &p, young, req("max-age=10"), Revalidate),
+            (
+                "min-fresh > left",
+                &p,
+                young,
+                req("min-fresh=60"),
+                Revalidate,
+            ),
+            ("min-fresh < left", &p, young, req("min-fresh=40"), Fresh),
+            ("no-cache", &p, young, req("no-cache"), Revalidate),
+            ("Pragma: no-cache", &p, young, pragma, Revalidate),
+            ("stale", &p, old, none(), Revalidate),
+            ("max-stale", &p, old, req("max-stale"), StaleAccepted),
+            ("max-stale=60", &p, old, req("max-stale=60"), StaleAccepted),
+            ("max-stale=10", &p, old, req("max-stale=10"), Revalidate),
+            ("must-revalidate", &mr, old, req("max-stale"), Revalidate),
+        ];
+        for (name, policy, age, directives, want) in cases {
+            assert_eq!(usability(policy, age, &directives), want, "{name}");
+        }
     }
 
     #[test]
@@ -744,10 +743,7 @@ mod tests {
     fn age_follows_rfc_9111_section_4_2_3() {
         let now = SystemTime::now();
         let date = now - Duration::from_secs(10);
-        let h = headers(&[
-            ("date", &super::super::conditional::fmt_http_date(date)),
-            ("age", "30"),
-        ]);
+        let h = headers(&[("date", &fmt_http_date(date)), ("age", "30")]);
         let age = current_age(
             &h,
             now - Duration::from_secs(2),

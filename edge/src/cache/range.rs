@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, DATE, IF_RANGE, RANGE};
 use http::{HeaderMap, HeaderValue, Method};
 
-use super::conditional::{parse_http_date, stored_etag, stored_last_modified, EntityTag};
+use super::conditional::{stored_etag, stored_last_modified, EntityTag};
+use crate::httpdate::parse_http_date;
 
 /// More range specs than this in one `Range` field: the field is ignored (RFC 9110
 /// §14.2 lets a server ignore many small or overlapping ranges).

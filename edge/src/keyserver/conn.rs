@@ -8,15 +8,17 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use keyless_shared::{encode_message, KeylessCodec, Message, Operation};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::FramedRead;
 
 use super::{ClientConfig, ClientError, Endpoint};
 
 type Waiters = Mutex<HashMap<u32, oneshot::Sender<Operation>>>;
+type KeyServerStream = TlsStream<TcpStream>;
 
 pub(super) struct Conn {
     tx: mpsc::Sender<Message>,
@@ -41,89 +43,26 @@ impl Drop for WaiterGuard<'_> {
 }
 
 impl Conn {
+    /// Opens an mTLS connection to `endpoint` and starts its writer and reader tasks.
+    ///
+    /// The error is a `String` because the pool keeps the last one per slot to report
+    /// it while backing off.
     pub(super) async fn connect(
         endpoint: &Endpoint,
         config: &ClientConfig,
     ) -> Result<Arc<Conn>, String> {
-        let connect = async {
-            let tcp = TcpStream::connect(&endpoint.addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let _ = tcp.set_nodelay(true);
-            TlsConnector::from(config.tls.clone())
-                .connect(endpoint.server_name.clone(), tcp)
-                .await
-                .map_err(|e| format!("TLS handshake: {e}"))
-        };
-        let tls = tokio::time::timeout(config.connect_timeout, connect)
-            .await
-            .map_err(|_| format!("no connection within {:?}", config.connect_timeout))??;
-
-        let (rd, mut wr) = tokio::io::split(tls);
-        let (tx, mut rx) = mpsc::channel::<Message>(config.max_in_flight.max(1));
+        let tls = open_tls(endpoint, config).await?;
+        let (rd, wr) = tokio::io::split(tls);
+        let (tx, rx) = mpsc::channel::<Message>(config.max_in_flight.max(1));
         let waiters: Arc<Waiters> = Arc::default();
         let open = Arc::new(AtomicBool::new(true));
-
-        let writer_open = open.clone();
-        let addr = endpoint.addr.clone();
-        tokio::spawn(async move {
-            let mut buf = BytesMut::with_capacity(16 * 1024);
-            while let Some(first) = rx.recv().await {
-                let mut next = Some(first);
-                while let Some(msg) = next.take() {
-                    if let Err(e) = encode_message(&msg, &mut buf) {
-                        tracing::error!(error = %e, "request could not be encoded");
-                    }
-                    if buf.len() < 64 * 1024 {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                if let Err(e) = wr.write_all(&buf).await {
-                    tracing::warn!(keyserver = %addr, error = %e, "write to key server failed");
-                    break;
-                }
-                buf.clear();
-                if wr.flush().await.is_err() {
-                    break;
-                }
-            }
-            writer_open.store(false, Ordering::Release);
-        });
-
-        let reader_waiters = waiters.clone();
-        let reader_open = open.clone();
-        let addr = endpoint.addr.clone();
-        tokio::spawn(async move {
-            let mut frames = FramedRead::new(rd, KeylessCodec);
-            let reason = loop {
-                match frames.next().await {
-                    Some(Ok(msg)) => {
-                        let waiter = reader_waiters
-                            .lock()
-                            .ok()
-                            .and_then(|mut w| w.remove(&msg.id));
-                        match waiter {
-                            Some(w) => {
-                                let _ = w.send(msg.op);
-                            }
-                            None => tracing::debug!(id = msg.id, "reply for no pending request"),
-                        }
-                    }
-                    Some(Err(keyless_shared::CodecError::Io(e))) => {
-                        break format!("read failed: {e}")
-                    }
-                    Some(Err(e)) => break format!("malformed reply: {e}"),
-                    None => break "closed by key server".to_owned(),
-                }
-            };
-            reader_open.store(false, Ordering::Release);
-            // Dropping the senders wakes every pending call with ConnectionLost.
-            if let Ok(mut w) = reader_waiters.lock() {
-                w.clear();
-            }
-            tracing::info!(keyserver = %addr, reason, "key server connection ended");
-        });
-
+        tokio::spawn(write_requests(wr, rx, open.clone(), endpoint.addr.clone()));
+        tokio::spawn(read_replies(
+            rd,
+            waiters.clone(),
+            open.clone(),
+            endpoint.addr.clone(),
+        ));
         Ok(Arc::new(Conn {
             tx,
             waiters,
@@ -163,4 +102,85 @@ impl Conn {
             .map_err(|_| ClientError::ConnectionLost)?;
         reply_rx.await.map_err(|_| ClientError::ConnectionLost)
     }
+}
+
+/// TCP connect and TLS handshake, within `connect_timeout`.
+async fn open_tls(endpoint: &Endpoint, config: &ClientConfig) -> Result<KeyServerStream, String> {
+    let connect = async {
+        let tcp = TcpStream::connect(&endpoint.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        TlsConnector::from(config.tls.clone())
+            .connect(endpoint.server_name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))
+    };
+    tokio::time::timeout(config.connect_timeout, connect)
+        .await
+        .map_err(|_| format!("no connection within {:?}", config.connect_timeout))?
+}
+
+/// Writer task: encodes queued requests, as many as are waiting (up to 64 KiB) per
+/// write. Marks the connection closed when writing fails or every sender is gone.
+async fn write_requests(
+    mut wr: WriteHalf<KeyServerStream>,
+    mut rx: mpsc::Receiver<Message>,
+    open: Arc<AtomicBool>,
+    addr: String,
+) {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            if let Err(e) = encode_message(&msg, &mut buf) {
+                tracing::error!(error = %e, "request could not be encoded");
+            }
+            if buf.len() < 64 * 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            tracing::warn!(keyserver = %addr, error = %e, "write to key server failed");
+            break;
+        }
+        buf.clear();
+        if wr.flush().await.is_err() {
+            break;
+        }
+    }
+    open.store(false, Ordering::Release);
+}
+
+/// Reader task: hands each reply to the call waiting for its id until the connection
+/// ends, then marks it closed and wakes every pending call.
+async fn read_replies(
+    rd: ReadHalf<KeyServerStream>,
+    waiters: Arc<Waiters>,
+    open: Arc<AtomicBool>,
+    addr: String,
+) {
+    let mut frames = FramedRead::new(rd, KeylessCodec);
+    let reason = loop {
+        match frames.next().await {
+            Some(Ok(msg)) => {
+                let waiter = waiters.lock().ok().and_then(|mut w| w.remove(&msg.id));
+                match waiter {
+                    Some(w) => {
+                        let _ = w.send(msg.op);
+                    }
+                    None => tracing::debug!(id = msg.id, "reply for no pending request"),
+                }
+            }
+            Some(Err(keyless_shared::CodecError::Io(e))) => break format!("read failed: {e}"),
+            Some(Err(e)) => break format!("malformed reply: {e}"),
+            None => break "closed by key server".to_owned(),
+        }
+    };
+    open.store(false, Ordering::Release);
+    // Dropping the senders wakes every pending call with ConnectionLost.
+    if let Ok(mut w) = waiters.lock() {
+        w.clear();
+    }
+    tracing::info!(keyserver = %addr, reason, "key server connection ended");
 }

@@ -14,14 +14,16 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout_at;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
+use crate::config::{KeyServerConfig, TlsConfig};
 use crate::keyserver::KeyServerClient;
 use crate::metrics::{HandshakeLabels, Metrics};
 use crate::sites::{Site, Sites};
-use certs::{key_preference, CertStore, FetchError, Fixed};
+use certs::{key_preference, CertStore, FetchError, Fixed, SiteChain};
 pub use signer::KeyType;
 use signer::{HandshakeBudget, RemoteContext};
 
@@ -53,6 +55,19 @@ pub struct TlsFrontConfig {
     pub max_concurrent_ops: usize,
 }
 
+impl TlsFrontConfig {
+    /// The settings of `[tls]`, with `[keyserver] max_concurrent_ops`.
+    pub fn from_config(tls: &TlsConfig, keyserver: &KeyServerConfig) -> TlsFrontConfig {
+        TlsFrontConfig {
+            default_site: tls.default_site.clone(),
+            handshake_timeout: tls.handshake_timeout,
+            cert_ttl: tls.cert_ttl,
+            send_handshake_message: true,
+            max_concurrent_ops: keyserver.max_concurrent_ops.get(),
+        }
+    }
+}
+
 /// Accepts client TLS connections for the configured sites.
 pub struct TlsFront {
     template: ServerConfig,
@@ -67,6 +82,37 @@ pub struct TlsFront {
 #[derive(Debug)]
 pub struct HandshakeFailed;
 
+/// Why the TLS front could not be built (a startup error of the edge; no retry helps).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsFrontError {
+    /// rustls refused TLS 1.3 and 1.2 with the ring provider.
+    #[error("cannot enable TLS 1.3 and 1.2")]
+    ProtocolVersions(#[source] rustls::Error),
+    /// The session-ticket encrypter could not be made.
+    #[error("cannot create the session-ticket key")]
+    Ticketer(#[source] rustls::Error),
+    /// `[tls] default_site` names no configured site.
+    #[error("[tls] default_site {0:?} is not a configured domain")]
+    UnknownDefaultSite(String),
+}
+
+/// A handshake refused before rustls ran (already logged): its metric label and the
+/// alert to send.
+struct Refusal {
+    label: &'static str,
+    alert: u8,
+}
+
+/// The client and the clock of one handshake, for its steps and their logs.
+#[derive(Clone, Copy)]
+struct Attempt {
+    peer: SocketAddr,
+    started: Instant,
+    /// Of the whole handshake, chain fetch and remote signature included.
+    deadline: tokio::time::Instant,
+}
+
 impl TlsFront {
     /// Builds the front; fails if `default_site` names no configured site.
     pub fn new(
@@ -74,24 +120,23 @@ impl TlsFront {
         sites: Arc<Sites>,
         client: Arc<KeyServerClient>,
         metrics: Arc<Metrics>,
-    ) -> Result<TlsFront, String> {
+    ) -> Result<TlsFront, TlsFrontError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut template = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| e.to_string())?
+            .map_err(TlsFrontError::ProtocolVersions)?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(NoCertificate));
         template.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // Resumed handshakes need no signature: the cheapest key-server call is none.
         template.session_storage = ServerSessionMemoryCache::new(100_000);
-        template.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+        template.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(TlsFrontError::Ticketer)?;
         let default_site = match config.default_site {
             Some(name) => {
                 let site = sites
                     .lookup(&name)
-                    .ok_or_else(|| {
-                        format!("[tls] default_site {name:?} is not a configured domain")
-                    })?
+                    .ok_or_else(|| TlsFrontError::UnknownDefaultSite(name.clone()))?
                     .clone();
                 Some((name.to_ascii_lowercase(), site))
             }
@@ -130,88 +175,146 @@ impl TlsFront {
         peer: SocketAddr,
     ) -> Result<(TlsStream<TcpStream>, Arc<Site>), HandshakeFailed> {
         let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + self.handshake_timeout);
-        let acceptor = LazyConfigAcceptor::new(Acceptor::default(), tcp);
-        tokio::pin!(acceptor);
-        let start = match timeout_at(deadline, acceptor.as_mut()).await {
-            Ok(Ok(start)) => start,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "not a TLS ClientHello");
-                self.count("failed", "-");
-                return Err(HandshakeFailed);
-            }
-            Err(_) => {
-                self.count("timeout", "-");
-                return Err(HandshakeFailed);
-            }
+        let at = Attempt {
+            peer,
+            started,
+            deadline: tokio::time::Instant::from_std(started + self.handshake_timeout),
         };
+        let start = self.read_client_hello(tcp, &at).await?;
         let hello = start.client_hello();
         let sni = hello.server_name().map(str::to_ascii_lowercase);
         let prefs = key_preference(hello.signature_schemes());
-        let (name, site) = match (&sni, &self.default_site) {
-            (Some(n), _) => match self.sites.lookup(n) {
-                Some(site) => (n.clone(), site.clone()),
-                None => {
-                    tracing::warn!(%peer, sni = %n, "unknown SNI: sending unrecognized_name");
-                    self.count("unknown-sni", "-");
-                    alert(start.io, ALERT_UNRECOGNIZED_NAME).await;
-                    return Err(HandshakeFailed);
-                }
-            },
-            (None, Some((name, site))) => (name.clone(), site.clone()),
-            (None, None) => {
-                tracing::warn!(%peer, "client sent no SNI and no default_site is configured");
-                self.count("no-sni", "-");
-                alert(start.io, ALERT_HANDSHAKE_FAILURE).await;
-                return Err(HandshakeFailed);
-            }
+        let prepared = async {
+            let (name, site) = self.site_for(sni, &at)?;
+            let chain = self.chain_for(&name, prefs, &at).await?;
+            let permit = self.remote_permit(&name, &at)?;
+            Ok::<_, Refusal>((name, site, chain, permit))
         };
-
-        let fetched = match timeout_at(deadline, self.certs.get(&name, prefs)).await {
-            // The site exists but has no key of the kinds the client listed: take the
-            // key server's choice and let rustls refuse with handshake_failure.
-            Ok(Err(e)) if matches!(*e, FetchError::NotFound) => {
-                timeout_at(deadline, self.certs.get(&name, Vec::new())).await
-            }
-            other => other,
-        };
-        let chain = match fetched {
-            Ok(Ok(chain)) => chain,
-            Ok(Err(e)) => {
-                let (label, desc) = match *e {
-                    FetchError::NotFound => ("unknown-sni", ALERT_UNRECOGNIZED_NAME),
-                    _ => ("keyserver-error", ALERT_INTERNAL_ERROR),
-                };
-                tracing::warn!(%peer, sni = %name, error = %e, reason = e.label(), "no certificate chain for handshake");
+        let (name, site, chain, permit) = match prepared.await {
+            Ok(prepared) => prepared,
+            Err(Refusal { label, alert: desc }) => {
                 self.count(label, "-");
                 alert(start.io, desc).await;
                 return Err(HandshakeFailed);
             }
-            Err(_) => {
-                tracing::warn!(%peer, sni = %name, "timed out fetching the certificate chain");
-                self.count("timeout", "-");
-                alert(start.io, ALERT_INTERNAL_ERROR).await;
-                return Err(HandshakeFailed);
-            }
         };
+        let stream = self.complete(start, &chain, permit, &name, &at).await?;
+        Ok((stream, site))
+    }
 
-        // A full handshake needs a remote signature: take its permit now, so that an
-        // edge with `max_concurrent_ops` signatures waiting refuses with an alert at
-        // once, before rustls has sent anything.
-        let Some(permit) = self.certs.ctx().try_permit() else {
-            tracing::warn!(%peer, sni = %name, "too many remote signatures in flight; refusing handshake");
-            self.count("overloaded", "-");
-            alert(start.io, ALERT_INTERNAL_ERROR).await;
-            return Err(HandshakeFailed);
+    /// Reads the ClientHello, within the handshake deadline.
+    async fn read_client_hello(
+        &self,
+        tcp: TcpStream,
+        at: &Attempt,
+    ) -> Result<StartHandshake<TcpStream>, HandshakeFailed> {
+        let acceptor = LazyConfigAcceptor::new(Acceptor::default(), tcp);
+        tokio::pin!(acceptor);
+        match timeout_at(at.deadline, acceptor.as_mut()).await {
+            Ok(Ok(start)) => Ok(start),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %at.peer, error = %e, "not a TLS ClientHello");
+                self.count("failed", "-");
+                Err(HandshakeFailed)
+            }
+            Err(_) => {
+                self.count("timeout", "-");
+                Err(HandshakeFailed)
+            }
+        }
+    }
+
+    /// The site named by the (lowercased) SNI, or the default site when there is none.
+    fn site_for(&self, sni: Option<String>, at: &Attempt) -> Result<(String, Arc<Site>), Refusal> {
+        match (sni, &self.default_site) {
+            (Some(n), _) => match self.sites.lookup(&n) {
+                Some(site) => Ok((n, site.clone())),
+                None => {
+                    tracing::warn!(peer = %at.peer, sni = %n, "unknown SNI: sending unrecognized_name");
+                    Err(Refusal {
+                        label: "unknown-sni",
+                        alert: ALERT_UNRECOGNIZED_NAME,
+                    })
+                }
+            },
+            (None, Some((name, site))) => Ok((name.clone(), site.clone())),
+            (None, None) => {
+                tracing::warn!(peer = %at.peer, "client sent no SNI and no default_site is configured");
+                Err(Refusal {
+                    label: "no-sni",
+                    alert: ALERT_HANDSHAKE_FAILURE,
+                })
+            }
+        }
+    }
+
+    /// The chain of `name` for a client that accepts the key types `prefs`, cached or
+    /// fetched from the key server within the handshake deadline.
+    async fn chain_for(
+        &self,
+        name: &str,
+        prefs: Vec<u8>,
+        at: &Attempt,
+    ) -> Result<Arc<SiteChain>, Refusal> {
+        let fetched = match timeout_at(at.deadline, self.certs.get(name, prefs)).await {
+            // The site exists but has no key of the kinds the client listed: take the
+            // key server's choice and let rustls refuse with handshake_failure.
+            Ok(Err(e)) if matches!(*e, FetchError::NotFound) => {
+                timeout_at(at.deadline, self.certs.get(name, Vec::new())).await
+            }
+            other => other,
         };
-        let budget = HandshakeBudget::new(started + self.handshake_timeout, permit);
+        match fetched {
+            Ok(Ok(chain)) => Ok(chain),
+            Ok(Err(e)) => {
+                let (label, alert) = match *e {
+                    FetchError::NotFound => ("unknown-sni", ALERT_UNRECOGNIZED_NAME),
+                    _ => ("keyserver-error", ALERT_INTERNAL_ERROR),
+                };
+                tracing::warn!(peer = %at.peer, sni = %name, error = %e, reason = e.label(), "no certificate chain for handshake");
+                Err(Refusal { label, alert })
+            }
+            Err(_) => {
+                tracing::warn!(peer = %at.peer, sni = %name, "timed out fetching the certificate chain");
+                Err(Refusal {
+                    label: "timeout",
+                    alert: ALERT_INTERNAL_ERROR,
+                })
+            }
+        }
+    }
+
+    /// A full handshake needs a remote signature: its permit is taken before rustls
+    /// starts, so that an edge with `max_concurrent_ops` signatures waiting refuses with
+    /// an alert at once, before rustls has sent anything.
+    fn remote_permit(&self, name: &str, at: &Attempt) -> Result<OwnedSemaphorePermit, Refusal> {
+        self.certs.ctx().try_permit().ok_or_else(|| {
+            tracing::warn!(peer = %at.peer, sni = %name, "too many remote signatures in flight; refusing handshake");
+            Refusal {
+                label: "overloaded",
+                alert: ALERT_INTERNAL_ERROR,
+            }
+        })
+    }
+
+    /// Lets rustls finish the handshake with `chain`, signing remotely within the
+    /// deadline, and counts the result.
+    async fn complete(
+        &self,
+        start: StartHandshake<TcpStream>,
+        chain: &SiteChain,
+        permit: OwnedSemaphorePermit,
+        name: &str,
+        at: &Attempt,
+    ) -> Result<TlsStream<TcpStream>, HandshakeFailed> {
+        let budget = HandshakeBudget::new(at.deadline.into_std(), permit);
         let mut config = self.template.clone();
         config.cert_resolver = Arc::new(Fixed(chain.for_handshake(budget.clone())));
         // rustls signs inside `into_stream` (and, after a HelloRetryRequest, inside the
         // future); the signer waits at most until the deadline.
         let accept = start.into_stream(Arc::new(config));
         budget.release();
-        match timeout_at(deadline, accept).await {
+        match timeout_at(at.deadline, accept).await {
             Ok(Ok(stream)) => {
                 let version = match stream.get_ref().1.protocol_version() {
                     Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
@@ -221,16 +324,16 @@ impl TlsFront {
                 self.count("ok", version);
                 self.metrics
                     .handshake_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                Ok((stream, site))
+                    .observe(at.started.elapsed().as_secs_f64());
+                Ok(stream)
             }
             Ok(Err(e)) => {
-                tracing::warn!(%peer, sni = %name, error = %e, "TLS handshake failed");
+                tracing::warn!(peer = %at.peer, sni = %name, error = %e, "TLS handshake failed");
                 self.count("failed", "-");
                 Err(HandshakeFailed)
             }
             Err(_) => {
-                tracing::warn!(%peer, sni = %name, "TLS handshake timed out");
+                tracing::warn!(peer = %at.peer, sni = %name, "TLS handshake timed out");
                 self.count("timeout", "-");
                 Err(HandshakeFailed)
             }
