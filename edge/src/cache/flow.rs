@@ -1223,3 +1223,7 @@ mod tests {
         assert_eq!(complete_length(""), None);
     }
 }
+
+#[cfg(test)]
+#[path = "flow_tests.rs"]
+mod flow_tests;
