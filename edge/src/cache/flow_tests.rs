@@ -16,6 +16,9 @@ use testkit::{connect_timeout, Harness, Reply};
 /// Stored stale at once: 60 s of freshness, already 120 s old.
 const STALE: &str = "max-age=60";
 
+/// Header fields, as (name, value).
+type Fields = &'static [(&'static str, &'static str)];
+
 fn stale(cache_control: &str, body: &str) -> Reply {
     Reply::ok(cache_control, body).header("age", "120")
 }
@@ -83,7 +86,7 @@ async fn each_vary_variant_is_stored_and_a_new_one_is_a_vary_miss() {
 async fn a_stale_response_is_revalidated_and_refreshed_by_a_304() {
     const LM: &str = "Tue, 01 Jul 2025 10:00:00 GMT";
     // (validators of the stored response, the conditionals the origin must get)
-    let cases: [(&[(&str, &str)], &[(&str, &str)]); 3] = [
+    let cases: [(Fields, Fields); 3] = [
         (&[("etag", "\"v1\"")], &[("if-none-match", "\"v1\"")]),
         (&[("last-modified", LM)], &[("if-modified-since", LM)]),
         (

@@ -245,8 +245,7 @@ impl Got {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|m| m.split(';').next().map(str::trim) == Some("keyless"))
-            .last()
+            .rfind(|m| m.split(';').next().map(str::trim) == Some("keyless"))
             .unwrap_or("");
         member
             .split(';')
