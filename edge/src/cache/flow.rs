@@ -226,6 +226,18 @@ pub(crate) async fn handle<F: Fetch>(
                     };
                     serve_stored(&info, &entry, now, status)
                 }
+                // RFC 9111 §5.2.1.7: a stored response or a 504, never the origin.
+                Usability::Revalidate if info.directives.only_if_cached => {
+                    cache.metrics().cache_lookup("miss");
+                    let status = CacheStatus {
+                        detail: Some("only-if-cached"),
+                        ..CacheStatus::fwd("stale")
+                    };
+                    status.apply(text_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "not in cache (only-if-cached)\n",
+                    ))
+                }
                 Usability::Revalidate => {
                     let fwd = if info.directives.no_cache {
                         "request"

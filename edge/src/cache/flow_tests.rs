@@ -670,3 +670,22 @@ async fn a_body_shorter_than_its_content_length_is_not_stored() {
     }
     assert_eq!(h.calls("/a"), 2);
 }
+
+#[tokio::test]
+async fn only_if_cached_never_revalidates_a_stale_response() {
+    let h = Harness::new();
+    h.script(
+        "/a",
+        vec![
+            stale(STALE, "old").header("etag", "\"v1\""),
+            Reply::new(304).header("cache-control", "max-age=600"),
+        ],
+    );
+    h.get("/a").await;
+    let r = h.cached("/a", &[]).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(h.calls("/a"), 1, "only-if-cached reached the origin");
+    // A client accepting stale responses gets the stored one.
+    let r = h.cached("/a", &[("cache-control", "max-stale")]).await;
+    assert_eq!((r.status, r.text()), (200, "old"));
+}
