@@ -534,7 +534,13 @@ fn storing(
         response.headers(),
         response_time,
     ) {
-        if !matches!(reason, "request no-store" | "authorization") {
+        // A 206 or 304 answers this request's range or conditionals: it says nothing
+        // about whether the URL's full response is storable.
+        let partial = matches!(
+            response.status(),
+            StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
+        );
+        if !partial && !matches!(reason, "request no-store" | "authorization") {
             cache.mark_pass(&info.primary);
             cache.refuse_fill(&info.primary);
         }

@@ -689,3 +689,21 @@ async fn only_if_cached_never_revalidates_a_stale_response() {
     let r = h.cached("/a", &[("cache-control", "max-stale")]).await;
     assert_eq!((r.status, r.text()), (200, "old"));
 }
+
+#[tokio::test]
+async fn a_range_miss_after_a_purge_fills_the_cache_again() {
+    let h = Harness::new();
+    h.script(
+        "/r",
+        vec![Reply::ok("max-age=600", "").body(hundred_bytes()).ranges()],
+    );
+    let range = [("range", "bytes=0-9")];
+    for round in 1..=2 {
+        let r = h.call("GET", "/r", &range).await;
+        assert_eq!((r.status, r.cs().as_str()), (206, "fwd=uri-miss"));
+        h.wait_calls("/r", 2 * round).await;
+        let filled = h.eventually(|| async { h.cached("/r", &range).await.status == 206 });
+        assert!(filled.await, "round {round}: the range miss filled nothing");
+        assert_eq!(h.cache.purge_url("https://example.com/r"), 1);
+    }
+}
