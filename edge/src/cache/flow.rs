@@ -281,6 +281,18 @@ async fn found<F: Fetch>(
             };
             serve_stored(info, &entry, now, status)
         }
+        // RFC 9111 §5.2.1.7: a stored response or a 504, never the origin.
+        Usability::Revalidate if info.directives.only_if_cached => {
+            cache.metrics().cache_lookup("miss");
+            let status = CacheStatus {
+                detail: Some("only-if-cached"),
+                ..CacheStatus::fwd("stale")
+            };
+            status.apply(text_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "not in cache (only-if-cached)\n",
+            ))
+        }
         Usability::Revalidate => {
             let fwd = if info.directives.no_cache {
                 "request"
@@ -589,7 +601,13 @@ fn storing(
         response.headers(),
         response_time,
     ) {
-        if !matches!(reason, "request no-store" | "authorization") {
+        // A 206 or 304 answers this request's range or conditionals: it says nothing
+        // about whether the URL's full response is storable.
+        let partial = matches!(
+            response.status(),
+            StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
+        );
+        if !partial && !matches!(reason, "request no-store" | "authorization") {
             cache.mark_pass(&info.primary);
             cache.refuse_fill(&info.primary);
         }
@@ -1302,3 +1320,7 @@ mod tests {
         assert_eq!(complete_length(""), None);
     }
 }
+
+#[cfg(test)]
+#[path = "flow_tests.rs"]
+mod flow_tests;
