@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use keyless_shared::Ski;
+use bytes::Bytes;
+use keyless_shared::{encode_chain, ChainError, KeyPreference, Ski};
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
@@ -41,6 +41,8 @@ pub(crate) enum KeystoreError {
     Key { path: PathBuf, source: KeyError },
     #[error("{path}: certificate is not valid X.509: {message}")]
     Cert { path: PathBuf, message: String },
+    #[error("{path}: certificate is not valid X.509: {source}")]
+    Chain { path: PathBuf, source: ChainError },
 }
 
 /// A certificate chain, leaf first.
@@ -76,35 +78,18 @@ impl KeyEntry {
     }
 }
 
-/// Key algorithm preference of a get-certificate-chain request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum KeyPreference {
-    Rsa = 1,
-    Ecdsa = 2,
-    Ed25519 = 3,
-}
-
-impl KeyPreference {
-    pub(crate) fn from_u8(b: u8) -> Option<Self> {
-        match b {
-            1 => Some(KeyPreference::Rsa),
-            2 => Some(KeyPreference::Ecdsa),
-            3 => Some(KeyPreference::Ed25519),
-            _ => None,
-        }
-    }
-
-    fn matches(self, a: Algorithm) -> bool {
-        matches!(
-            (self, a),
-            (KeyPreference::Rsa, Algorithm::Rsa { .. })
-                | (
-                    KeyPreference::Ecdsa,
-                    Algorithm::EcdsaP256 | Algorithm::EcdsaP384
-                )
-                | (KeyPreference::Ed25519, Algorithm::Ed25519)
-        )
-    }
+/// Whether a key of algorithm `a` is of the class a get-certificate-chain request
+/// prefers.
+fn prefers(pref: KeyPreference, a: Algorithm) -> bool {
+    matches!(
+        (pref, a),
+        (KeyPreference::Rsa, Algorithm::Rsa { .. })
+            | (
+                KeyPreference::Ecdsa,
+                Algorithm::EcdsaP256 | Algorithm::EcdsaP384
+            )
+            | (KeyPreference::Ed25519, Algorithm::Ed25519)
+    )
 }
 
 /// Default preference when the request states none: ECDSA, then Ed25519, then RSA.
@@ -289,7 +274,7 @@ impl Keystore {
         for candidates in [exact, wild].into_iter().flatten() {
             for pref in preference {
                 for entry in candidates.iter().filter_map(|ski| self.keys.get(ski)) {
-                    if !pref.matches(entry.key.algorithm) {
+                    if !prefers(*pref, entry.key.algorithm) {
                         continue;
                     }
                     if entry.allows(identity) {
@@ -451,22 +436,19 @@ fn parse_chain(path: &Path, certs: &[Vec<u8>]) -> Result<(Ski, Chain), KeystoreE
             }
         }
     }
-    let mut encoded = BytesMut::new();
     for der in certs {
         X509Certificate::from_der(der).map_err(|e| cert_err(e.to_string()))?;
-        if der.len() >= 1 << 24 {
-            return Err(cert_err("certificate too large".into()));
-        }
-        let len = der.len() as u32; // < 2^24, checked above
-        encoded.put_slice(&len.to_be_bytes()[1..]);
-        encoded.put_slice(der);
     }
+    let encoded = encode_chain(certs).map_err(|source| KeystoreError::Chain {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok((
         ski,
         Chain {
             names,
             not_after: leaf.validity().not_after.timestamp(),
-            encoded: encoded.freeze(),
+            encoded,
         },
     ))
 }

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use keyless_shared::{
-    check_signing_context, encode_message, log_safe, CodecError, ErrorCode, KeylessCodec, Message,
-    Opcode, Operation, Ski,
+    check_signing_context, encode_message, log_safe, CodecError, ErrorCode, KeyPreference,
+    KeylessCodec, Message, Opcode, Operation, Ski,
 };
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncWriteExt, WriteHalf};
@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, IdentitySource};
-use crate::keystore::{KeyPreference, Keystore, NameLookup};
+use crate::keystore::{Keystore, NameLookup};
 use crate::metrics::Metrics;
 use crate::pool::{Job, Pool};
 use crate::tls::TlsState;

@@ -4,7 +4,7 @@
 //! and logging hygiene both binaries share ([`process`], [`log_safe`]).
 //!
 //! The wire format is described in `PROTOCOL.md` beside this crate; a test keeps the
-//! tables there in step with [`Tag`], [`Opcode`] and [`ErrorCode`].
+//! tables there in step with [`Tag`], [`Opcode`], [`ErrorCode`] and [`KeyPreference`].
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -23,5 +23,8 @@ pub use context::{
     check_signing_context, digest_for, HandshakeContext, PolicyError, TLS13_SERVER_CONTEXT,
 };
 pub use log_safe::{log_safe, LogSafe};
-pub use protocol::{ErrorCode, HashAlg, KeyKind, Opcode, Tag, VERSION_MAJOR, VERSION_MINOR};
+pub use protocol::{
+    decode_chain, encode_chain, ChainError, ErrorCode, HashAlg, KeyKind, KeyPreference, Opcode,
+    Tag, MAX_CHAIN_CERT_LEN, VERSION_MAJOR, VERSION_MINOR,
+};
 pub use ski::{ski_from_spki_der, spki_sha256, Ski};

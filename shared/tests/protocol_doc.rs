@@ -1,9 +1,10 @@
-//! `PROTOCOL.md` is the reference for implementers of other peers: its tag, opcode and
-//! error-code tables must list exactly the values and names this crate puts on the wire.
+//! `PROTOCOL.md` is the reference for implementers of other peers: its tag, opcode,
+//! error-code and key-preference tables must list exactly the values and names this
+//! crate puts on the wire, and its chain payload example must be what the codec writes.
 
 use std::collections::{btree_set::Difference, BTreeSet};
 
-use keyless_shared::{ErrorCode, Opcode, Tag};
+use keyless_shared::{decode_chain, encode_chain, ErrorCode, KeyPreference, Opcode, Tag};
 
 const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md"));
 
@@ -11,14 +12,23 @@ type Rows = BTreeSet<(u8, String)>;
 
 /// The `(value, name)` rows of the table under the `## {heading}` heading.
 fn table(heading: &str) -> Rows {
-    let wanted = format!("## {heading}");
-    let mut lines = DOC.lines().skip_while(|l| l.trim_end() != wanted);
+    table_under(&format!("## {heading}"))
+}
+
+/// The lines of the section under the heading line `wanted` (any level), up to the
+/// next heading.
+fn section<'a>(wanted: &'a str) -> impl Iterator<Item = &'static str> + 'a {
+    let mut lines = DOC.lines().skip_while(move |l| l.trim_end() != wanted);
     assert!(
         lines.next().is_some(),
         "PROTOCOL.md has no `{wanted}` heading"
     );
-    let table: Vec<&str> = lines
-        .take_while(|l| !l.starts_with("## "))
+    lines.take_while(|l| !l.starts_with('#'))
+}
+
+/// The `(value, name)` rows of the table under the heading line `wanted`.
+fn table_under(wanted: &str) -> Rows {
+    let table: Vec<&str> = section(wanted)
         .skip_while(|l| !l.starts_with('|'))
         .take_while(|l| l.starts_with('|'))
         .collect();
@@ -105,6 +115,41 @@ fn error_code_table_matches_enum() {
         .map(|e| (e.to_u8(), e.name().to_owned()))
         .collect();
     assert_same("Error codes", table("Error codes"), code);
+}
+
+#[test]
+fn key_preference_table_matches_enum() {
+    let code = KeyPreference::ALL
+        .iter()
+        .map(|p| (p.to_u8(), p.name().to_owned()))
+        .collect();
+    assert_same("Key preferences", table_under("### Key preferences"), code);
+}
+
+#[test]
+fn chain_payload_example_is_what_the_codec_writes() {
+    let example = section("### Chain payload")
+        .find(|l| l.starts_with("Example:"))
+        .expect("no `Example:` line under `### Chain payload`");
+    // `cert` `cert` ... `payload`, in hex (spaces in the payload only for reading).
+    let mut quoted: Vec<Vec<u8>> = example
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|h| hex::decode(h.replace(' ', "")).expect("example is not hex"))
+        .collect();
+    let payload = quoted.pop().expect("example has no payload");
+    assert!(!quoted.is_empty(), "example has no certificates: {example}");
+    assert_eq!(
+        encode_chain(&quoted).expect("example encodes"),
+        payload,
+        "{example}"
+    );
+    assert_eq!(
+        decode_chain(&payload).expect("example decodes"),
+        quoted.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        "{example}"
+    );
 }
 
 #[test]
