@@ -1,7 +1,9 @@
 //! Customer sites: which names the edge serves and where each site's origin is.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
+
+use keyless_shared::DomainMap;
 
 use crate::config::SiteConfig;
 
@@ -33,19 +35,43 @@ impl Site {
 /// Name → site, exact names before `*.` wildcards (one label deep).
 #[derive(Debug, Default)]
 pub struct Sites {
-    exact: HashMap<String, Arc<Site>>,
-    wildcard: HashMap<String, Arc<Site>>,
+    by_name: DomainMap<Arc<Site>>,
+}
+
+/// Why the configured sites could not be indexed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SitesError {
+    /// A site's origin is not a URI.
+    #[error("site origin {origin:?}: {source}")]
+    Origin {
+        /// The configured origin.
+        origin: String,
+        /// Why it does not parse.
+        source: http::uri::InvalidUri,
+    },
+    /// A `cache.key_headers` entry is not a header name.
+    #[error("cache key header {header:?} is not a header name")]
+    KeyHeader {
+        /// The configured name.
+        header: String,
+        /// Why it is not one.
+        source: http::header::InvalidHeaderName,
+    },
+    /// Two sites claim the same domain.
+    #[error("domain {0} is configured for two sites")]
+    DuplicateDomain(String),
 }
 
 impl Sites {
     /// Builds the index; [`crate::config::Config::parse`] has validated the origins.
-    pub fn new(configs: &[SiteConfig]) -> Result<Sites, String> {
+    pub fn new(configs: &[SiteConfig]) -> Result<Sites, SitesError> {
         let mut sites = Sites::default();
         for c in configs {
-            let origin: http::Uri = c
-                .origin
-                .parse()
-                .map_err(|e| format!("site origin {:?}: {e}", c.origin))?;
+            let origin: http::Uri = c.origin.parse().map_err(|source| SitesError::Origin {
+                origin: c.origin.clone(),
+                source,
+            })?;
             let site = Arc::new(Site {
                 domains: c.domains.iter().map(|d| normalize(d)).collect(),
                 origin,
@@ -56,20 +82,21 @@ impl Sites {
                     .key_headers
                     .iter()
                     .map(|h| {
-                        http::HeaderName::from_bytes(h.as_bytes())
-                            .map_err(|_| format!("cache key header {h:?} is not a header name"))
+                        http::HeaderName::from_bytes(h.as_bytes()).map_err(|source| {
+                            SitesError::KeyHeader {
+                                header: h.clone(),
+                                source,
+                            }
+                        })
                     })
                     .collect::<Result<_, _>>()?,
                 cache_set_cookie: c.cache.store_set_cookie,
             });
             for d in &site.domains {
-                let (map, key) = match d.strip_prefix("*.") {
-                    Some(parent) => (&mut sites.wildcard, parent.to_owned()),
-                    None => (&mut sites.exact, d.clone()),
+                match sites.by_name.entry(d) {
+                    Entry::Vacant(e) => e.insert(site.clone()),
+                    Entry::Occupied(_) => return Err(SitesError::DuplicateDomain(d.clone())),
                 };
-                if map.insert(key, site.clone()).is_some() {
-                    return Err(format!("domain {d} is configured for two sites"));
-                }
             }
         }
         Ok(sites)
@@ -77,11 +104,7 @@ impl Sites {
 
     /// The site serving `name` (an SNI or a `Host` without port).
     pub fn lookup(&self, name: &str) -> Option<&Arc<Site>> {
-        let name = normalize(name);
-        self.exact.get(&name).or_else(|| {
-            name.split_once('.')
-                .and_then(|(_, parent)| self.wildcard.get(parent))
-        })
+        self.by_name.get(name)
     }
 }
 
@@ -123,6 +146,10 @@ mod tests {
         );
         assert!(sites.lookup("a.b.example.com").is_none());
         assert!(sites.lookup("example.org").is_none());
-        assert!(Sites::new(&[site(&["a.com"], "http://x"), site(&["a.com"], "http://y")]).is_err());
+        let twice = Sites::new(&[site(&["a.com"], "http://x"), site(&["a.com"], "http://y")]);
+        assert_eq!(
+            twice.map(|_| ()).unwrap_err().to_string(),
+            "domain a.com is configured for two sites"
+        );
     }
 }

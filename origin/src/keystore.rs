@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use keyless_shared::{encode_chain, ChainError, KeyPreference, Ski};
+use keyless_shared::{encode_chain, ChainError, DomainMap, KeyPreference, Ski};
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
@@ -102,9 +102,8 @@ const DEFAULT_PREFERENCE: &[KeyPreference] = &[
 #[derive(Debug, Default)]
 pub(crate) struct Keystore {
     keys: HashMap<Ski, Arc<KeyEntry>>,
-    exact: HashMap<String, Vec<Ski>>,
-    /// `*.example.com` is filed under `example.com`.
-    wildcard: HashMap<String, Vec<Ski>>,
+    /// The keys whose certificate covers a name, in load order.
+    by_name: DomainMap<Vec<Ski>>,
 }
 
 impl Keystore {
@@ -196,14 +195,7 @@ impl Keystore {
             );
             if let Some(chain) = &chain {
                 for n in &chain.names {
-                    match n.strip_prefix("*.") {
-                        Some(parent) => store
-                            .wildcard
-                            .entry(parent.to_owned())
-                            .or_default()
-                            .push(ski),
-                        None => store.exact.entry(n.clone()).or_default().push(ski),
-                    }
+                    store.by_name.entry(n).or_default().push(ski);
                 }
             }
             store.keys.insert(
@@ -260,18 +252,13 @@ impl Keystore {
         preference: &[KeyPreference],
         identity: &str,
     ) -> NameLookup<'_> {
-        let name = sni.trim_end_matches('.').to_ascii_lowercase();
         let preference = if preference.is_empty() {
             DEFAULT_PREFERENCE
         } else {
             preference
         };
-        let exact = self.exact.get(&name);
-        let wild = name
-            .split_once('.')
-            .and_then(|(_, parent)| self.wildcard.get(parent));
         let mut refused = false;
-        for candidates in [exact, wild].into_iter().flatten() {
+        for candidates in self.by_name.matches(sni) {
             for pref in preference {
                 for entry in candidates.iter().filter_map(|ski| self.keys.get(ski)) {
                     if !prefers(*pref, entry.key.algorithm) {

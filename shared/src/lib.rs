@@ -1,7 +1,8 @@
 //! Shared pieces of keyless: the Keyless protocol v1 wire format (byte-compatible with
 //! Cloudflare's Keyless SSL) with our documented extensions, key identifiers (SKI) and
-//! the checks a key server makes on a to-be-signed handshake message, and the process
-//! and logging hygiene both binaries share ([`process`], [`log_safe`]).
+//! the checks a key server makes on a to-be-signed handshake message, host name lookup
+//! with `*.` wildcards ([`DomainMap`]), and the process and logging hygiene both
+//! binaries share ([`process`], [`log_safe`]).
 //!
 //! The wire format is described in `PROTOCOL.md` beside this crate; a test keeps the
 //! tables there in step with [`Tag`], [`Opcode`], [`ErrorCode`] and [`KeyPreference`].
@@ -10,6 +11,7 @@
 pub mod cli;
 mod codec;
 mod context;
+mod domain;
 mod log_safe;
 pub mod process;
 mod protocol;
@@ -22,6 +24,7 @@ pub use codec::{
 pub use context::{
     check_signing_context, digest_for, HandshakeContext, PolicyError, TLS13_SERVER_CONTEXT,
 };
+pub use domain::DomainMap;
 pub use log_safe::{log_safe, LogSafe};
 pub use protocol::{
     decode_chain, encode_chain, ChainError, ErrorCode, HashAlg, KeyKind, KeyPreference, Opcode,
