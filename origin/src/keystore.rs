@@ -110,62 +110,8 @@ impl Keystore {
     /// Loads every PEM file of `keys.dir` and applies its ACL and policy. Any unreadable
     /// file fails the whole load, so a reload never half-applies.
     pub(crate) fn load(config: &KeysConfig) -> Result<Keystore, KeystoreError> {
-        let dir = config.dir.as_path();
-        let acl = config.acl.as_slice();
-        let mut paths = Vec::new();
-        let entries = std::fs::read_dir(dir).map_err(|source| KeystoreError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        for entry in entries {
-            let entry = entry.map_err(|source| KeystoreError::Dir {
-                path: dir.to_owned(),
-                source,
-            })?;
-            let path = entry.path();
-            let hidden = entry.file_name().to_string_lossy().starts_with('.');
-            let ext_ok = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| PEM_EXTENSIONS.contains(&e));
-            if !hidden && ext_ok && path.is_file() {
-                paths.push(path);
-            } else {
-                tracing::debug!(path = %path.display(), "keystore: ignoring file");
-            }
-        }
-        paths.sort();
-
-        let mut keys: Vec<(String, PathBuf, SiteKey)> = Vec::new();
-        let mut chains: Vec<(PathBuf, Vec<Vec<u8>>)> = Vec::new();
-        for path in &paths {
-            let (file_keys, file_certs) = read_pem_file(path)?;
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            for der in file_keys {
-                let key = SiteKey::from_der(&der).map_err(|source| KeystoreError::Key {
-                    path: path.clone(),
-                    source,
-                })?;
-                keys.push((stem.clone(), path.clone(), key));
-            }
-            if !file_certs.is_empty() {
-                chains.push((path.clone(), file_certs));
-            }
-        }
-
-        let mut parsed_chains: HashMap<Ski, Chain> = HashMap::new();
-        for (path, certs) in chains {
-            let (ski, chain) = parse_chain(&path, &certs)?;
-            if parsed_chains.contains_key(&ski) {
-                tracing::warn!(path = %path.display(), %ski, "keystore: second chain for the same key ignored");
-                continue;
-            }
-            parsed_chains.insert(ski, chain);
-        }
-
+        let paths = pem_paths(&config.dir)?;
+        let (keys, mut chains) = read_keys_and_chains(&paths)?;
         let mut store = Keystore::default();
         for (name, path, key) in keys {
             let ski = key.ski;
@@ -173,52 +119,39 @@ impl Keystore {
                 tracing::warn!(path = %path.display(), %ski, "keystore: duplicate key ignored");
                 continue;
             }
-            let chain = parsed_chains.remove(&ski);
+            let chain = chains.remove(&ski);
             if chain.is_none() {
                 tracing::info!(path = %path.display(), %ski, "keystore: key has no certificate; usable by SKI only");
             }
-            let allow = acl_for(acl, &name, ski).or(match config.default_acl {
-                DefaultAcl::Allow => None,
-                DefaultAcl::Deny => Some(Vec::new()),
-            });
-            let allow_rsa_decrypt = policy_for(&config.policy, &name, ski)
-                .any(|p| p.allow_rsa_decrypt)
-                && matches!(key.algorithm, Algorithm::Rsa { .. });
-            tracing::info!(
-                key = %name,
-                %ski,
-                algorithm = %key.algorithm.name(),
-                names = ?chain.as_ref().map(|c| c.names.as_slice()).unwrap_or_default(),
-                acl = ?allow,
-                allow_rsa_decrypt,
-                "keystore: key loaded"
-            );
-            if let Some(chain) = &chain {
-                for n in &chain.names {
-                    store.by_name.entry(n).or_default().push(ski);
-                }
-            }
-            store.keys.insert(
-                ski,
-                Arc::new(KeyEntry {
-                    name,
-                    key,
-                    chain,
-                    allow,
-                    allow_rsa_decrypt,
-                }),
-            );
+            store.insert(entry(config, name, key, chain));
         }
-        for (ski, _) in parsed_chains {
+        for (ski, _) in chains {
             tracing::warn!(%ski, "keystore: certificate without its private key is not served");
         }
+        store.warn_unused_entries(config);
+        Ok(store)
+    }
+
+    /// Files `entry` by SKI and by the names its certificate covers.
+    fn insert(&mut self, entry: KeyEntry) {
+        let ski = entry.key.ski;
+        if let Some(chain) = &entry.chain {
+            for n in &chain.names {
+                self.by_name.entry(n).or_default().push(ski);
+            }
+        }
+        self.keys.insert(ski, Arc::new(entry));
+    }
+
+    /// Warns about ACL and policy entries that name no loaded key (a typo, or a key
+    /// that failed to be added).
+    fn warn_unused_entries(&self, config: &KeysConfig) {
         let names_a_key = |key: &Option<String>, ski: &Option<Ski>| {
-            store
-                .keys
+            self.keys
                 .values()
                 .any(|k| key.as_deref() == Some(k.name.as_str()) || *ski == Some(k.key.ski))
         };
-        for entry in acl {
+        for entry in &config.acl {
             if !names_a_key(&entry.key, &entry.ski) {
                 tracing::warn!(key = ?entry.key, ski = ?entry.ski, "acl entry names no loaded key");
             }
@@ -228,7 +161,6 @@ impl Keystore {
                 tracing::warn!(key = ?entry.key, ski = ?entry.ski, "policy entry names no loaded key");
             }
         }
-        Ok(store)
     }
 
     pub(crate) fn get(&self, ski: &Ski) -> Option<&Arc<KeyEntry>> {
@@ -286,6 +218,97 @@ pub(crate) enum NameLookup<'a> {
     /// Keys cover the name, but the client may use none of them.
     NotAuthorized,
     NotFound,
+}
+
+/// The key and chain files of `dir` (by extension, hidden files skipped), sorted.
+fn pem_paths(dir: &Path) -> Result<Vec<PathBuf>, KeystoreError> {
+    let dir_err = |source| KeystoreError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(dir_err)? {
+        let entry = entry.map_err(dir_err)?;
+        let path = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        let ext_ok = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| PEM_EXTENSIONS.contains(&e));
+        if !hidden && ext_ok && path.is_file() {
+            paths.push(path);
+        } else {
+            tracing::debug!(path = %path.display(), "keystore: ignoring file");
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// A private key read from a file: the file stem (the key's name), the path, the key.
+type LoadedKey = (String, PathBuf, SiteKey);
+
+/// Every private key of `paths`, in order, and the first chain found for each key.
+fn read_keys_and_chains(
+    paths: &[PathBuf],
+) -> Result<(Vec<LoadedKey>, HashMap<Ski, Chain>), KeystoreError> {
+    let mut keys = Vec::new();
+    let mut chain_files: Vec<(&PathBuf, Vec<Vec<u8>>)> = Vec::new();
+    for path in paths {
+        let (file_keys, file_certs) = read_pem_file(path)?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for der in file_keys {
+            let key = SiteKey::from_der(&der).map_err(|source| KeystoreError::Key {
+                path: path.clone(),
+                source,
+            })?;
+            keys.push((stem.clone(), path.clone(), key));
+        }
+        if !file_certs.is_empty() {
+            chain_files.push((path, file_certs));
+        }
+    }
+
+    let mut chains: HashMap<Ski, Chain> = HashMap::new();
+    for (path, certs) in chain_files {
+        let (ski, chain) = parse_chain(path, &certs)?;
+        if chains.contains_key(&ski) {
+            tracing::warn!(path = %path.display(), %ski, "keystore: second chain for the same key ignored");
+            continue;
+        }
+        chains.insert(ski, chain);
+    }
+    Ok((keys, chains))
+}
+
+/// A key with its chain, its ACL (or the default one) and its policy.
+fn entry(config: &KeysConfig, name: String, key: SiteKey, chain: Option<Chain>) -> KeyEntry {
+    let ski = key.ski;
+    let allow = acl_for(&config.acl, &name, ski).or(match config.default_acl {
+        DefaultAcl::Allow => None,
+        DefaultAcl::Deny => Some(Vec::new()),
+    });
+    let allow_rsa_decrypt = policy_for(&config.policy, &name, ski).any(|p| p.allow_rsa_decrypt)
+        && matches!(key.algorithm, Algorithm::Rsa { .. });
+    tracing::info!(
+        key = %name,
+        %ski,
+        algorithm = %key.algorithm.name(),
+        names = ?chain.as_ref().map(|c| c.names.as_slice()).unwrap_or_default(),
+        acl = ?allow,
+        allow_rsa_decrypt,
+        "keystore: key loaded"
+    );
+    KeyEntry {
+        name,
+        key,
+        chain,
+        allow,
+        allow_rsa_decrypt,
+    }
 }
 
 fn acl_for(acl: &[AclEntry], name: &str, ski: Ski) -> Option<Vec<String>> {
