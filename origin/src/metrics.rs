@@ -1,15 +1,13 @@
 //! Prometheus metrics of the key server (`keyless_` prefix) and the HTTP endpoint that
 //! serves them with a health check.
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use keyless_shared::serve::{serve_admin, text_response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -208,46 +206,13 @@ pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
+    serve_admin(listener, shutdown, move |req: Request<Incoming>, _peer| {
+        let (status, body) = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => (StatusCode::OK, metrics.render()),
+            (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
+            _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
         };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let (status, body) = match (req.method(), req.uri().path()) {
-                        (&hyper::Method::GET, "/metrics") => (StatusCode::OK, metrics.render()),
-                        (&hyper::Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
-                        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-                    };
-                    let mut resp = Response::new(Full::new(Bytes::from(body)));
-                    *resp.status_mut() = status;
-                    resp.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        ),
-                    );
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
-                tracing::debug!(error = %e, "metrics: connection timed out");
-            }
-        });
-    }
+        std::future::ready(text_response(status, body))
+    })
+    .await;
 }

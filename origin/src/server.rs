@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use keyless_shared::serve::accept;
 use keyless_shared::{
     check_signing_context, encode_message, log_safe, CodecError, ErrorCode, KeyPreference,
     KeylessCodec, Message, Opcode, Operation, PolicyError, Ski,
@@ -171,20 +172,9 @@ pub(crate) async fn accept_loop(
         inner: Mutex::new(PendingInner::default()),
         metrics: shared.metrics.clone(),
     });
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    // No connection bound at accept: pending handshakes have their own budget and
+    // authenticated connections are counted after the handshake.
+    while let Some((tcp, peer, _)) = accept(&listener, None, &shutdown).await {
         let slot = pending.admit();
         let shared = shared.clone();
         let shutdown = shutdown.clone();

@@ -2,7 +2,8 @@
 //! Cloudflare's Keyless SSL) with our documented extensions, key identifiers (SKI) and
 //! the checks a key server makes on a to-be-signed handshake message, host name lookup
 //! with `*.` wildcards ([`DomainMap`]), and the process and logging hygiene both
-//! binaries share ([`process`], [`log_safe`]).
+//! binaries share ([`process`], [`log_safe`]), and their listeners' accept loop and
+//! admin HTTP server ([`serve`]).
 //!
 //! The wire format is described in `PROTOCOL.md` beside this crate; a test keeps the
 //! tables there in step with [`Tag`], [`Opcode`], [`ErrorCode`] and [`KeyPreference`].
@@ -15,6 +16,7 @@ mod domain;
 mod log_safe;
 pub mod process;
 mod protocol;
+pub mod serve;
 mod ski;
 
 pub use codec::{
