@@ -38,6 +38,8 @@ pub(crate) enum KeystoreError {
     #[error("{path}: {message}")]
     Pem { path: PathBuf, message: String },
     #[error("{path}: {source}")]
+    PemSyntax { path: PathBuf, source: PemError },
+    #[error("{path}: {source}")]
     Key { path: PathBuf, source: KeyError },
     #[error("{path}: certificate is not valid X.509: {message}")]
     Cert { path: PathBuf, message: String },
@@ -362,7 +364,11 @@ fn read_pem_file(path: &Path) -> Result<PemContents, KeystoreError> {
     }
     let mut keys = Vec::new();
     let mut certs = Vec::new();
-    for section in pem_sections(&data).map_err(pem_err)? {
+    let sections = pem_sections(&data).map_err(|source| KeystoreError::PemSyntax {
+        path: path.to_owned(),
+        source,
+    })?;
+    for section in sections {
         let (label, der) = section;
         match label {
             "PRIVATE KEY" | "RSA PRIVATE KEY" | "EC PRIVATE KEY" => keys.push(der),
@@ -376,18 +382,38 @@ fn read_pem_file(path: &Path) -> Result<PemContents, KeystoreError> {
     Ok((keys, certs))
 }
 
+/// Why the PEM text of a file does not split into sections.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PemError {
+    #[error("line {line}: not text")]
+    NotText { line: usize },
+    #[error("line {line}: END {end} closes BEGIN {begin}")]
+    MismatchedEnd {
+        line: usize,
+        end: String,
+        begin: String,
+    },
+    #[error("line {line}: BEGIN inside a section")]
+    NestedBegin { line: usize },
+    // No cause: the base64 text is key material, and OpenSSL's error adds nothing.
+    #[error("section {label}: invalid base64")]
+    Base64 { label: String },
+    #[error("section {label} has no END line")]
+    NoEnd { label: String },
+}
+
 /// A PEM section's label and decoded bytes.
 type PemSection<'a> = (&'a str, Zeroizing<Vec<u8>>);
 
 /// The `-----BEGIN L-----` … `-----END L-----` sections of `data`: label and decoded
 /// bytes. Text outside sections is ignored; a section without its end, with another
 /// label at its end, or with invalid base64 is an error.
-fn pem_sections(data: &[u8]) -> Result<Vec<PemSection<'_>>, String> {
+fn pem_sections(data: &[u8]) -> Result<Vec<PemSection<'_>>, PemError> {
     let mut out = Vec::new();
     let mut open: Option<(&str, Zeroizing<String>)> = None;
     for (n, raw) in data.split(|b| *b == b'\n').enumerate() {
         let line = std::str::from_utf8(raw)
-            .map_err(|_| format!("line {}: not text", n + 1))?
+            .map_err(|_| PemError::NotText { line: n + 1 })?
             .trim();
         let marker = |prefix: &str| {
             line.strip_prefix(prefix)
@@ -402,21 +428,29 @@ fn pem_sections(data: &[u8]) -> Result<Vec<PemSection<'_>>, String> {
             (None, _, _) => {}
             (Some((label, _)), _, Some(end)) => {
                 if end != *label {
-                    return Err(format!("line {}: END {end} closes BEGIN {label}", n + 1));
+                    return Err(PemError::MismatchedEnd {
+                        line: n + 1,
+                        end: end.to_owned(),
+                        begin: (*label).to_owned(),
+                    });
                 }
                 if let Some((label, b64)) = open.take() {
                     let der = openssl::base64::decode_block(&b64)
                         .map(Zeroizing::new)
-                        .map_err(|_| format!("section {label}: invalid base64"))?;
+                        .map_err(|_| PemError::Base64 {
+                            label: label.to_owned(),
+                        })?;
                     out.push((label, der));
                 }
             }
-            (Some(_), Some(_), _) => return Err(format!("line {}: BEGIN inside a section", n + 1)),
+            (Some(_), Some(_), _) => return Err(PemError::NestedBegin { line: n + 1 }),
             (Some((_, b64)), None, None) => b64.push_str(line),
         }
     }
     if let Some((label, _)) = open {
-        return Err(format!("section {label} has no END line"));
+        return Err(PemError::NoEnd {
+            label: label.to_owned(),
+        });
     }
     Ok(out)
 }
