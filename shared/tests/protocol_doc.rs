@@ -90,39 +90,38 @@ fn assert_same(heading: &str, doc: Rows, code: Rows) {
     );
 }
 
+/// The `(value, name)` rows of the known values of a wire enum.
+fn code_rows<T: Copy>(all: &[T], value: fn(T) -> u8, name: fn(T) -> &'static str) -> Rows {
+    all.iter()
+        .map(|&v| (value(v), name(v).to_owned()))
+        .collect()
+}
+
 #[test]
 fn tag_table_matches_enum() {
-    let code = Tag::ALL
-        .iter()
-        .map(|t| (t.to_u8(), t.name().to_owned()))
-        .collect();
+    let code = code_rows(Tag::ALL, Tag::to_u8, Tag::name);
     assert_same("Tags", table("Tags"), code);
 }
 
 #[test]
 fn opcode_table_matches_enum() {
-    let code = Opcode::ALL
-        .iter()
-        .map(|o| (o.to_u8(), o.name().to_owned()))
-        .collect();
+    let code = code_rows(Opcode::ALL, Opcode::to_u8, Opcode::name);
     assert_same("Opcodes", table("Opcodes"), code);
 }
 
 #[test]
 fn error_code_table_matches_enum() {
-    let code = ErrorCode::ALL
-        .iter()
-        .map(|e| (e.to_u8(), e.name().to_owned()))
-        .collect();
+    let code = code_rows(ErrorCode::ALL, ErrorCode::to_u8, ErrorCode::name);
     assert_same("Error codes", table("Error codes"), code);
 }
 
 #[test]
 fn key_preference_table_matches_enum() {
-    let code = KeyPreference::ALL
-        .iter()
-        .map(|p| (p.to_u8(), p.name().to_owned()))
-        .collect();
+    let code = code_rows(
+        KeyPreference::ALL,
+        KeyPreference::to_u8,
+        KeyPreference::name,
+    );
     assert_same("Key preferences", table_under("### Key preferences"), code);
 }
 
