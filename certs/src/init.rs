@@ -25,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use keyless_shared::Ski;
 
-use crate::pki::{Ca, KeyAlg, SubjectKey};
+use crate::pki::{Ca, IssuedCert, KeyAlg, SubjectKey};
 
 /// Arguments of `keyless-certs init`.
 #[derive(Debug, Args)]
@@ -65,22 +65,7 @@ pub(crate) fn run(args: &InitArgs, out: &mut impl Write) -> Result<()> {
     prepare_dir(&args.out, args.force)?;
 
     // Generate everything before touching the disk.
-    let site_ca = Ca::generate("keyless site CA")?;
-    let keyserver_ca = Ca::generate("keyless key-server CA")?;
-    let edge_ca = Ca::generate("keyless edge CA")?;
-
-    let mut sites = Vec::new();
-    for domain in &args.domains {
-        for alg in [KeyAlg::EcdsaP256, KeyAlg::Rsa2048] {
-            let key = SubjectKey::generate(alg)?;
-            let cert = site_ca.issue_site(domain, &key, alg)?;
-            sites.push((domain.as_str(), alg, key, cert));
-        }
-    }
-    let keyserver_key = SubjectKey::generate(KeyAlg::EcdsaP256)?;
-    let keyserver_cert = keyserver_ca.issue_keyserver(&keyserver_key)?;
-    let edge_key = SubjectKey::generate(KeyAlg::EcdsaP256)?;
-    let edge_cert = edge_ca.issue_edge(&args.edge_name, &edge_key)?;
+    let pki = Pki::generate(args)?;
 
     let mut w = TreeWriter {
         root: &args.out,
@@ -92,63 +77,10 @@ pub(crate) fn run(args: &InitArgs, out: &mut impl Write) -> Result<()> {
     w.dir("origin", PRIVATE_DIR_MODE)?;
     w.dir("origin/keys", PRIVATE_DIR_MODE)?;
     w.dir("edge", PRIVATE_DIR_MODE)?;
-
-    for (name, ca) in [
-        ("site-ca", &site_ca),
-        ("keyserver-ca", &keyserver_ca),
-        ("edge-ca", &edge_ca),
-    ] {
-        w.secret(
-            &format!("ca/{name}.key"),
-            &ca.key_pem,
-            "CA private key (offline)",
-        )?;
-        w.public(&format!("ca/{name}.crt"), &ca.cert.pem, "CA certificate")?;
-    }
-    w.public(
-        "client/ca.pem",
-        &site_ca.cert.pem,
-        "site CA, for curl --cacert",
-    )?;
-
-    for (domain, alg, key, cert) in &sites {
-        let base = format!("origin/keys/{domain}-{}", alg.file_suffix());
-        let ski = Ski::from_spki_der(key.spki_der())
-            .map_err(|e| anyhow::anyhow!("unparsable public key of {domain}: {e}"))?;
-        w.secret(
-            &format!("{base}.key"),
-            key.private_pem(),
-            "site private key",
-        )?;
-        w.public(
-            &format!("{base}.crt"),
-            &cert.pem,
-            &format!("site certificate, SKI {ski}"),
-        )?;
-    }
-    w.public(
-        "origin/keyserver.crt",
-        &keyserver_cert.pem,
-        "key server TLS certificate",
-    )?;
-    w.secret(
-        "origin/keyserver.key",
-        keyserver_key.private_pem(),
-        "key server TLS key",
-    )?;
-    w.public(
-        "origin/edge-ca.crt",
-        &edge_ca.cert.pem,
-        "edge CA, verifies edge client certificates",
-    )?;
-
-    w.public("edge/edge.crt", &edge_cert.pem, "edge client certificate")?;
-    w.secret("edge/edge.key", edge_key.private_pem(), "edge client key")?;
-    w.public(
-        "edge/keyserver-ca.crt",
-        &keyserver_ca.cert.pem,
-        "key-server CA",
-    )?;
+    pki.write_cas(&mut w)?;
+    pki.write_sites(&mut w)?;
+    pki.write_origin(&mut w)?;
+    pki.write_edge(&mut w)?;
 
     let origin = origin_toml(args.keyserver_listen, args.metrics_listen);
     w.public("origin.toml", &origin, "keyless-origin configuration")?;
@@ -156,6 +88,119 @@ pub(crate) fn run(args: &InitArgs, out: &mut impl Write) -> Result<()> {
     w.public("edge.toml", &edge, "keyless-edge configuration")?;
 
     print_summary(out, args, &w.written).context("printing the summary")
+}
+
+/// Every key and certificate of a deployment, generated in memory.
+struct Pki<'a> {
+    site_ca: Ca,
+    keyserver_ca: Ca,
+    edge_ca: Ca,
+    /// Per domain and algorithm: the site key and its certificate.
+    sites: Vec<(&'a str, KeyAlg, SubjectKey, IssuedCert)>,
+    keyserver: (SubjectKey, IssuedCert),
+    edge: (SubjectKey, IssuedCert),
+}
+
+impl<'a> Pki<'a> {
+    fn generate(args: &'a InitArgs) -> Result<Pki<'a>> {
+        let site_ca = Ca::generate("keyless site CA")?;
+        let keyserver_ca = Ca::generate("keyless key-server CA")?;
+        let edge_ca = Ca::generate("keyless edge CA")?;
+
+        let mut sites = Vec::new();
+        for domain in &args.domains {
+            for alg in [KeyAlg::EcdsaP256, KeyAlg::Rsa2048] {
+                let key = SubjectKey::generate(alg)?;
+                let cert = site_ca.issue_site(domain, &key, alg)?;
+                sites.push((domain.as_str(), alg, key, cert));
+            }
+        }
+        let keyserver_key = SubjectKey::generate(KeyAlg::EcdsaP256)?;
+        let keyserver_cert = keyserver_ca.issue_keyserver(&keyserver_key)?;
+        let edge_key = SubjectKey::generate(KeyAlg::EcdsaP256)?;
+        let edge_cert = edge_ca.issue_edge(&args.edge_name, &edge_key)?;
+        Ok(Pki {
+            site_ca,
+            keyserver_ca,
+            edge_ca,
+            sites,
+            keyserver: (keyserver_key, keyserver_cert),
+            edge: (edge_key, edge_cert),
+        })
+    }
+
+    /// `ca/` (offline material) and `client/ca.pem`.
+    fn write_cas(&self, w: &mut TreeWriter<'_>) -> Result<()> {
+        for (name, ca) in [
+            ("site-ca", &self.site_ca),
+            ("keyserver-ca", &self.keyserver_ca),
+            ("edge-ca", &self.edge_ca),
+        ] {
+            w.secret(
+                &format!("ca/{name}.key"),
+                &ca.key_pem,
+                "CA private key (offline)",
+            )?;
+            w.public(&format!("ca/{name}.crt"), &ca.cert.pem, "CA certificate")?;
+        }
+        w.public(
+            "client/ca.pem",
+            &self.site_ca.cert.pem,
+            "site CA, for curl --cacert",
+        )
+    }
+
+    /// `origin/keys/`: the site keys, which only the key server has.
+    fn write_sites(&self, w: &mut TreeWriter<'_>) -> Result<()> {
+        for (domain, alg, key, cert) in &self.sites {
+            let base = format!("origin/keys/{domain}-{}", alg.file_suffix());
+            let ski = Ski::from_spki_der(key.spki_der())
+                .with_context(|| format!("unparsable public key of {domain}"))?;
+            w.secret(
+                &format!("{base}.key"),
+                key.private_pem(),
+                "site private key",
+            )?;
+            w.public(
+                &format!("{base}.crt"),
+                &cert.pem,
+                &format!("site certificate, SKI {ski}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The key server's TLS identity and the CA of its clients.
+    fn write_origin(&self, w: &mut TreeWriter<'_>) -> Result<()> {
+        let (key, cert) = &self.keyserver;
+        w.public(
+            "origin/keyserver.crt",
+            &cert.pem,
+            "key server TLS certificate",
+        )?;
+        w.secret(
+            "origin/keyserver.key",
+            key.private_pem(),
+            "key server TLS key",
+        )?;
+        w.public(
+            "origin/edge-ca.crt",
+            &self.edge_ca.cert.pem,
+            "edge CA, verifies edge client certificates",
+        )
+    }
+
+    /// The edge's client identity and the CA of its key servers.
+    fn write_edge(&self, w: &mut TreeWriter<'_>) -> Result<()> {
+        let (key, cert) = &self.edge;
+        w.public("edge/edge.crt", &cert.pem, "edge client certificate")?;
+        w.secret("edge/edge.key", key.private_pem(), "edge client key")?;
+        w.public(
+            "edge/keyserver-ca.crt",
+            &self.keyserver_ca.cert.pem,
+            "key-server CA",
+        )
+    }
 }
 
 /// The key server's configuration; paths are relative to the file's directory.

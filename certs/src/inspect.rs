@@ -11,7 +11,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use keyless_shared::{spki_sha256, Ski};
 use openssl::ec::EcKey;
 use openssl::nid::Nid;
@@ -45,7 +45,7 @@ pub(crate) fn describe_pem(data: &[u8], name: &str, now: OffsetDateTime) -> Resu
     let mut blocks = 0usize;
     for (i, block) in Pem::iter_from_buffer(data).enumerate() {
         let n = i + 1;
-        let block = block.map_err(|e| anyhow!("{name}: PEM block {n} is malformed: {e}"))?;
+        let block = block.with_context(|| format!("{name}: PEM block {n} is malformed"))?;
         let contents = Zeroizing::new(block.contents);
         blocks += 1;
         if !text.is_empty() {
@@ -79,8 +79,7 @@ pub(crate) fn describe_pem(data: &[u8], name: &str, now: OffsetDateTime) -> Resu
 }
 
 fn describe_cert(der: &[u8], heading: &str, now: OffsetDateTime, text: &mut String) -> Result<()> {
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| anyhow!("not a valid X.509 certificate: {e}"))?;
+    let (_, cert) = X509Certificate::from_der(der).context("not a valid X.509 certificate")?;
     line(text, &format!("{heading}: certificate"));
     field(text, "subject", &cert.subject().to_string());
     field(text, "SANs", &sans(&cert)?);
@@ -102,18 +101,15 @@ fn describe_cert(der: &[u8], heading: &str, now: OffsetDateTime, text: &mut Stri
 
     let ca = cert
         .basic_constraints()
-        .map_err(|e| anyhow!("bad basic constraints: {e}"))?
+        .context("bad basic constraints")?
         .is_some_and(|bc| bc.value.ca);
     field(text, "CA", if ca { "yes" } else { "no" });
-    if let Some(ku) = cert
-        .key_usage()
-        .map_err(|e| anyhow!("bad key usage: {e}"))?
-    {
+    if let Some(ku) = cert.key_usage().context("bad key usage")? {
         field(text, "key usage", &ku.value.to_string());
     }
     if let Some(eku) = cert
         .extended_key_usage()
-        .map_err(|e| anyhow!("bad extended key usage: {e}"))?
+        .context("bad extended key usage")?
     {
         let e = eku.value;
         let mut names: Vec<String> = [
@@ -194,7 +190,7 @@ fn describe_public_key(der: &[u8], heading: &str, text: &mut String) -> Result<(
 
 /// Prints the SKI and SPKI SHA-256 of a DER `SubjectPublicKeyInfo`; returns the SKI.
 fn key_ids(spki_der: &[u8], text: &mut String) -> Result<Ski> {
-    let ski = Ski::from_spki_der(spki_der).map_err(|e| anyhow!("unparsable public key: {e}"))?;
+    let ski = Ski::from_spki_der(spki_der).context("unparsable public key")?;
     field(text, "SKI", &ski.to_string());
     field(text, "SPKI SHA-256", &hex::encode(spki_sha256(spki_der)));
     Ok(ski)
@@ -243,7 +239,7 @@ fn key_type<T: HasPublic>(pkey: &PKeyRef<T>) -> String {
 fn sans(cert: &X509Certificate<'_>) -> Result<String> {
     let Some(san) = cert
         .subject_alternative_name()
-        .map_err(|e| anyhow!("bad subject alternative name: {e}"))?
+        .context("bad subject alternative name")?
     else {
         return Ok("none".to_owned());
     };

@@ -93,8 +93,7 @@ impl SubjectKey {
     }
 
     fn new(private_pem: Zeroizing<String>, spki_der: Vec<u8>) -> Result<SubjectKey> {
-        let public = SubjectPublicKeyInfo::from_der(&spki_der)
-            .map_err(|e| anyhow!("unusable public key: {e}"))?;
+        let public = SubjectPublicKeyInfo::from_der(&spki_der).context("unusable public key")?;
         Ok(SubjectKey {
             private_pem,
             public,
@@ -213,7 +212,7 @@ fn base_params(
     let now = OffsetDateTime::now_utc();
     let mut distinguished_name = DistinguishedName::new();
     distinguished_name.push(DnType::CommonName, common_name);
-    let ski = Ski::from_spki_der(spki_der).map_err(|e| anyhow!("unparsable public key: {e}"))?;
+    let ski = Ski::from_spki_der(spki_der).context("unparsable public key")?;
 
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished_name;
@@ -241,7 +240,7 @@ fn dns_san(name: &str) -> Result<SanType> {
     let ia5 = name
         .to_owned()
         .try_into()
-        .map_err(|e| anyhow!("{name:?} is not a valid DNS name: {e}"))?;
+        .with_context(|| format!("{name:?} is not a valid DNS name"))?;
     Ok(SanType::DnsName(ia5))
 }
 
@@ -250,6 +249,7 @@ fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
     SystemRandom::new()
         .fill(&mut bytes)
+        // `Unspecified` says nothing more (and is no `std::error::Error`): no cause lost.
         .map_err(|_| anyhow!("the system random number generator failed"))?;
     bytes[0] &= 0x7f;
     Ok(SerialNumber::from_slice(&bytes))

@@ -68,7 +68,7 @@ fn paths(args: &RevokeArgs) -> Result<Paths> {
 fn first_pem(path: &Path, label: &str) -> Result<Vec<u8>> {
     let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     for pem in Pem::iter_from_buffer(&data) {
-        let pem = pem.map_err(|e| anyhow!("{}: not valid PEM: {e}", path.display()))?;
+        let pem = pem.with_context(|| format!("{}: not valid PEM", path.display()))?;
         if pem.label == label {
             return Ok(pem.contents);
         }
@@ -81,7 +81,45 @@ pub(crate) fn run(args: &RevokeArgs, out: &mut impl Write) -> Result<()> {
     let paths = paths(args)?;
     let ca_der = first_pem(&paths.ca_cert, "CERTIFICATE")?;
     let (_, ca) = X509Certificate::from_der(&ca_der)
-        .map_err(|e| anyhow!("{}: not a certificate: {e}", paths.ca_cert.display()))?;
+        .with_context(|| format!("{}: not a certificate", paths.ca_cert.display()))?;
+    let key = ca_key(&paths, &ca)?;
+    let now = OffsetDateTime::now_utc();
+
+    let mut revoked = Revocations::default();
+    if paths.crl.exists() {
+        revoked.keep_existing(&paths, &ca)?;
+    }
+    for path in &args.certs {
+        revoked.revoke(path, &paths, &ca, now)?;
+    }
+
+    let issuer = Issuer::from_ca_cert_der(&ca_der.as_slice().into(), key)
+        .with_context(|| format!("{}: unusable as CRL issuer", paths.ca_cert.display()))?;
+    // The CRL number only has to grow: seconds since the epoch do.
+    let number = u64::try_from(now.unix_timestamp()).unwrap_or(0);
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(i64::from(args.valid_days)),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked.0,
+        key_identifier_method: KeyIdMethod::PreSpecified(
+            keyless_shared::Ski::from_public_key_bits(&ca.public_key().subject_public_key.data)
+                .0
+                .to_vec(),
+        ),
+    };
+    let crl = params
+        .signed_by(&issuer)
+        .context("signing the CRL")?
+        .pem()
+        .context("encoding the CRL")?;
+    write_replacing(&paths.crl, &crl)?;
+    print_crl(out, &paths.crl, &params.revoked_certs, args.valid_days)
+}
+
+/// The CA's private key, checked to be the key of `ca`.
+fn ca_key(paths: &Paths, ca: &X509Certificate<'_>) -> Result<KeyPair> {
     let key_pem = Zeroizing::new(
         fs::read_to_string(&paths.ca_key)
             .with_context(|| format!("reading {}", paths.ca_key.display()))?,
@@ -95,23 +133,31 @@ pub(crate) fn run(args: &RevokeArgs, out: &mut impl Write) -> Result<()> {
             paths.ca_cert.display()
         );
     }
-    let now = OffsetDateTime::now_utc();
+    Ok(key)
+}
 
-    let mut revoked: Vec<RevokedCertParams> = Vec::new();
-    let mut listed = |serial: &[u8], time: OffsetDateTime, reason: Option<RevocationReason>| {
-        if !revoked.iter().any(|r| r.serial_number.as_ref() == serial) {
-            revoked.push(RevokedCertParams {
+/// The entries of the new CRL, each serial once (the first time and reason it was
+/// listed with).
+#[derive(Default)]
+struct Revocations(Vec<RevokedCertParams>);
+
+impl Revocations {
+    fn list(&mut self, serial: &[u8], time: OffsetDateTime, reason: Option<RevocationReason>) {
+        if !self.0.iter().any(|r| r.serial_number.as_ref() == serial) {
+            self.0.push(RevokedCertParams {
                 serial_number: SerialNumber::from_slice(serial),
                 revocation_time: time,
                 reason_code: reason,
                 invalidity_date: None,
             });
         }
-    };
-    if paths.crl.exists() {
+    }
+
+    /// Keeps the entries of the CRL at `paths.crl`, which `ca` must have issued.
+    fn keep_existing(&mut self, paths: &Paths, ca: &X509Certificate<'_>) -> Result<()> {
         let der = first_pem(&paths.crl, "X509 CRL")?;
         let (_, crl) =
-            parse_x509_crl(&der).map_err(|e| anyhow!("{}: not a CRL: {e}", paths.crl.display()))?;
+            parse_x509_crl(&der).with_context(|| format!("{}: not a CRL", paths.crl.display()))?;
         if crl.issuer().as_raw() != ca.subject().as_raw() {
             bail!(
                 "{} was not issued by {}",
@@ -121,13 +167,23 @@ pub(crate) fn run(args: &RevokeArgs, out: &mut impl Write) -> Result<()> {
         }
         for entry in crl.iter_revoked_certificates() {
             let time = entry.revocation_date.to_datetime();
-            listed(entry.raw_serial(), time, None);
+            self.list(entry.raw_serial(), time, None);
         }
+        Ok(())
     }
-    for path in &args.certs {
+
+    /// Lists the certificate of `path` (as key compromise, at `now`); `ca` must have
+    /// issued it.
+    fn revoke(
+        &mut self,
+        path: &Path,
+        paths: &Paths,
+        ca: &X509Certificate<'_>,
+        now: OffsetDateTime,
+    ) -> Result<()> {
         let der = first_pem(path, "CERTIFICATE")?;
         let (_, cert) = X509Certificate::from_der(&der)
-            .map_err(|e| anyhow!("{}: not a certificate: {e}", path.display()))?;
+            .with_context(|| format!("{}: not a certificate", path.display()))?;
         if cert.issuer().as_raw() != ca.subject().as_raw()
             || cert.verify_signature(Some(ca.public_key())).is_err()
         {
@@ -137,43 +193,29 @@ pub(crate) fn run(args: &RevokeArgs, out: &mut impl Write) -> Result<()> {
                 paths.ca_cert.display()
             );
         }
-        listed(
+        self.list(
             cert.raw_serial(),
             now,
             Some(RevocationReason::KeyCompromise),
         );
+        Ok(())
     }
+}
 
-    let issuer = Issuer::from_ca_cert_der(&ca_der.as_slice().into(), key)
-        .map_err(|e| anyhow!("{}: unusable as CRL issuer: {e}", paths.ca_cert.display()))?;
-    // The CRL number only has to grow: seconds since the epoch do.
-    let number = u64::try_from(now.unix_timestamp()).unwrap_or(0);
-    let params = CertificateRevocationListParams {
-        this_update: now,
-        next_update: now + Duration::days(i64::from(args.valid_days)),
-        crl_number: SerialNumber::from(number),
-        issuing_distribution_point: None,
-        revoked_certs: revoked,
-        key_identifier_method: KeyIdMethod::PreSpecified(
-            keyless_shared::Ski::from_public_key_bits(&ca.public_key().subject_public_key.data)
-                .0
-                .to_vec(),
-        ),
-    };
-    let crl = params
-        .signed_by(&issuer)
-        .context("signing the CRL")?
-        .pem()
-        .context("encoding the CRL")?;
-    write_replacing(&paths.crl, &crl)?;
+fn print_crl(
+    out: &mut impl Write,
+    crl: &Path,
+    revoked: &[RevokedCertParams],
+    valid_days: u16,
+) -> Result<()> {
     writeln!(
         out,
         "wrote {}: {} revoked certificate(s), next update in {} days",
-        paths.crl.display(),
-        params.revoked_certs.len(),
-        args.valid_days
+        crl.display(),
+        revoked.len(),
+        valid_days
     )?;
-    for r in &params.revoked_certs {
+    for r in revoked {
         writeln!(out, "  serial {}", hex::encode(r.serial_number.as_ref()))?;
     }
     writeln!(

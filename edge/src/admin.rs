@@ -11,13 +11,12 @@
 //! time); without a configured token the purge API answers 404. Each purge takes
 //! effect in the memory and disk tiers and answers `purged N`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Request, StatusCode};
+use keyless_shared::log_safe;
+use keyless_shared::serve::{serve_admin, text_response};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,48 +30,21 @@ pub async fn serve(
     cache: Option<Arc<Cache>>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let peer = stream.peer_addr().ok();
-        let metrics = metrics.clone();
-        let cache = cache.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                let cache = cache.clone();
-                async move {
-                    let (status, body) = route(&req, &metrics, cache.as_deref());
-                    if req.uri().path() == "/cache/purge" {
-                        tracing::info!(target: "audit", client = ?peer, query = req.uri().query().unwrap_or(""), status = status.as_u16(), result = %body.trim_end(), "cache purge");
-                    }
-                    let mut resp = Response::new(Full::new(Bytes::from(body)));
-                    *resp.status_mut() = status;
-                    resp.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        ),
-                    );
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-        });
-    }
+    serve_admin(
+        listener,
+        shutdown,
+        move |req: Request<hyper::body::Incoming>, peer: SocketAddr| {
+            let (status, body) = route(&req, &metrics, cache.as_deref());
+            if req.uri().path() == "/cache/purge" {
+                // The query is the client's text: escaped so it cannot forge log lines.
+                // `client` keeps the `Some(addr)` form the audit line has always had.
+                let query = log_safe(req.uri().query().unwrap_or(""));
+                tracing::info!(target: "audit", client = ?Some(peer), %query, status = status.as_u16(), result = %body.trim_end(), "cache purge");
+            }
+            std::future::ready(text_response(status, body))
+        },
+    )
+    .await;
 }
 
 fn route(

@@ -1,7 +1,9 @@
 //! Customer sites: which names the edge serves and where each site's origin is.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
+
+use keyless_shared::DomainMap;
 
 use crate::config::{OriginUrl, SiteConfig};
 
@@ -30,19 +32,19 @@ impl Site {
     }
 }
 
-/// Why the sites cannot be served.
-#[derive(Debug, thiserror::Error)]
-pub enum SitesError {
-    /// Two sites claim one name.
-    #[error("domain {0} is configured for two sites")]
-    Duplicate(String),
-}
-
 /// Name → site, exact names before `*.` wildcards (one label deep).
 #[derive(Debug, Default)]
 pub struct Sites {
-    exact: HashMap<String, Arc<Site>>,
-    wildcard: HashMap<String, Arc<Site>>,
+    by_name: DomainMap<Arc<Site>>,
+}
+
+/// Why the configured sites could not be indexed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SitesError {
+    /// Two sites claim the same domain.
+    #[error("domain {0} is configured for two sites")]
+    DuplicateDomain(String),
 }
 
 impl Sites {
@@ -59,13 +61,10 @@ impl Sites {
                 cache_set_cookie: c.cache.store_set_cookie,
             });
             for d in &site.domains {
-                let (map, key) = match d.strip_prefix("*.") {
-                    Some(parent) => (&mut sites.wildcard, parent.to_owned()),
-                    None => (&mut sites.exact, d.clone()),
+                match sites.by_name.entry(d) {
+                    Entry::Vacant(e) => e.insert(site.clone()),
+                    Entry::Occupied(_) => return Err(SitesError::DuplicateDomain(d.clone())),
                 };
-                if map.insert(key, site.clone()).is_some() {
-                    return Err(SitesError::Duplicate(d.clone()));
-                }
             }
         }
         Ok(sites)
@@ -73,11 +72,7 @@ impl Sites {
 
     /// The site serving `name` (an SNI or a `Host` without port).
     pub fn lookup(&self, name: &str) -> Option<&Arc<Site>> {
-        let name = normalize(name);
-        self.exact.get(&name).or_else(|| {
-            name.split_once('.')
-                .and_then(|(_, parent)| self.wildcard.get(parent))
-        })
+        self.by_name.get(name)
     }
 }
 
@@ -119,6 +114,10 @@ mod tests {
         );
         assert!(sites.lookup("a.b.example.com").is_none());
         assert!(sites.lookup("example.org").is_none());
-        assert!(Sites::new(&[site(&["a.com"], "http://x"), site(&["a.com"], "http://y")]).is_err());
+        let twice = Sites::new(&[site(&["a.com"], "http://x"), site(&["a.com"], "http://y")]);
+        assert_eq!(
+            twice.map(|_| ()).unwrap_err().to_string(),
+            "domain a.com is configured for two sites"
+        );
     }
 }

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use keyless_shared::Ski;
+use bytes::Bytes;
+use keyless_shared::{encode_chain, ChainError, DomainMap, KeyPreference, Ski};
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
@@ -38,9 +38,13 @@ pub(crate) enum KeystoreError {
     #[error("{path}: {message}")]
     Pem { path: PathBuf, message: String },
     #[error("{path}: {source}")]
+    PemSyntax { path: PathBuf, source: PemError },
+    #[error("{path}: {source}")]
     Key { path: PathBuf, source: KeyError },
     #[error("{path}: certificate is not valid X.509: {message}")]
     Cert { path: PathBuf, message: String },
+    #[error("{path}: certificate is not valid X.509: {source}")]
+    Chain { path: PathBuf, source: ChainError },
 }
 
 /// A certificate chain, leaf first.
@@ -76,35 +80,18 @@ impl KeyEntry {
     }
 }
 
-/// Key algorithm preference of a get-certificate-chain request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum KeyPreference {
-    Rsa = 1,
-    Ecdsa = 2,
-    Ed25519 = 3,
-}
-
-impl KeyPreference {
-    pub(crate) fn from_u8(b: u8) -> Option<Self> {
-        match b {
-            1 => Some(KeyPreference::Rsa),
-            2 => Some(KeyPreference::Ecdsa),
-            3 => Some(KeyPreference::Ed25519),
-            _ => None,
-        }
-    }
-
-    fn matches(self, a: Algorithm) -> bool {
-        matches!(
-            (self, a),
-            (KeyPreference::Rsa, Algorithm::Rsa { .. })
-                | (
-                    KeyPreference::Ecdsa,
-                    Algorithm::EcdsaP256 | Algorithm::EcdsaP384
-                )
-                | (KeyPreference::Ed25519, Algorithm::Ed25519)
-        )
-    }
+/// Whether a key of algorithm `a` is of the class a get-certificate-chain request
+/// prefers.
+fn prefers(pref: KeyPreference, a: Algorithm) -> bool {
+    matches!(
+        (pref, a),
+        (KeyPreference::Rsa, Algorithm::Rsa { .. })
+            | (
+                KeyPreference::Ecdsa,
+                Algorithm::EcdsaP256 | Algorithm::EcdsaP384
+            )
+            | (KeyPreference::Ed25519, Algorithm::Ed25519)
+    )
 }
 
 /// Default preference when the request states none: ECDSA, then Ed25519, then RSA.
@@ -117,71 +104,16 @@ const DEFAULT_PREFERENCE: &[KeyPreference] = &[
 #[derive(Debug, Default)]
 pub(crate) struct Keystore {
     keys: HashMap<Ski, Arc<KeyEntry>>,
-    exact: HashMap<String, Vec<Ski>>,
-    /// `*.example.com` is filed under `example.com`.
-    wildcard: HashMap<String, Vec<Ski>>,
+    /// The keys whose certificate covers a name, in load order.
+    by_name: DomainMap<Vec<Ski>>,
 }
 
 impl Keystore {
     /// Loads every PEM file of `keys.dir` and applies its ACL and policy. Any unreadable
     /// file fails the whole load, so a reload never half-applies.
     pub(crate) fn load(config: &KeysConfig) -> Result<Keystore, KeystoreError> {
-        let dir = config.dir.as_path();
-        let acl = config.acl.as_slice();
-        let mut paths = Vec::new();
-        let entries = std::fs::read_dir(dir).map_err(|source| KeystoreError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        for entry in entries {
-            let entry = entry.map_err(|source| KeystoreError::Dir {
-                path: dir.to_owned(),
-                source,
-            })?;
-            let path = entry.path();
-            let hidden = entry.file_name().to_string_lossy().starts_with('.');
-            let ext_ok = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| PEM_EXTENSIONS.contains(&e));
-            if !hidden && ext_ok && path.is_file() {
-                paths.push(path);
-            } else {
-                tracing::debug!(path = %path.display(), "keystore: ignoring file");
-            }
-        }
-        paths.sort();
-
-        let mut keys: Vec<(String, PathBuf, SiteKey)> = Vec::new();
-        let mut chains: Vec<(PathBuf, Vec<Vec<u8>>)> = Vec::new();
-        for path in &paths {
-            let (file_keys, file_certs) = read_pem_file(path)?;
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            for der in file_keys {
-                let key = SiteKey::from_der(&der).map_err(|source| KeystoreError::Key {
-                    path: path.clone(),
-                    source,
-                })?;
-                keys.push((stem.clone(), path.clone(), key));
-            }
-            if !file_certs.is_empty() {
-                chains.push((path.clone(), file_certs));
-            }
-        }
-
-        let mut parsed_chains: HashMap<Ski, Chain> = HashMap::new();
-        for (path, certs) in chains {
-            let (ski, chain) = parse_chain(&path, &certs)?;
-            if parsed_chains.contains_key(&ski) {
-                tracing::warn!(path = %path.display(), %ski, "keystore: second chain for the same key ignored");
-                continue;
-            }
-            parsed_chains.insert(ski, chain);
-        }
-
+        let paths = pem_paths(&config.dir)?;
+        let (keys, mut chains) = read_keys_and_chains(&paths)?;
         let mut store = Keystore::default();
         for (name, path, key) in keys {
             let ski = key.ski;
@@ -189,59 +121,39 @@ impl Keystore {
                 tracing::warn!(path = %path.display(), %ski, "keystore: duplicate key ignored");
                 continue;
             }
-            let chain = parsed_chains.remove(&ski);
+            let chain = chains.remove(&ski);
             if chain.is_none() {
                 tracing::info!(path = %path.display(), %ski, "keystore: key has no certificate; usable by SKI only");
             }
-            let allow = acl_for(acl, &name, ski).or(match config.default_acl {
-                DefaultAcl::Allow => None,
-                DefaultAcl::Deny => Some(Vec::new()),
-            });
-            let allow_rsa_decrypt = policy_for(&config.policy, &name, ski)
-                .any(|p| p.allow_rsa_decrypt)
-                && matches!(key.algorithm, Algorithm::Rsa { .. });
-            tracing::info!(
-                key = %name,
-                %ski,
-                algorithm = %key.algorithm.name(),
-                names = ?chain.as_ref().map(|c| c.names.as_slice()).unwrap_or_default(),
-                acl = ?allow,
-                allow_rsa_decrypt,
-                "keystore: key loaded"
-            );
-            if let Some(chain) = &chain {
-                for n in &chain.names {
-                    match n.strip_prefix("*.") {
-                        Some(parent) => store
-                            .wildcard
-                            .entry(parent.to_owned())
-                            .or_default()
-                            .push(ski),
-                        None => store.exact.entry(n.clone()).or_default().push(ski),
-                    }
-                }
-            }
-            store.keys.insert(
-                ski,
-                Arc::new(KeyEntry {
-                    name,
-                    key,
-                    chain,
-                    allow,
-                    allow_rsa_decrypt,
-                }),
-            );
+            store.insert(entry(config, name, key, chain));
         }
-        for (ski, _) in parsed_chains {
+        for (ski, _) in chains {
             tracing::warn!(%ski, "keystore: certificate without its private key is not served");
         }
+        store.warn_unused_entries(config);
+        Ok(store)
+    }
+
+    /// Files `entry` by SKI and by the names its certificate covers.
+    fn insert(&mut self, entry: KeyEntry) {
+        let ski = entry.key.ski;
+        if let Some(chain) = &entry.chain {
+            for n in &chain.names {
+                self.by_name.entry(n).or_default().push(ski);
+            }
+        }
+        self.keys.insert(ski, Arc::new(entry));
+    }
+
+    /// Warns about ACL and policy entries that name no loaded key (a typo, or a key
+    /// that failed to be added).
+    fn warn_unused_entries(&self, config: &KeysConfig) {
         let names_a_key = |key: &Option<String>, ski: &Option<Ski>| {
-            store
-                .keys
+            self.keys
                 .values()
                 .any(|k| key.as_deref() == Some(k.name.as_str()) || *ski == Some(k.key.ski))
         };
-        for entry in acl {
+        for entry in &config.acl {
             if !names_a_key(&entry.key, &entry.ski) {
                 tracing::warn!(key = ?entry.key, ski = ?entry.ski, "acl entry names no loaded key");
             }
@@ -251,7 +163,6 @@ impl Keystore {
                 tracing::warn!(key = ?entry.key, ski = ?entry.ski, "policy entry names no loaded key");
             }
         }
-        Ok(store)
     }
 
     pub(crate) fn get(&self, ski: &Ski) -> Option<&Arc<KeyEntry>> {
@@ -275,21 +186,16 @@ impl Keystore {
         preference: &[KeyPreference],
         identity: &str,
     ) -> NameLookup<'_> {
-        let name = sni.trim_end_matches('.').to_ascii_lowercase();
         let preference = if preference.is_empty() {
             DEFAULT_PREFERENCE
         } else {
             preference
         };
-        let exact = self.exact.get(&name);
-        let wild = name
-            .split_once('.')
-            .and_then(|(_, parent)| self.wildcard.get(parent));
         let mut refused = false;
-        for candidates in [exact, wild].into_iter().flatten() {
+        for candidates in self.by_name.matches(sni) {
             for pref in preference {
                 for entry in candidates.iter().filter_map(|ski| self.keys.get(ski)) {
-                    if !pref.matches(entry.key.algorithm) {
+                    if !prefers(*pref, entry.key.algorithm) {
                         continue;
                     }
                     if entry.allows(identity) {
@@ -314,6 +220,97 @@ pub(crate) enum NameLookup<'a> {
     /// Keys cover the name, but the client may use none of them.
     NotAuthorized,
     NotFound,
+}
+
+/// The key and chain files of `dir` (by extension, hidden files skipped), sorted.
+fn pem_paths(dir: &Path) -> Result<Vec<PathBuf>, KeystoreError> {
+    let dir_err = |source| KeystoreError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(dir_err)? {
+        let entry = entry.map_err(dir_err)?;
+        let path = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        let ext_ok = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| PEM_EXTENSIONS.contains(&e));
+        if !hidden && ext_ok && path.is_file() {
+            paths.push(path);
+        } else {
+            tracing::debug!(path = %path.display(), "keystore: ignoring file");
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// A private key read from a file: the file stem (the key's name), the path, the key.
+type LoadedKey = (String, PathBuf, SiteKey);
+
+/// Every private key of `paths`, in order, and the first chain found for each key.
+fn read_keys_and_chains(
+    paths: &[PathBuf],
+) -> Result<(Vec<LoadedKey>, HashMap<Ski, Chain>), KeystoreError> {
+    let mut keys = Vec::new();
+    let mut chain_files: Vec<(&PathBuf, Vec<Vec<u8>>)> = Vec::new();
+    for path in paths {
+        let (file_keys, file_certs) = read_pem_file(path)?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for der in file_keys {
+            let key = SiteKey::from_der(&der).map_err(|source| KeystoreError::Key {
+                path: path.clone(),
+                source,
+            })?;
+            keys.push((stem.clone(), path.clone(), key));
+        }
+        if !file_certs.is_empty() {
+            chain_files.push((path, file_certs));
+        }
+    }
+
+    let mut chains: HashMap<Ski, Chain> = HashMap::new();
+    for (path, certs) in chain_files {
+        let (ski, chain) = parse_chain(path, &certs)?;
+        if chains.contains_key(&ski) {
+            tracing::warn!(path = %path.display(), %ski, "keystore: second chain for the same key ignored");
+            continue;
+        }
+        chains.insert(ski, chain);
+    }
+    Ok((keys, chains))
+}
+
+/// A key with its chain, its ACL (or the default one) and its policy.
+fn entry(config: &KeysConfig, name: String, key: SiteKey, chain: Option<Chain>) -> KeyEntry {
+    let ski = key.ski;
+    let allow = acl_for(&config.acl, &name, ski).or(match config.default_acl {
+        DefaultAcl::Allow => None,
+        DefaultAcl::Deny => Some(Vec::new()),
+    });
+    let allow_rsa_decrypt = policy_for(&config.policy, &name, ski).any(|p| p.allow_rsa_decrypt)
+        && matches!(key.algorithm, Algorithm::Rsa { .. });
+    tracing::info!(
+        key = %name,
+        %ski,
+        algorithm = %key.algorithm.name(),
+        names = ?chain.as_ref().map(|c| c.names.as_slice()).unwrap_or_default(),
+        acl = ?allow,
+        allow_rsa_decrypt,
+        "keystore: key loaded"
+    );
+    KeyEntry {
+        name,
+        key,
+        chain,
+        allow,
+        allow_rsa_decrypt,
+    }
 }
 
 fn acl_for(acl: &[AclEntry], name: &str, ski: Ski) -> Option<Vec<String>> {
@@ -367,7 +364,11 @@ fn read_pem_file(path: &Path) -> Result<PemContents, KeystoreError> {
     }
     let mut keys = Vec::new();
     let mut certs = Vec::new();
-    for section in pem_sections(&data).map_err(pem_err)? {
+    let sections = pem_sections(&data).map_err(|source| KeystoreError::PemSyntax {
+        path: path.to_owned(),
+        source,
+    })?;
+    for section in sections {
         let (label, der) = section;
         match label {
             "PRIVATE KEY" | "RSA PRIVATE KEY" | "EC PRIVATE KEY" => keys.push(der),
@@ -381,18 +382,38 @@ fn read_pem_file(path: &Path) -> Result<PemContents, KeystoreError> {
     Ok((keys, certs))
 }
 
+/// Why the PEM text of a file does not split into sections.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PemError {
+    #[error("line {line}: not text")]
+    NotText { line: usize },
+    #[error("line {line}: END {end} closes BEGIN {begin}")]
+    MismatchedEnd {
+        line: usize,
+        end: String,
+        begin: String,
+    },
+    #[error("line {line}: BEGIN inside a section")]
+    NestedBegin { line: usize },
+    // No cause: the base64 text is key material, and OpenSSL's error adds nothing.
+    #[error("section {label}: invalid base64")]
+    Base64 { label: String },
+    #[error("section {label} has no END line")]
+    NoEnd { label: String },
+}
+
 /// A PEM section's label and decoded bytes.
 type PemSection<'a> = (&'a str, Zeroizing<Vec<u8>>);
 
 /// The `-----BEGIN L-----` … `-----END L-----` sections of `data`: label and decoded
 /// bytes. Text outside sections is ignored; a section without its end, with another
 /// label at its end, or with invalid base64 is an error.
-fn pem_sections(data: &[u8]) -> Result<Vec<PemSection<'_>>, String> {
+fn pem_sections(data: &[u8]) -> Result<Vec<PemSection<'_>>, PemError> {
     let mut out = Vec::new();
     let mut open: Option<(&str, Zeroizing<String>)> = None;
     for (n, raw) in data.split(|b| *b == b'\n').enumerate() {
         let line = std::str::from_utf8(raw)
-            .map_err(|_| format!("line {}: not text", n + 1))?
+            .map_err(|_| PemError::NotText { line: n + 1 })?
             .trim();
         let marker = |prefix: &str| {
             line.strip_prefix(prefix)
@@ -407,21 +428,29 @@ fn pem_sections(data: &[u8]) -> Result<Vec<PemSection<'_>>, String> {
             (None, _, _) => {}
             (Some((label, _)), _, Some(end)) => {
                 if end != *label {
-                    return Err(format!("line {}: END {end} closes BEGIN {label}", n + 1));
+                    return Err(PemError::MismatchedEnd {
+                        line: n + 1,
+                        end: end.to_owned(),
+                        begin: (*label).to_owned(),
+                    });
                 }
                 if let Some((label, b64)) = open.take() {
                     let der = openssl::base64::decode_block(&b64)
                         .map(Zeroizing::new)
-                        .map_err(|_| format!("section {label}: invalid base64"))?;
+                        .map_err(|_| PemError::Base64 {
+                            label: label.to_owned(),
+                        })?;
                     out.push((label, der));
                 }
             }
-            (Some(_), Some(_), _) => return Err(format!("line {}: BEGIN inside a section", n + 1)),
+            (Some(_), Some(_), _) => return Err(PemError::NestedBegin { line: n + 1 }),
             (Some((_, b64)), None, None) => b64.push_str(line),
         }
     }
     if let Some((label, _)) = open {
-        return Err(format!("section {label} has no END line"));
+        return Err(PemError::NoEnd {
+            label: label.to_owned(),
+        });
     }
     Ok(out)
 }
@@ -451,22 +480,19 @@ fn parse_chain(path: &Path, certs: &[Vec<u8>]) -> Result<(Ski, Chain), KeystoreE
             }
         }
     }
-    let mut encoded = BytesMut::new();
     for der in certs {
         X509Certificate::from_der(der).map_err(|e| cert_err(e.to_string()))?;
-        if der.len() >= 1 << 24 {
-            return Err(cert_err("certificate too large".into()));
-        }
-        let len = der.len() as u32; // < 2^24, checked above
-        encoded.put_slice(&len.to_be_bytes()[1..]);
-        encoded.put_slice(der);
     }
+    let encoded = encode_chain(certs).map_err(|source| KeystoreError::Chain {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok((
         ski,
         Chain {
             names,
             not_after: leaf.validity().not_after.timestamp(),
-            encoded: encoded.freeze(),
+            encoded,
         },
     ))
 }

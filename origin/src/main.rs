@@ -103,29 +103,7 @@ async fn serve(
     tls: tls::TlsState,
     store: Keystore,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    metrics.keystore(&store);
-    let pool = pool::Pool::start(
-        config.worker_count(),
-        config.queue_size.get(),
-        config.queue_deadline,
-        metrics.clone(),
-    )
-    .context("cannot start worker threads")?;
-    let shared = Arc::new(Shared {
-        keystore: RwLock::new(Arc::new(store)),
-        tls: RwLock::new(Arc::new(tls)),
-        tls_generation: tokio::sync::watch::Sender::new(0),
-        metrics: metrics.clone(),
-        pool,
-        require_handshake_context: config.require_handshake_context,
-        identity: config.tls.identity,
-        max_in_flight: config.max_in_flight_per_connection.get(),
-        handshake_timeout: config.handshake_timeout,
-        idle_timeout: config.idle_timeout,
-        stall_timeout: config.stall_timeout,
-    });
-
+    let shared = Arc::new(shared_state(&config, tls, store)?);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -136,7 +114,7 @@ async fn serve(
     let tracker = TaskTracker::new();
     tokio::spawn(metrics::serve(
         metrics_listener,
-        metrics.clone(),
+        shared.metrics.clone(),
         shutdown.clone(),
     ));
     tracing::info!(
@@ -166,19 +144,48 @@ async fn serve(
     shutdown.cancel();
     tracker.close();
     if graceful {
-        tracing::info!(open = tracker.len(), "draining connections");
-        if tokio::time::timeout(config.shutdown_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = tracker.len(),
-                "shutdown timeout: closing remaining connections"
-            );
-        }
+        drain(&tracker, config.shutdown_timeout).await;
     }
     tracing::info!("key server stopped");
     Ok(())
+}
+
+/// The state every connection shares: metrics, the worker pool, the keystore and TLS
+/// configuration, and the limits of the configuration.
+fn shared_state(config: &Config, tls: tls::TlsState, store: Keystore) -> anyhow::Result<Shared> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.keystore(&store);
+    let pool = pool::Pool::start(
+        config.worker_count(),
+        config.queue_size.get(),
+        config.queue_deadline,
+        metrics.clone(),
+    )
+    .context("cannot start worker threads")?;
+    Ok(Shared {
+        keystore: RwLock::new(Arc::new(store)),
+        tls: RwLock::new(Arc::new(tls)),
+        tls_generation: tokio::sync::watch::Sender::new(0),
+        metrics,
+        pool,
+        require_handshake_context: config.require_handshake_context,
+        identity: config.tls.identity,
+        max_in_flight: config.max_in_flight_per_connection.get(),
+        handshake_timeout: config.handshake_timeout,
+        idle_timeout: config.idle_timeout,
+        stall_timeout: config.stall_timeout,
+    })
+}
+
+/// Waits up to `timeout` for the connections of the closed `tracker` to finish.
+async fn drain(tracker: &TaskTracker, timeout: std::time::Duration) {
+    tracing::info!(open = tracker.len(), "draining connections");
+    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = tracker.len(),
+            "shutdown timeout: closing remaining connections"
+        );
+    }
 }
 
 /// Reloads on SIGHUP; returns on SIGTERM (`true`, graceful) or SIGINT (`false`).

@@ -1,21 +1,19 @@
 //! Prometheus metrics of the key server (`keyless_` prefix) and the HTTP endpoint that
 //! serves them with a health check.
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use keyless_shared::serve::{serve_admin, text_response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +46,12 @@ pub(crate) struct CertLabels {
     pub(crate) ski: String,
 }
 
+/// Registers `metric` under `name` and returns it (a handle to the same metric).
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 fn histogram() -> Histogram {
     // 1 µs .. ~4 s
     Histogram::new(exponential_buckets(1e-6, 4.0, 12))
@@ -72,88 +76,76 @@ use std::sync::atomic::AtomicI64;
 
 impl Metrics {
     pub(crate) fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let ops = Family::<OpLabels, Counter>::default();
-        registry.register(
-            "keyless_ops",
-            "Operations answered, by opcode and result (ok or the protocol error name)",
-            ops.clone(),
-        );
-        let queue_seconds =
-            Family::<OpcodeLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
-        registry.register(
-            "keyless_op_queue_seconds",
-            "Time a private-key operation waited for a worker",
-            queue_seconds.clone(),
-        );
-        let exec_seconds =
-            Family::<OpcodeLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
-        registry.register(
-            "keyless_op_exec_seconds",
-            "Time a private-key operation took on a worker",
-            exec_seconds.clone(),
-        );
-        let connections = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "keyless_connections",
-            "Edge connections, by outcome of their set-up (accepted, handshake-failed, handshake-timeout, handshake-evicted, no-identity, over-limit, revoked)",
-            connections.clone(),
-        );
-        let connections_active = Gauge::default();
-        registry.register(
-            "keyless_connections_active",
-            "Edge connections open now",
-            connections_active.clone(),
-        );
-        let connections_handshaking = Gauge::default();
-        registry.register(
-            "keyless_connections_handshaking",
-            "Connections accepted whose TLS handshake has not finished",
-            connections_handshaking.clone(),
-        );
-        let queue_dropped = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "keyless_queue_dropped",
-            "Private-key operations not performed, by reason (full, predicted-late, deadline, requester-gone)",
-            queue_dropped.clone(),
-        );
-        let keys_loaded = Gauge::default();
-        registry.register(
-            "keyless_keys_loaded",
-            "Site keys in the keystore",
-            keys_loaded.clone(),
-        );
-        let cert_expiry = Family::<CertLabels, Gauge<i64, AtomicI64>>::default();
-        registry.register(
-            "keyless_certificate_expiry_timestamp_seconds",
-            "notAfter of each site certificate, seconds since the epoch",
-            cert_expiry.clone(),
-        );
-        let reloads = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "keyless_reloads",
-            "Keystore reloads, by result",
-            reloads.clone(),
-        );
-        let frame_errors = Counter::default();
-        registry.register(
-            "keyless_frame_errors",
-            "Connections closed for a malformed frame",
-            frame_errors.clone(),
-        );
+        let mut r = Registry::default();
+        // Each field is registered as it is built; `registry` moves in last.
         Metrics {
-            registry,
-            ops,
-            queue_seconds,
-            exec_seconds,
-            connections,
-            connections_active,
-            connections_handshaking,
-            queue_dropped,
-            keys_loaded,
-            cert_expiry,
-            reloads,
-            frame_errors,
+            ops: register(
+                &mut r,
+                "keyless_ops",
+                "Operations answered, by opcode and result (ok or the protocol error name)",
+                Family::<OpLabels, Counter>::default(),
+            ),
+            queue_seconds: register(
+                &mut r,
+                "keyless_op_queue_seconds",
+                "Time a private-key operation waited for a worker",
+                Family::<OpcodeLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram),
+            ),
+            exec_seconds: register(
+                &mut r,
+                "keyless_op_exec_seconds",
+                "Time a private-key operation took on a worker",
+                Family::<OpcodeLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram),
+            ),
+            connections: register(
+                &mut r,
+                "keyless_connections",
+                "Edge connections, by outcome of their set-up (accepted, handshake-failed, handshake-timeout, handshake-evicted, no-identity, over-limit, revoked)",
+                Family::<ResultLabel, Counter>::default(),
+            ),
+            connections_active: register(
+                &mut r,
+                "keyless_connections_active",
+                "Edge connections open now",
+                Gauge::default(),
+            ),
+            connections_handshaking: register(
+                &mut r,
+                "keyless_connections_handshaking",
+                "Connections accepted whose TLS handshake has not finished",
+                Gauge::default(),
+            ),
+            queue_dropped: register(
+                &mut r,
+                "keyless_queue_dropped",
+                "Private-key operations not performed, by reason (full, predicted-late, deadline, requester-gone)",
+                Family::<ReasonLabel, Counter>::default(),
+            ),
+            keys_loaded: register(
+                &mut r,
+                "keyless_keys_loaded",
+                "Site keys in the keystore",
+                Gauge::default(),
+            ),
+            cert_expiry: register(
+                &mut r,
+                "keyless_certificate_expiry_timestamp_seconds",
+                "notAfter of each site certificate, seconds since the epoch",
+                Family::<CertLabels, Gauge<i64, AtomicI64>>::default(),
+            ),
+            reloads: register(
+                &mut r,
+                "keyless_reloads",
+                "Keystore reloads, by result",
+                Family::<ResultLabel, Counter>::default(),
+            ),
+            frame_errors: register(
+                &mut r,
+                "keyless_frame_errors",
+                "Connections closed for a malformed frame",
+                Counter::default(),
+            ),
+            registry: r,
         }
     }
 
@@ -214,46 +206,13 @@ pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
+    serve_admin(listener, shutdown, move |req: Request<Incoming>, _peer| {
+        let (status, body) = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => (StatusCode::OK, metrics.render()),
+            (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
+            _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
         };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let (status, body) = match (req.method(), req.uri().path()) {
-                        (&hyper::Method::GET, "/metrics") => (StatusCode::OK, metrics.render()),
-                        (&hyper::Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
-                        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-                    };
-                    let mut resp = Response::new(Full::new(Bytes::from(body)));
-                    *resp.status_mut() = status;
-                    resp.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        ),
-                    );
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
-                tracing::debug!(error = %e, "metrics: connection timed out");
-            }
-        });
-    }
+        std::future::ready(text_response(status, body))
+    })
+    .await;
 }

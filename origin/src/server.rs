@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use keyless_shared::serve::accept;
 use keyless_shared::{
-    check_signing_context, encode_message, log_safe, CodecError, ErrorCode, KeylessCodec, Message,
-    Opcode, Operation, Ski,
+    check_signing_context, encode_message, log_safe, CodecError, ErrorCode, KeyPreference,
+    KeylessCodec, Message, Opcode, Operation, PolicyError, Ski,
 };
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -37,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, IdentitySource};
-use crate::keystore::{KeyPreference, Keystore, NameLookup};
+use crate::keystore::{Keystore, NameLookup};
 use crate::metrics::Metrics;
 use crate::pool::{Job, Pool};
 use crate::tls::TlsState;
@@ -171,20 +172,9 @@ pub(crate) async fn accept_loop(
         inner: Mutex::new(PendingInner::default()),
         metrics: shared.metrics.clone(),
     });
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    // No connection bound at accept: pending handshakes have their own budget and
+    // authenticated connections are counted after the handshake.
+    while let Some((tcp, peer, _)) = accept(&listener, None, &shutdown).await {
         let slot = pending.admit();
         let shared = shared.clone();
         let shutdown = shutdown.clone();
@@ -274,7 +264,7 @@ async fn connection(
     tracing::info!(%peer, %client, %version, "edge connected");
 
     let (rd, wr) = tokio::io::split(tls);
-    let mut reader = FramedRead::new(rd, KeylessCodec);
+    let reader = FramedRead::new(rd, KeylessCodec);
     // Every reply holds an in-flight permit, so `max_in_flight` replies can be waiting
     // at most; the extra slot is slack, never needed.
     let (tx, rx) = mpsc::channel::<Outgoing>(shared.max_in_flight + 1);
@@ -286,56 +276,18 @@ async fn connection(
         alive.clone(),
         client.clone(),
     ));
-    let permits = Arc::new(Semaphore::new(shared.max_in_flight));
     let ctx = Arc::new(ConnCtx {
         identity: identity.clone(),
         tx,
         shared: shared.clone(),
         alive: alive.clone(),
     });
-    let mut tls_changed = shared.tls_generation.subscribe();
-
-    let reason = loop {
-        let permit = tokio::select! {
-            p = tokio::time::timeout(shared.stall_timeout, permits.clone().acquire_owned()) => match p {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => break "closed",
-                Err(_) => break "stalled: no in-flight slot freed",
-            },
-            () = alive.cancelled() => break "replies could not be written",
-            () = shutdown.cancelled() => break "shutdown",
-        };
-        let next = tokio::select! {
-            n = tokio::time::timeout(shared.idle_timeout, reader.next()) => n,
-            () = alive.cancelled() => break "replies could not be written",
-            () = shutdown.cancelled() => break "shutdown",
-            Ok(()) = tls_changed.changed() => {
-                if shared.tls().still_valid(&peer_chain) {
-                    continue;
-                }
-                metrics.connection("revoked");
-                tracing::warn!(%peer, %client, "edge certificate no longer accepted after reload (revoked or untrusted)");
-                break "certificate no longer accepted";
-            }
-        };
-        match next {
-            Err(_) => break "idle timeout",
-            Ok(None) => break "closed by edge",
-            Ok(Some(Ok(msg))) => handle(&ctx, msg, permit),
-            Ok(Some(Err(CodecError::Io(e)))) => {
-                tracing::debug!(%peer, %client, error = %e, "edge connection read failed");
-                break "read error";
-            }
-            Ok(Some(Err(e))) => {
-                metrics.frame_errors.inc();
-                tracing::warn!(%peer, %client, error = %e, "malformed frame; closing connection");
-                if let Some(id) = e.id() {
-                    ctx.reply(id, Operation::error(e.code()), permit);
-                }
-                break "malformed frame";
-            }
-        }
+    let edge = Edge {
+        addr: peer,
+        client: &client,
+        chain: &peer_chain,
     };
+    let reason = read_loop(&ctx, reader, &edge, &shutdown).await;
     // The writer ends once every in-flight job has replied (each holds a sender), or
     // when a write stalls; jobs still queued for a dead writer are then skipped.
     drop(ctx);
@@ -343,6 +295,71 @@ async fn connection(
     alive.cancel();
     metrics.connections_active.dec();
     tracing::info!(%peer, %client, reason, "edge disconnected");
+}
+
+/// Who is at the other end of a connection, for logs and certificate re-checks.
+struct Edge<'a> {
+    addr: SocketAddr,
+    /// The identity, escaped for logs.
+    client: &'a str,
+    /// The edge's certificate chain, re-checked when the TLS configuration changes.
+    chain: &'a [CertificateDer<'static>],
+}
+
+/// Reads requests and hands them to [`handle`], each with an in-flight permit, until
+/// the connection is to close; returns why.
+async fn read_loop(
+    ctx: &Arc<ConnCtx>,
+    mut reader: FramedRead<ReadHalf<TlsStream<TcpStream>>, KeylessCodec>,
+    edge: &Edge<'_>,
+    shutdown: &CancellationToken,
+) -> &'static str {
+    let shared = &ctx.shared;
+    let metrics = &shared.metrics;
+    let (peer, client) = (edge.addr, edge.client);
+    let permits = Arc::new(Semaphore::new(shared.max_in_flight));
+    let mut tls_changed = shared.tls_generation.subscribe();
+    loop {
+        let permit = tokio::select! {
+            p = tokio::time::timeout(shared.stall_timeout, permits.clone().acquire_owned()) => match p {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return "closed",
+                Err(_) => return "stalled: no in-flight slot freed",
+            },
+            () = ctx.alive.cancelled() => return "replies could not be written",
+            () = shutdown.cancelled() => return "shutdown",
+        };
+        let next = tokio::select! {
+            n = tokio::time::timeout(shared.idle_timeout, reader.next()) => n,
+            () = ctx.alive.cancelled() => return "replies could not be written",
+            () = shutdown.cancelled() => return "shutdown",
+            Ok(()) = tls_changed.changed() => {
+                if shared.tls().still_valid(edge.chain) {
+                    continue;
+                }
+                metrics.connection("revoked");
+                tracing::warn!(%peer, %client, "edge certificate no longer accepted after reload (revoked or untrusted)");
+                return "certificate no longer accepted";
+            }
+        };
+        match next {
+            Err(_) => return "idle timeout",
+            Ok(None) => return "closed by edge",
+            Ok(Some(Ok(msg))) => handle(ctx, msg, permit),
+            Ok(Some(Err(CodecError::Io(e)))) => {
+                tracing::debug!(%peer, %client, error = %e, "edge connection read failed");
+                return "read error";
+            }
+            Ok(Some(Err(e))) => {
+                metrics.frame_errors.inc();
+                tracing::warn!(%peer, %client, error = %e, "malformed frame; closing connection");
+                if let Some(id) = e.id() {
+                    ctx.reply(id, Operation::error(e.code()), permit);
+                }
+                return "malformed frame";
+            }
+        }
+    }
 }
 
 /// A reply on its way to the writer; the permit frees an in-flight slot once written.
@@ -468,6 +485,17 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
     }
 }
 
+/// Why the signing policy refused a request (logged; the edge gets `policy-refused`).
+#[derive(Debug, thiserror::Error)]
+enum PolicyRefusal {
+    #[error("raw RSA decrypt is not enabled for this key ([[keys.policy]])")]
+    DecryptNotEnabled,
+    #[error(transparent)]
+    Context(#[from] PolicyError),
+    #[error("no handshake message")]
+    NoHandshakeMessage,
+}
+
 /// The signing policy: `Err` with the reason when the request is refused.
 ///
 /// - Raw RSA decrypt only for keys whose `[[keys.policy]]` allows it, in either mode
@@ -481,16 +509,17 @@ fn policy(
     opcode: Opcode,
     payload: &[u8],
     message: Option<&[u8]>,
-) -> Result<(), String> {
+) -> Result<(), PolicyRefusal> {
     if opcode == Opcode::RsaDecrypt && !allow_rsa_decrypt {
-        return Err("raw RSA decrypt is not enabled for this key ([[keys.policy]])".into());
+        return Err(PolicyRefusal::DecryptNotEnabled);
     }
     match message {
-        Some(message) => check_signing_context(opcode, payload, message)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        Some(message) => {
+            check_signing_context(opcode, payload, message)?;
+            Ok(())
+        }
         None if opcode == Opcode::RsaDecrypt => Ok(()),
-        None if shared.require_handshake_context => Err("no handshake message".into()),
+        None if shared.require_handshake_context => Err(PolicyRefusal::NoHandshakeMessage),
         None => Ok(()),
     }
 }

@@ -1,9 +1,12 @@
-//! The numbers of the Keyless protocol v1: tags, opcodes and error codes.
+//! The numbers of the Keyless protocol v1: tags, opcodes and error codes; and the
+//! payloads of the get-certificate-chain extension (key preference bytes, chain list).
 //!
 //! Values below 0x40 are the reference protocol's; 0x40 and above (and error codes from
 //! 0x80) are keyless extensions that a reference peer ignores or reports as unknown.
 
 use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Major version carried in every header.
 pub const VERSION_MAJOR: u8 = 0x01;
@@ -183,6 +186,148 @@ wire_enum! {
     }
 }
 
+/// A key class a TLS client can use, as one byte of a get-certificate-chain request
+/// payload (extension). The payload lists the classes in the edge's order of preference;
+/// bytes this implementation does not know are ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyPreference {
+    /// An RSA key (PKCS#1 v1.5 or PSS signatures).
+    Rsa,
+    /// An ECDSA key (P-256 or P-384).
+    Ecdsa,
+    /// An Ed25519 key.
+    Ed25519,
+}
+
+impl KeyPreference {
+    /// Every value, in wire order.
+    pub const ALL: &'static [KeyPreference] = &[
+        KeyPreference::Rsa,
+        KeyPreference::Ecdsa,
+        KeyPreference::Ed25519,
+    ];
+
+    /// The byte on the wire.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            KeyPreference::Rsa => 0x01,
+            KeyPreference::Ecdsa => 0x02,
+            KeyPreference::Ed25519 => 0x03,
+        }
+    }
+
+    /// The value of a wire byte; `None` for a byte this implementation does not know.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        KeyPreference::ALL.iter().copied().find(|p| p.to_u8() == b)
+    }
+
+    /// The short name used in logs and `PROTOCOL.md`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyPreference::Rsa => "rsa",
+            KeyPreference::Ecdsa => "ecdsa",
+            KeyPreference::Ed25519 => "ed25519",
+        }
+    }
+}
+
+impl From<KeyPreference> for u8 {
+    fn from(p: KeyPreference) -> u8 {
+        p.to_u8()
+    }
+}
+
+impl TryFrom<u8> for KeyPreference {
+    /// The unknown byte.
+    type Error = u8;
+
+    fn try_from(b: u8) -> Result<Self, u8> {
+        KeyPreference::from_u8(b).ok_or(b)
+    }
+}
+
+impl fmt::Display for KeyPreference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Largest certificate a chain payload can carry: its length is a u24.
+pub const MAX_CHAIN_CERT_LEN: usize = (1 << 24) - 1;
+/// Length of the length prefix of each certificate of a chain payload.
+const CHAIN_LEN_PREFIX: usize = 3;
+
+/// Why a certificate chain payload could not be encoded or decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChainError {
+    /// Fewer than 3 bytes left where a certificate length was due.
+    #[error("truncated length")]
+    TruncatedLength {
+        /// Offset of the length in the payload.
+        offset: usize,
+    },
+    /// A certificate runs past the end of the payload.
+    #[error("truncated certificate")]
+    TruncatedCertificate {
+        /// Offset of the certificate's length in the payload.
+        offset: usize,
+        /// The length it announces.
+        len: usize,
+    },
+    /// A certificate longer than [`MAX_CHAIN_CERT_LEN`] cannot be encoded.
+    #[error("certificate too large")]
+    CertificateTooLarge {
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Encodes a get-certificate-chain reply payload: each certificate (leaf first) as
+/// `u24 length ‖ DER`, concatenated, without an outer length. Fails, encoding nothing,
+/// when a certificate is longer than [`MAX_CHAIN_CERT_LEN`].
+pub fn encode_chain<I>(certs: I) -> Result<Bytes, ChainError>
+where
+    I: IntoIterator,
+    I::Item: AsRef<[u8]>,
+{
+    let mut out = BytesMut::new();
+    for der in certs {
+        let der = der.as_ref();
+        if der.len() > MAX_CHAIN_CERT_LEN {
+            return Err(ChainError::CertificateTooLarge { len: der.len() });
+        }
+        // At most 2^24 - 1, checked above: fits the 3-byte prefix.
+        out.put_uint(der.len() as u64, CHAIN_LEN_PREFIX);
+        out.put_slice(der);
+    }
+    Ok(out.freeze())
+}
+
+/// Decodes a get-certificate-chain reply payload into its certificates (leaf first),
+/// borrowed from `payload`. Never reads past the payload and allocates at most one
+/// slice per 3 bytes of it; a truncated length or certificate is an error. The DER is
+/// not parsed: that is the caller's to do.
+pub fn decode_chain(payload: &[u8]) -> Result<Vec<&[u8]>, ChainError> {
+    let mut certs = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let offset = payload.len() - rest.len();
+        let [a, b, c, tail @ ..] = rest else {
+            return Err(ChainError::TruncatedLength { offset });
+        };
+        let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+        if tail.len() < len {
+            return Err(ChainError::TruncatedCertificate { offset, len });
+        }
+        let (der, tail) = tail.split_at(len);
+        certs.push(der);
+        rest = tail;
+    }
+    Ok(certs)
+}
+
 /// Hash algorithm of a sign opcode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HashAlg {
@@ -280,5 +425,79 @@ mod tests {
         }
         assert_eq!(Opcode::from(0x99), Opcode::Unknown(0x99));
         assert_eq!(Opcode::Unknown(0x99).to_string(), "unknown(0x99)");
+    }
+
+    #[test]
+    fn key_preferences_round_trip() {
+        for p in KeyPreference::ALL {
+            assert_eq!(KeyPreference::from_u8(p.to_u8()), Some(*p));
+            assert_eq!(KeyPreference::try_from(u8::from(*p)), Ok(*p));
+        }
+        assert_eq!(KeyPreference::Rsa.to_u8(), 1);
+        assert_eq!(KeyPreference::Ecdsa.to_u8(), 2);
+        assert_eq!(KeyPreference::Ed25519.to_u8(), 3);
+        assert_eq!(KeyPreference::from_u8(0), None);
+        assert_eq!(KeyPreference::try_from(4), Err(4));
+    }
+
+    #[test]
+    fn chain_encoding_is_u24_length_and_der() {
+        let payload = encode_chain([&b"abc"[..], b"", b"de"]).unwrap();
+        assert_eq!(&payload[..], b"\0\0\x03abc\0\0\0\0\0\x02de");
+        assert_eq!(decode_chain(&payload).unwrap(), [&b"abc"[..], b"", b"de"]);
+        assert_eq!(decode_chain(b"").unwrap(), Vec::<&[u8]>::new());
+        let big = vec![0u8; MAX_CHAIN_CERT_LEN + 1];
+        assert_eq!(
+            encode_chain([&big]),
+            Err(ChainError::CertificateTooLarge { len: big.len() })
+        );
+        assert!(encode_chain([&big[1..]]).is_ok());
+    }
+
+    #[test]
+    fn malformed_chains_are_errors() {
+        assert_eq!(
+            decode_chain(b"\0\0"),
+            Err(ChainError::TruncatedLength { offset: 0 })
+        );
+        assert_eq!(
+            decode_chain(b"\0\0\x01a\0"),
+            Err(ChainError::TruncatedLength { offset: 4 })
+        );
+        assert_eq!(
+            decode_chain(b"\0\0\x01a\xff\xff\xffabc"),
+            Err(ChainError::TruncatedCertificate {
+                offset: 4,
+                len: 0xff_ffff
+            })
+        );
+        assert_eq!(
+            ChainError::TruncatedLength { offset: 0 }.to_string(),
+            "truncated length"
+        );
+    }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn chain_round_trip(certs in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..300), 0..8)
+            ) {
+                let payload = encode_chain(&certs).unwrap();
+                let decoded = decode_chain(&payload).unwrap();
+                prop_assert_eq!(decoded, certs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            }
+
+            #[test]
+            fn chain_garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..1024)) {
+                if let Ok(certs) = decode_chain(&data) {
+                    // What decodes re-encodes to the same bytes.
+                    prop_assert_eq!(&encode_chain(certs).unwrap()[..], &data[..]);
+                }
+            }
+        }
     }
 }

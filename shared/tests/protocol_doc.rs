@@ -1,9 +1,10 @@
-//! `PROTOCOL.md` is the reference for implementers of other peers: its tag, opcode and
-//! error-code tables must list exactly the values and names this crate puts on the wire.
+//! `PROTOCOL.md` is the reference for implementers of other peers: its tag, opcode,
+//! error-code and key-preference tables must list exactly the values and names this
+//! crate puts on the wire, and its chain payload example must be what the codec writes.
 
 use std::collections::{btree_set::Difference, BTreeSet};
 
-use keyless_shared::{ErrorCode, Opcode, Tag};
+use keyless_shared::{decode_chain, encode_chain, ErrorCode, KeyPreference, Opcode, Tag};
 
 const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md"));
 
@@ -11,14 +12,23 @@ type Rows = BTreeSet<(u8, String)>;
 
 /// The `(value, name)` rows of the table under the `## {heading}` heading.
 fn table(heading: &str) -> Rows {
-    let wanted = format!("## {heading}");
-    let mut lines = DOC.lines().skip_while(|l| l.trim_end() != wanted);
+    table_under(&format!("## {heading}"))
+}
+
+/// The lines of the section under the heading line `wanted` (any level), up to the
+/// next heading.
+fn section<'a>(wanted: &'a str) -> impl Iterator<Item = &'static str> + 'a {
+    let mut lines = DOC.lines().skip_while(move |l| l.trim_end() != wanted);
     assert!(
         lines.next().is_some(),
         "PROTOCOL.md has no `{wanted}` heading"
     );
-    let table: Vec<&str> = lines
-        .take_while(|l| !l.starts_with("## "))
+    lines.take_while(|l| !l.starts_with('#'))
+}
+
+/// The `(value, name)` rows of the table under the heading line `wanted`.
+fn table_under(wanted: &str) -> Rows {
+    let table: Vec<&str> = section(wanted)
         .skip_while(|l| !l.starts_with('|'))
         .take_while(|l| l.starts_with('|'))
         .collect();
@@ -80,31 +90,65 @@ fn assert_same(heading: &str, doc: Rows, code: Rows) {
     );
 }
 
+/// The `(value, name)` rows of the known values of a wire enum.
+fn code_rows<T: Copy>(all: &[T], value: fn(T) -> u8, name: fn(T) -> &'static str) -> Rows {
+    all.iter()
+        .map(|&v| (value(v), name(v).to_owned()))
+        .collect()
+}
+
 #[test]
 fn tag_table_matches_enum() {
-    let code = Tag::ALL
-        .iter()
-        .map(|t| (t.to_u8(), t.name().to_owned()))
-        .collect();
+    let code = code_rows(Tag::ALL, Tag::to_u8, Tag::name);
     assert_same("Tags", table("Tags"), code);
 }
 
 #[test]
 fn opcode_table_matches_enum() {
-    let code = Opcode::ALL
-        .iter()
-        .map(|o| (o.to_u8(), o.name().to_owned()))
-        .collect();
+    let code = code_rows(Opcode::ALL, Opcode::to_u8, Opcode::name);
     assert_same("Opcodes", table("Opcodes"), code);
 }
 
 #[test]
 fn error_code_table_matches_enum() {
-    let code = ErrorCode::ALL
-        .iter()
-        .map(|e| (e.to_u8(), e.name().to_owned()))
-        .collect();
+    let code = code_rows(ErrorCode::ALL, ErrorCode::to_u8, ErrorCode::name);
     assert_same("Error codes", table("Error codes"), code);
+}
+
+#[test]
+fn key_preference_table_matches_enum() {
+    let code = code_rows(
+        KeyPreference::ALL,
+        KeyPreference::to_u8,
+        KeyPreference::name,
+    );
+    assert_same("Key preferences", table_under("### Key preferences"), code);
+}
+
+#[test]
+fn chain_payload_example_is_what_the_codec_writes() {
+    let example = section("### Chain payload")
+        .find(|l| l.starts_with("Example:"))
+        .expect("no `Example:` line under `### Chain payload`");
+    // `cert` `cert` ... `payload`, in hex (spaces in the payload only for reading).
+    let mut quoted: Vec<Vec<u8>> = example
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|h| hex::decode(h.replace(' ', "")).expect("example is not hex"))
+        .collect();
+    let payload = quoted.pop().expect("example has no payload");
+    assert!(!quoted.is_empty(), "example has no certificates: {example}");
+    assert_eq!(
+        encode_chain(&quoted).expect("example encodes"),
+        payload,
+        "{example}"
+    );
+    assert_eq!(
+        decode_chain(&payload).expect("example decodes"),
+        quoted.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        "{example}"
+    );
 }
 
 #[test]

@@ -366,19 +366,7 @@ pub fn install_key(
 }
 
 /// Splits a get-certificate-chain payload (u24 BE length ‖ DER, repeated).
-pub fn parse_chain(mut payload: &[u8]) -> Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    while !payload.is_empty() {
-        let [a, b, c, rest @ ..] = payload else {
-            bail!("truncated certificate length");
-        };
-        let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
-        if rest.len() < len {
-            bail!("certificate of {len} bytes but only {} left", rest.len());
-        }
-        let (der, tail) = rest.split_at(len);
-        out.push(der.to_vec());
-        payload = tail;
-    }
-    Ok(out)
+pub fn parse_chain(payload: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let certs = keyless_shared::decode_chain(payload).context("malformed certificate chain")?;
+    Ok(certs.into_iter().map(<[u8]>::to_vec).collect())
 }

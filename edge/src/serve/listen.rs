@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -33,26 +32,8 @@ impl Listeners {
     async fn next(
         &self,
         listener: &TcpListener,
-    ) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
-        loop {
-            let permit = tokio::select! {
-                p = self.limit.clone().acquire_owned() => p.ok()?,
-                () = self.shutdown.cancelled() => return None,
-            };
-            tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        return Some((tcp, peer, permit));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed; backing off");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                () = self.shutdown.cancelled() => return None,
-            }
-        }
+    ) -> Option<(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>)> {
+        keyless_shared::serve::accept(listener, Some(&self.limit), &self.shutdown).await
     }
 
     /// Serves `listener` as `https` until shutdown.

@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyless_shared::{Opcode, Operation, Ski};
+use keyless_shared::{decode_chain, ChainError, KeyPreference, Opcode, Operation, Ski};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
@@ -23,8 +23,8 @@ use crate::keyserver::ClientError;
 /// Cache entries at most (names × key classes).
 const MAX_ENTRIES: u64 = 10_000;
 
-/// Key classes a client can use, in our preference order, as the get-certificate-chain
-/// request payload (1 = RSA, 2 = ECDSA, 3 = Ed25519).
+/// Key classes a client can use, in our preference order (ECDSA, Ed25519, RSA), as the
+/// get-certificate-chain request payload.
 pub(crate) fn key_preference(schemes: &[SignatureScheme]) -> Vec<u8> {
     use SignatureScheme as S;
     let mut prefs = Vec::with_capacity(3);
@@ -32,10 +32,10 @@ pub(crate) fn key_preference(schemes: &[SignatureScheme]) -> Vec<u8> {
         .iter()
         .any(|s| matches!(s, S::ECDSA_NISTP256_SHA256 | S::ECDSA_NISTP384_SHA384))
     {
-        prefs.push(2);
+        prefs.push(KeyPreference::Ecdsa.to_u8());
     }
     if schemes.contains(&S::ED25519) {
-        prefs.push(3);
+        prefs.push(KeyPreference::Ed25519.to_u8());
     }
     if schemes.iter().any(|s| {
         matches!(
@@ -48,7 +48,7 @@ pub(crate) fn key_preference(schemes: &[SignatureScheme]) -> Vec<u8> {
                 | S::RSA_PKCS1_SHA512
         )
     }) {
-        prefs.push(1);
+        prefs.push(KeyPreference::Rsa.to_u8());
     }
     prefs
 }
@@ -62,6 +62,8 @@ pub(crate) enum FetchError {
     KeyServer(#[from] ClientError),
     #[error("key server sent an unusable chain: {0}")]
     BadChain(&'static str),
+    #[error("key server sent an unusable chain: {0}")]
+    MalformedChain(#[from] ChainError),
 }
 
 impl FetchError {
@@ -69,7 +71,7 @@ impl FetchError {
         match self {
             FetchError::NotFound => "cert-not-found",
             FetchError::KeyServer(e) => client_error_label(e),
-            FetchError::BadChain(_) => "bad-chain",
+            FetchError::BadChain(_) | FetchError::MalformedChain(_) => "bad-chain",
         }
     }
 }
@@ -196,7 +198,10 @@ impl CertStore {
         self.ctx
             .metrics
             .keyserver_op("get-certificate-chain", "ok", took);
-        let certs = parse_chain(reply.payload())?;
+        let certs: Vec<CertificateDer<'static>> = decode_chain(reply.payload())?
+            .into_iter()
+            .map(|der| CertificateDer::from(der.to_vec()))
+            .collect();
         let leaf = certs.first().ok_or(FetchError::BadChain("empty chain"))?;
         let (_, parsed) = X509Certificate::from_der(leaf)
             .map_err(|_| FetchError::BadChain("leaf is not X.509"))?;
@@ -216,24 +221,6 @@ impl CertStore {
             fetched: Instant::now(),
         })
     }
-}
-
-/// Splits `u24 length ‖ DER` items.
-fn parse_chain(mut payload: &[u8]) -> Result<Vec<CertificateDer<'static>>, FetchError> {
-    let mut certs = Vec::new();
-    while !payload.is_empty() {
-        let [a, b, c, rest @ ..] = payload else {
-            return Err(FetchError::BadChain("truncated length"));
-        };
-        let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
-        if rest.len() < len {
-            return Err(FetchError::BadChain("truncated certificate"));
-        }
-        let (der, tail) = rest.split_at(len);
-        certs.push(CertificateDer::from(der.to_vec()));
-        payload = tail;
-    }
-    Ok(certs)
 }
 
 /// Resolver for one handshake whose chain was fetched already (e.g. a client without
