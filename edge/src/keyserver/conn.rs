@@ -44,13 +44,10 @@ impl Drop for WaiterGuard<'_> {
 
 impl Conn {
     /// Opens an mTLS connection to `endpoint` and starts its writer and reader tasks.
-    ///
-    /// The error is a `String` because the pool keeps the last one per slot to report
-    /// it while backing off.
     pub(super) async fn connect(
         endpoint: &Endpoint,
         config: &ClientConfig,
-    ) -> Result<Arc<Conn>, String> {
+    ) -> Result<Arc<Conn>, ConnectError> {
         let tls = open_tls(endpoint, config).await?;
         let (rd, wr) = tokio::io::split(tls);
         let (tx, rx) = mpsc::channel::<Message>(config.max_in_flight.max(1));
@@ -104,21 +101,38 @@ impl Conn {
     }
 }
 
+/// Why a connection to a key server could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnectError {
+    /// The TCP connection failed.
+    #[error("connect: {0}")]
+    Tcp(#[source] std::io::Error),
+    /// The TLS handshake failed (e.g. the key server's certificate is not trusted).
+    #[error("TLS handshake: {0}")]
+    Tls(#[source] std::io::Error),
+    /// Both did not complete within `connect_timeout`.
+    #[error("no connection within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
 /// TCP connect and TLS handshake, within `connect_timeout`.
-async fn open_tls(endpoint: &Endpoint, config: &ClientConfig) -> Result<KeyServerStream, String> {
+async fn open_tls(
+    endpoint: &Endpoint,
+    config: &ClientConfig,
+) -> Result<KeyServerStream, ConnectError> {
     let connect = async {
         let tcp = TcpStream::connect(&endpoint.addr)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(ConnectError::Tcp)?;
         let _ = tcp.set_nodelay(true);
         TlsConnector::from(config.tls.clone())
             .connect(endpoint.server_name.clone(), tcp)
             .await
-            .map_err(|e| format!("TLS handshake: {e}"))
+            .map_err(ConnectError::Tls)
     };
     tokio::time::timeout(config.connect_timeout, connect)
         .await
-        .map_err(|_| format!("no connection within {:?}", config.connect_timeout))?
+        .map_err(|_| ConnectError::Timeout(config.connect_timeout))?
 }
 
 /// Writer task: encodes queued requests, as many as are waiting (up to 64 KiB) per

@@ -322,6 +322,7 @@ impl Pool {
                 tracing::warn!(keyserver = %server.endpoint.addr, error = %e, backoff = ?slot.backoff, "cannot connect to key server");
                 slot.retry_at = Some(Instant::now() + slot.backoff);
                 slot.backoff = (slot.backoff * 2).min(self.config.max_backoff);
+                let e = e.to_string();
                 slot.last_error = Some(e.clone());
                 Err(e)
             }
