@@ -152,68 +152,58 @@ impl Cache {
         site: &Arc<Site>,
         ctx: &ClientCtx,
     ) -> Response<EdgeBody> {
-        handle(origin, self, req, host, site, ctx).await
-    }
-}
+        let cache = self;
+        if !site.cache_enabled {
+            cache.metrics().cache_lookup("bypass");
+            return CacheStatus::fwd("bypass")
+                .apply(forward(origin.as_ref(), req, site, ctx).await);
+        }
+        let method = req.method().clone();
+        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let primary = PrimaryKey::new(site, ctx.scheme, host, path_and_query, req.headers());
 
-/// Serves `req` for `site` through the cache.
-async fn handle<F: Fetch>(
-    origin: &Arc<F>,
-    cache: &Arc<Cache>,
-    req: Request<EdgeBody>,
-    host: &str,
-    site: &Arc<Site>,
-    ctx: &ClientCtx,
-) -> Response<EdgeBody> {
-    if !site.cache_enabled {
-        cache.metrics().cache_lookup("bypass");
-        return CacheStatus::fwd("bypass").apply(forward(origin.as_ref(), req, site, ctx).await);
-    }
-    let method = req.method().clone();
-    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let primary = PrimaryKey::new(site, ctx.scheme, host, path_and_query, req.headers());
+        if method != Method::GET && method != Method::HEAD {
+            let scope = Scope {
+                origin,
+                cache,
+                site,
+                ctx,
+            };
+            return other_method(scope, req, host, &primary).await;
+        }
 
-    if method != Method::GET && method != Method::HEAD {
+        if primary.len() > cache.max_url_bytes {
+            cache.metrics().cache_lookup("bypass");
+            let status = CacheStatus {
+                detail: Some("url-too-long"),
+                ..CacheStatus::fwd("bypass")
+            };
+            return status.apply(forward(origin.as_ref(), req, site, ctx).await);
+        }
+
+        // The header map moves into `info` (hits need no copy); a request that goes to the
+        // origin gets a copy back.
+        let (mut parts, body) = req.into_parts();
+        let headers = std::mem::take(&mut parts.headers);
+        let info = ReqInfo {
+            directives: policy::cache_control(&headers),
+            headers,
+            method,
+            primary,
+            set_cookie: site.cache_set_cookie,
+        };
+        let req = Held { parts, body };
         let scope = Scope {
             origin,
             cache,
             site,
             ctx,
         };
-        return other_method(scope, req, host, &primary).await;
-    }
-
-    if primary.len() > cache.max_url_bytes {
-        cache.metrics().cache_lookup("bypass");
-        let status = CacheStatus {
-            detail: Some("url-too-long"),
-            ..CacheStatus::fwd("bypass")
-        };
-        return status.apply(forward(origin.as_ref(), req, site, ctx).await);
-    }
-
-    // The header map moves into `info` (hits need no copy); a request that goes to the
-    // origin gets a copy back.
-    let (mut parts, body) = req.into_parts();
-    let headers = std::mem::take(&mut parts.headers);
-    let info = ReqInfo {
-        directives: policy::cache_control(&headers),
-        headers,
-        method,
-        primary,
-        set_cookie: site.cache_set_cookie,
-    };
-    let req = Held { parts, body };
-    let scope = Scope {
-        origin,
-        cache,
-        site,
-        ctx,
-    };
-    match cache.lookup(&info.primary, &info.headers).await {
-        Lookup::Found(entry) => found(scope, req, &info, entry).await,
-        Lookup::UriMiss => miss(scope, req, &info, "uri-miss", None).await,
-        Lookup::VaryMiss(key) => miss(scope, req, &info, "vary-miss", Some(key)).await,
+        match cache.lookup(&info.primary, &info.headers).await {
+            Lookup::Found(entry) => found(scope, req, &info, entry).await,
+            Lookup::UriMiss => miss(scope, req, &info, "uri-miss", None).await,
+            Lookup::VaryMiss(key) => miss(scope, req, &info, "vary-miss", Some(key)).await,
+        }
     }
 }
 
