@@ -47,6 +47,22 @@ pub trait Fetch: Send + Sync + 'static {
         req: Request<EdgeBody>,
         site: &Site,
     ) -> impl Future<Output = Result<Response<EdgeBody>, FetchError>> + Send;
+
+    /// `req`'s response from `site`'s origin, or the short answer when there is none
+    /// ([`FetchError::response`]).
+    fn forward(
+        &self,
+        req: Request<EdgeBody>,
+        site: &Site,
+        ctx: &ClientCtx,
+    ) -> impl Future<Output = Response<EdgeBody>> + Send {
+        async move {
+            match self.fetch(req, site).await {
+                Ok(response) => response,
+                Err(e) => e.response(site, ctx),
+            }
+        }
+    }
 }
 
 /// Why a request got no response from its origin. Each variant says on which side it

@@ -155,8 +155,7 @@ impl Cache {
         let cache = self;
         if !site.cache_enabled {
             cache.metrics().cache_lookup("bypass");
-            return CacheStatus::fwd("bypass")
-                .apply(forward(origin.as_ref(), req, site, ctx).await);
+            return CacheStatus::fwd("bypass").apply(origin.forward(req, site, ctx).await);
         }
         let method = req.method().clone();
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -178,7 +177,7 @@ impl Cache {
                 detail: Some("url-too-long"),
                 ..CacheStatus::fwd("bypass")
             };
-            return status.apply(forward(origin.as_ref(), req, site, ctx).await);
+            return status.apply(origin.forward(req, site, ctx).await);
         }
 
         // The header map moves into `info` (hits need no copy); a request that goes to the
@@ -224,7 +223,7 @@ async fn other_method<F: Fetch>(
     cache.metrics().cache_lookup("bypass");
     let method = req.method().clone();
     let headers = req.headers().clone();
-    let response = forward(origin.as_ref(), req, site, ctx).await;
+    let response = origin.forward(req, site, ctx).await;
     let s = response.status();
     if policy::is_unsafe(&method) && (s.is_success() || s.is_redirection()) {
         invalidate_after_unsafe(
@@ -309,19 +308,6 @@ impl<F> Clone for Scope<'_, F> {
 }
 
 impl<F> Copy for Scope<'_, F> {}
-
-/// `req`'s response from the origin, or the short answer when there is none.
-async fn forward<F: Fetch>(
-    origin: &F,
-    req: Request<EdgeBody>,
-    site: &Site,
-    ctx: &ClientCtx,
-) -> Response<EdgeBody> {
-    match origin.fetch(req, site).await {
-        Ok(response) => response,
-        Err(e) => e.response(site, ctx),
-    }
-}
 
 /// A client request whose header map is in its [`ReqInfo`].
 struct Held {

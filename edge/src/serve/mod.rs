@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 
 use crate::cache::Cache;
 use crate::config::{IpNetwork, ProxyConfig};
-use crate::exchange::{ClientCtx, EdgeBody, FetchError};
+use crate::exchange::{ClientCtx, EdgeBody, Fetch, FetchError};
 use crate::metrics::Metrics;
 use crate::sites::{Site, Sites};
 use crate::upstream::{headers, OriginClient};

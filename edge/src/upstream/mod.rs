@@ -21,7 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 use crate::config::{DnsConfig, OriginUrl, ProxyConfig};
-use crate::exchange::{request_authority, ClientCtx, EdgeBody, Fetch, FetchError, OriginTime};
+use crate::exchange::{request_authority, EdgeBody, Fetch, FetchError, OriginTime};
 use crate::metrics::Metrics;
 use crate::sites::Site;
 use pool::Pool;
@@ -109,20 +109,6 @@ impl OriginClient {
             response_header_timeout: proxy.response_header_timeout,
             metrics,
         })
-    }
-
-    /// Sends `req` to `site`'s origin and returns its response (streaming), or the
-    /// short `502`/`504`/`400` answer when that fails.
-    pub async fn forward(
-        &self,
-        req: Request<EdgeBody>,
-        site: &Site,
-        ctx: &ClientCtx,
-    ) -> Response<EdgeBody> {
-        match self.fetch(req, site).await {
-            Ok(response) => response,
-            Err(e) => e.response(site, ctx),
-        }
     }
 
     /// Sends `req`, in upstream form, to `origin`.
