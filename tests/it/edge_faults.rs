@@ -181,6 +181,58 @@ fn origin_slower_than_the_header_timeout_is_504() -> Result<()> {
 /// "slow".
 const KEYSERVER_DELAY: Duration = Duration::from_millis(500);
 
+/// The per-attempt limit of the failover test's edge (`[keyserver] timeout`).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_server_that_hangs_mid_request_fails_over_to_the_next_one() -> Result<()> {
+    let backends = tokio::task::spawn_blocking(|| StackBuilder::default().backends()).await??;
+    let direct = backends.deployment.listen();
+    let proxy = DelayProxy::start(direct).await?;
+    let via = proxy.addr();
+    // The preferred key server is reached through the proxy; the second one directly
+    // (the same key server process: what matters is the path that hangs).
+    let s = tokio::task::spawn_blocking(move || {
+        backends.with_edge(|mut c| {
+            c.keyservers = vec![via.to_string(), direct.to_string()];
+            c.keyserver_option("timeout", "1s")
+        })
+    })
+    .await??;
+
+    // Healthy: the preferred server answers (chain fetch and signature).
+    let client = s.edge.s_client(SITE);
+    let first = tokio::task::spawn_blocking(move || client.run()).await??;
+    first
+        .expect_verified()
+        .context("handshake through the healthy preferred server")?;
+    ensure!(proxy.delayed_chunks() == 0, "nothing should be held yet");
+
+    // The preferred server hangs: everything sent to it is held far past every deadline.
+    proxy.set_delay(Duration::from_secs(60));
+    let mut elapsed = Vec::new();
+    for _ in 0..3 {
+        let client = s.edge.s_client(SITE);
+        let out = tokio::task::spawn_blocking(move || client.run()).await??;
+        out.expect_verified()
+            .context("a handshake while the preferred key server hangs")?;
+        elapsed.push(out.elapsed);
+    }
+    ensure!(
+        proxy.delayed_chunks() > 0,
+        "the hung server was never asked: the test did not exercise failover"
+    );
+    // Each handshake waited one attempt on the hung server, then the next one answered.
+    ensure!(
+        elapsed
+            .iter()
+            .all(|t| *t >= ATTEMPT_TIMEOUT && *t < ATTEMPT_TIMEOUT * 5),
+        "handshakes took {elapsed:?}: expected one {ATTEMPT_TIMEOUT:?} attempt then failover"
+    );
+    s.edge.assert_no_panic();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_key_server_does_not_stall_established_connections() -> Result<()> {
     let backends = tokio::task::spawn_blocking(|| StackBuilder::default().backends()).await??;

@@ -152,15 +152,18 @@ impl KeyServerClient {
         })
     }
 
-    /// The call's deadline: `deadline`, cut to the configured request timeout.
+    /// The call's deadline: `deadline`, or without one, room for one attempt per key
+    /// server (each attempt is cut to the configured request timeout).
     fn deadline(&self, deadline: Option<Instant>) -> Instant {
-        let own = Instant::now() + self.pool.config.request_timeout;
-        deadline.map_or(own, |d| d.min(own))
+        let servers = u32::try_from(self.pool.servers.len().max(1)).unwrap_or(u32::MAX);
+        deadline.unwrap_or_else(|| Instant::now() + self.pool.config.request_timeout * servers)
     }
 
-    /// Sends `op` and waits for its reply, by `deadline` at the latest (and within the
-    /// configured request timeout). A protocol error reply is [`ClientError::Remote`].
-    /// A request lost with its connection is sent once more on a fresh connection.
+    /// Sends `op` and waits for its reply, by `deadline` at the latest. A protocol error
+    /// reply is [`ClientError::Remote`]. A request lost with its connection is sent once
+    /// more on a fresh connection; a key server that then fails it, does not answer
+    /// within the request timeout or is overloaded is not asked again: the request goes
+    /// to the next key server (see [`Pool::call`]).
     pub async fn call(
         &self,
         op: Operation,
@@ -214,6 +217,19 @@ impl KeyServerClient {
     }
 }
 
+/// Whether a request that failed with `e` goes to the next key server: the server
+/// did not answer (connection lost, timeout) or is overloaded. Other refusals (unknown
+/// key, policy) are the same on every server of a group.
+fn fails_over(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::ConnectionLost
+            | ClientError::Timeout(_)
+            | ClientError::Unavailable(_)
+            | ClientError::Remote(ErrorCode::Overloaded)
+    )
+}
+
 /// Time left until `deadline`, for error messages.
 fn budget(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
@@ -248,45 +264,95 @@ impl Pool {
         Pool { config, servers }
     }
 
-    /// One call, retried once on a fresh connection if its connection broke; the
-    /// deadline covers connecting, waiting for a slot or a lock, and the reply.
+    /// One call, by `deadline`: failover inside the call. Key servers are tried in order
+    /// of preference, each at most once (a connection lost before the reply is retried
+    /// once on a fresh connection to the same server first), each attempt cut to the
+    /// configured request timeout, so that a key server that dies, hangs or is
+    /// overloaded mid-request costs the caller one attempt, not the call.
     async fn call(&self, op: Operation, deadline: Instant) -> Result<Operation, ClientError> {
-        let work = async {
-            match self.call_once(op.clone()).await {
-                Err(ClientError::ConnectionLost) => {
-                    tracing::debug!("key server connection lost; retrying once");
-                    self.call_once(op).await
-                }
-                other => other,
-            }
-        };
+        // The deadline also covers connecting and waiting for a slot or a lock.
         let allowed = budget(deadline);
-        tokio::time::timeout_at(deadline.into(), work)
+        tokio::time::timeout_at(deadline.into(), self.fail_over(op, deadline))
             .await
             .map_err(|_| ClientError::Timeout(allowed))?
     }
 
-    async fn call_once(&self, op: Operation) -> Result<Operation, ClientError> {
-        let conn = self.connection().await?;
-        let reply = conn.call(op).await?;
+    /// The body of [`Pool::call`].
+    async fn fail_over(&self, op: Operation, deadline: Instant) -> Result<Operation, ClientError> {
+        let mut failed = vec![false; self.servers.len()];
+        let mut last = None;
+        while Instant::now() < deadline {
+            let (server, conn) = match self.connection(&failed).await {
+                Ok(found) => found,
+                Err(e) => return Err(last.unwrap_or(e)),
+            };
+            let mut result = self.attempt(&conn, op.clone(), deadline).await;
+            if matches!(result, Err(ClientError::ConnectionLost)) {
+                tracing::debug!("key server connection lost; retrying once on a fresh connection");
+                result = match self.server_conn(&self.servers[server]).await {
+                    Ok(conn) => self.attempt(&conn, op.clone(), deadline).await,
+                    Err(e) => Err(e),
+                };
+            }
+            match result {
+                Err(e) if fails_over(&e) => {
+                    tracing::debug!(keyserver = %self.servers[server].endpoint.addr, error = %e, "key server failed a request; trying the next one");
+                    failed[server] = true;
+                    last = Some(e);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or(ClientError::Timeout(Duration::ZERO)))
+    }
+
+    /// Sends `op` on `conn` and waits for the reply, within the request timeout and
+    /// `deadline`.
+    async fn attempt(
+        &self,
+        conn: &Conn,
+        op: Operation,
+        deadline: Instant,
+    ) -> Result<Operation, ClientError> {
+        let until = deadline.min(Instant::now() + self.config.request_timeout);
+        let allowed = budget(until);
+        let reply = tokio::time::timeout_at(until.into(), conn.call(op))
+            .await
+            .map_err(|_| ClientError::Timeout(allowed))??;
         match reply.error_code() {
             Some(code) => Err(ClientError::Remote(code)),
             None => Ok(reply),
         }
     }
 
-    /// A live connection to the most preferred reachable key server.
-    async fn connection(&self) -> Result<Arc<Conn>, ClientError> {
+    /// A live connection to the most preferred reachable key server not marked in
+    /// `failed`, with that server's index.
+    async fn connection(&self, failed: &[bool]) -> Result<(usize, Arc<Conn>), ClientError> {
         let mut errors = Vec::new();
-        for server in &self.servers {
-            let n = server.slots.len();
-            let start = server.next.fetch_add(1, Ordering::Relaxed);
-            for i in 0..n {
-                let slot = &server.slots[(start + i) % n];
-                match self.slot_conn(server, slot).await {
-                    Ok(c) => return Ok(c),
-                    Err(e) => errors.push(format!("{}: {e}", server.endpoint.addr)),
-                }
+        for (i, server) in self.servers.iter().enumerate() {
+            if failed.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            match self.server_conn(server).await {
+                Ok(c) => return Ok((i, c)),
+                Err(ClientError::Unavailable(e)) => errors.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        errors.dedup();
+        Err(ClientError::Unavailable(errors.join("; ")))
+    }
+
+    /// A live connection to `server`, trying its slots in turn.
+    async fn server_conn(&self, server: &Server) -> Result<Arc<Conn>, ClientError> {
+        let n = server.slots.len();
+        let start = server.next.fetch_add(1, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..n {
+            let slot = &server.slots[(start + i) % n];
+            match self.slot_conn(server, slot).await {
+                Ok(c) => return Ok(c),
+                Err(e) => errors.push(format!("{}: {e}", server.endpoint.addr)),
             }
         }
         errors.dedup();
