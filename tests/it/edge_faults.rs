@@ -222,6 +222,12 @@ async fn a_key_server_that_hangs_mid_request_fails_over_to_the_next_one() -> Res
         proxy.delayed_chunks() > 0,
         "the hung server was never asked: the test did not exercise failover"
     );
+    // Three failed requests in a row: the hung server is passed over for a while.
+    s.edge
+        .wait_for_log(Duration::from_secs(5), |log| {
+            log.contains("key server failing requests; passed over")
+        })
+        .context("the hung key server was not marked down")?;
     // Each handshake waited one attempt on the hung server, then the next one answered.
     ensure!(
         elapsed

@@ -118,6 +118,67 @@ struct Server {
     endpoint: Endpoint,
     slots: Vec<Mutex<Slot>>,
     next: AtomicUsize,
+    health: std::sync::Mutex<Health>,
+}
+
+/// Consecutive failed requests after which a key server is passed over.
+const FAILURES_TO_DOWN: u32 = 3;
+/// How long a server marked down is first passed over; doubles while it keeps failing.
+const DOWN_MIN: Duration = Duration::from_secs(1);
+/// The longest a server is passed over before a request tries it again.
+const DOWN_MAX: Duration = Duration::from_secs(30);
+
+/// What requests have lately shown of a key server (passive health).
+#[derive(Debug)]
+struct Health {
+    /// Requests it failed in a row (no answer, lost connection, overloaded).
+    failures: u32,
+    /// While in the future, requests go to other servers first; once set, it stays
+    /// set until a success (the next failure passes the server over again at once).
+    down_until: Option<Instant>,
+    /// The next down period.
+    down_for: Duration,
+}
+
+impl Server {
+    /// Whether requests should pass this server over for now.
+    fn is_down(&self, now: Instant) -> bool {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.down_until.is_some_and(|t| now < t)
+    }
+
+    /// Notes a request's outcome: a server that fails `FAILURES_TO_DOWN` requests in a
+    /// row is passed over for a while; one that fails again when its turn comes back is
+    /// passed over at once, for twice as long (at most `DOWN_MAX`); one success brings it
+    /// back. State changes are logged once each.
+    fn record(&self, ok: bool) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            if h.down_until.is_some() {
+                tracing::info!(keyserver = %self.endpoint.addr, "key server answers again; back in use");
+            }
+            *h = Health::default();
+            return;
+        }
+        h.failures = h.failures.saturating_add(1);
+        if h.down_until.is_some() || h.failures >= FAILURES_TO_DOWN {
+            if h.down_until.is_none() {
+                tracing::warn!(keyserver = %self.endpoint.addr, failures = h.failures, "key server failing requests; passed over while others answer");
+            }
+            h.down_until = Some(Instant::now() + h.down_for);
+            h.down_for = (h.down_for * 2).min(DOWN_MAX);
+        }
+    }
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            failures: 0,
+            down_until: None,
+            down_for: DOWN_MIN,
+        }
+    }
 }
 
 /// A client for a set of key servers; share it with an `Arc`.
@@ -259,6 +320,7 @@ impl Pool {
                     })
                     .collect(),
                 next: AtomicUsize::new(0),
+                health: std::sync::Mutex::new(Health::default()),
             })
             .collect();
         Pool { config, servers }
@@ -294,8 +356,10 @@ impl Pool {
                     Err(e) => Err(e),
                 };
             }
+            let failed_over = matches!(&result, Err(e) if fails_over(e));
+            self.servers[server].record(!failed_over);
             match result {
-                Err(e) if fails_over(&e) => {
+                Err(e) if failed_over => {
                     tracing::debug!(keyserver = %self.servers[server].endpoint.addr, error = %e, "key server failed a request; trying the next one");
                     failed[server] = true;
                     last = Some(e);
@@ -327,12 +391,17 @@ impl Pool {
 
     /// A live connection to the most preferred reachable key server not marked in
     /// `failed`, with that server's index.
+    ///
+    /// Servers marked down come last: tried only when no other server is left, so that
+    /// a group whose every server is down still recovers on the first answer.
     async fn connection(&self, failed: &[bool]) -> Result<(usize, Arc<Conn>), ClientError> {
         let mut errors = Vec::new();
-        for (i, server) in self.servers.iter().enumerate() {
-            if failed.get(i).copied().unwrap_or(false) {
-                continue;
-            }
+        let now = Instant::now();
+        let (up, down): (Vec<usize>, Vec<usize>) = (0..self.servers.len())
+            .filter(|i| !failed.get(*i).copied().unwrap_or(false))
+            .partition(|i| !self.servers[*i].is_down(now));
+        for i in up.into_iter().chain(down) {
+            let server = &self.servers[i];
             match self.server_conn(server).await {
                 Ok(c) => return Ok((i, c)),
                 Err(ClientError::Unavailable(e)) => errors.push(e),
@@ -393,5 +462,54 @@ impl Pool {
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> Server {
+        Server {
+            endpoint: Endpoint {
+                addr: "ks.test:2407".into(),
+                server_name: ServerName::try_from("ks.test").unwrap(),
+            },
+            slots: Vec::new(),
+            next: AtomicUsize::new(0),
+            health: std::sync::Mutex::new(Health::default()),
+        }
+    }
+
+    #[test]
+    fn three_failures_pass_a_server_over_and_one_success_brings_it_back() {
+        let s = server();
+        let now = Instant::now();
+        s.record(false);
+        s.record(false);
+        assert!(!s.is_down(Instant::now()), "two failures are not enough");
+        s.record(true);
+        s.record(false);
+        s.record(false);
+        assert!(!s.is_down(Instant::now()), "a success resets the count");
+        s.record(false);
+        assert!(s.is_down(Instant::now()));
+        assert!(!s.is_down(now + DOWN_MIN + Duration::from_millis(50)));
+        // Failing again when its turn comes: passed over at once, for twice as long.
+        s.record(false);
+        assert!(s.is_down(Instant::now() + DOWN_MIN + Duration::from_millis(50)));
+        s.record(true);
+        assert!(!s.is_down(Instant::now()));
+        let h = s.health.lock().unwrap();
+        assert_eq!((h.failures, h.down_until, h.down_for), (0, None, DOWN_MIN));
+    }
+
+    #[test]
+    fn down_periods_double_up_to_the_maximum() {
+        let s = server();
+        for _ in 0..20 {
+            s.record(false);
+        }
+        assert_eq!(s.health.lock().unwrap().down_for, DOWN_MAX);
     }
 }
