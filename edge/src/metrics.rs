@@ -53,6 +53,13 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+/// One key server.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    /// Its `host:port` as configured.
+    pub server: String,
+}
+
 /// Cache tier.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
@@ -88,6 +95,8 @@ pub struct Metrics {
     pub remote_ops_in_flight: Gauge,
     /// Handshakes refused because `max_concurrent_ops` remote operations were waiting.
     pub remote_ops_rejected: Counter,
+    /// 1 while a key server is in use, 0 while it is passed over for failing requests.
+    pub keyserver_up: Family<ServerLabels, Gauge>,
     /// Cache lookups by result.
     pub cache_lookups: Family<CacheLabels, Counter>,
     /// Bytes held by each cache tier.
@@ -102,6 +111,12 @@ pub struct Metrics {
     pub cache_stores: Counter,
     /// Objects removed through the purge API.
     pub cache_purged: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
@@ -125,6 +140,7 @@ impl Metrics {
             certs_cached: Gauge::default(),
             remote_ops_in_flight: Gauge::default(),
             remote_ops_rejected: Counter::default(),
+            keyserver_up: Family::default(),
             cache_lookups: Family::default(),
             cache_bytes: Family::default(),
             cache_objects: Family::default(),
@@ -243,6 +259,11 @@ impl Metrics {
             "keyless_edge_remote_ops_rejected",
             "Handshakes refused because too many remote private-key operations were waiting",
             self.remote_ops_rejected.clone(),
+        );
+        r.register(
+            "keyless_edge_keyserver_up",
+            "1 while a key server is in use, 0 while it is passed over for failing requests",
+            self.keyserver_up.clone(),
         );
     }
 

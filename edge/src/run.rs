@@ -117,7 +117,8 @@ impl Edge {
     pub async fn bind(config: Config) -> anyhow::Result<Edge> {
         let metrics = Arc::new(Metrics::new());
         let sites = Arc::new(Sites::new(&config.sites)?);
-        let ks = ClientConfig::from_config(&config.keyserver)?;
+        let mut ks = ClientConfig::from_config(&config.keyserver)?;
+        ks.metrics = Some(metrics.clone());
         let client =
             Arc::new(KeyServerClient::new(ks).context("cannot start the key-server client")?);
         let tls = TlsFront::new(

@@ -207,6 +207,20 @@ async fn a_key_server_that_hangs_mid_request_fails_over_to_the_next_one() -> Res
         .expect_verified()
         .context("handshake through the healthy preferred server")?;
     ensure!(proxy.delayed_chunks() == 0, "nothing should be held yet");
+    let up = |server: std::net::SocketAddr| -> Result<f64> {
+        let text = s.edge.metrics_text()?;
+        let labels = [("server", server.to_string())];
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Ok(keyless_tests::metric_sum(
+            &text,
+            "keyless_edge_keyserver_up",
+            &labels,
+        ))
+    };
+    ensure!(
+        up(via)? == 1.0 && up(direct)? == 1.0,
+        "both key servers start up"
+    );
 
     // The preferred server hangs: everything sent to it is held far past every deadline.
     proxy.set_delay(Duration::from_secs(60));
@@ -228,6 +242,10 @@ async fn a_key_server_that_hangs_mid_request_fails_over_to_the_next_one() -> Res
             log.contains("key server failing requests; passed over")
         })
         .context("the hung key server was not marked down")?;
+    ensure!(
+        up(via)? == 0.0 && up(direct)? == 1.0,
+        "keyless_edge_keyserver_up should say the hung server is passed over"
+    );
     // Each handshake waited one attempt on the hung server, then the next one answered.
     ensure!(
         elapsed

@@ -87,6 +87,8 @@ pub struct ClientConfig {
     pub max_backoff: Duration,
     /// Threads of the key-server runtime. Default 1.
     pub io_threads: usize,
+    /// Where each server's state goes (`keyless_edge_keyserver_up`); none: nowhere.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl ClientConfig {
@@ -102,6 +104,7 @@ impl ClientConfig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             io_threads: 1,
+            metrics: None,
         }
     }
 }
@@ -119,6 +122,8 @@ struct Server {
     slots: Vec<Mutex<Slot>>,
     next: AtomicUsize,
     health: std::sync::Mutex<Health>,
+    /// `keyless_edge_keyserver_up` of this server, if exported.
+    up: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 /// Consecutive failed requests after which a key server is passed over.
@@ -156,6 +161,7 @@ impl Server {
         if ok {
             if h.down_until.is_some() {
                 tracing::info!(keyserver = %self.endpoint.addr, "key server answers again; back in use");
+                self.set_up(true);
             }
             *h = Health::default();
             return;
@@ -164,9 +170,18 @@ impl Server {
         if h.down_until.is_some() || h.failures >= FAILURES_TO_DOWN {
             if h.down_until.is_none() {
                 tracing::warn!(keyserver = %self.endpoint.addr, failures = h.failures, "key server failing requests; passed over while others answer");
+                self.set_up(false);
             }
             h.down_until = Some(Instant::now() + h.down_for);
             h.down_for = (h.down_for * 2).min(DOWN_MAX);
+        }
+    }
+}
+
+impl Server {
+    fn set_up(&self, up: bool) {
+        if let Some(g) = &self.up {
+            g.set(i64::from(up));
         }
     }
 }
@@ -321,6 +336,16 @@ impl Pool {
                     .collect(),
                 next: AtomicUsize::new(0),
                 health: std::sync::Mutex::new(Health::default()),
+                up: config.metrics.as_ref().map(|m| {
+                    let gauge = m
+                        .keyserver_up
+                        .get_or_create(&crate::metrics::ServerLabels {
+                            server: endpoint.addr.clone(),
+                        })
+                        .clone();
+                    gauge.set(1);
+                    gauge
+                }),
             })
             .collect();
         Pool { config, servers }
@@ -478,6 +503,7 @@ mod tests {
             slots: Vec::new(),
             next: AtomicUsize::new(0),
             health: std::sync::Mutex::new(Health::default()),
+            up: None,
         }
     }
 
