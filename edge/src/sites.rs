@@ -78,7 +78,7 @@ impl Sites {
 
 /// A host name as sites and cache keys use it: lowercase, no trailing dot.
 pub(crate) fn normalize(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
+    keyless_shared::normalize_host(name).into_owned()
 }
 
 #[cfg(test)]

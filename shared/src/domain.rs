@@ -55,7 +55,7 @@ impl<V> DomainMap<V> {
     /// Every value covering `name` (an SNI or a host without port; case and a
     /// trailing dot do not matter): the exact match first, then the wildcard match.
     pub fn matches(&self, name: &str) -> impl Iterator<Item = &V> {
-        let name = normalize(name);
+        let name = normalize_host(name);
         let exact = self.exact.get(name.as_ref());
         let wild = name
             .split_once('.')
@@ -69,8 +69,9 @@ impl<V> DomainMap<V> {
     }
 }
 
-/// `name` lowercase without a trailing dot, borrowed when it already is.
-fn normalize(name: &str) -> Cow<'_, str> {
+/// A host name as lookups and cache keys use it: lowercase, no trailing dot; borrowed
+/// when it already is.
+pub fn normalize_host(name: &str) -> Cow<'_, str> {
     let name = name.trim_end_matches('.');
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(name.to_ascii_lowercase())

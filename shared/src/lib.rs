@@ -26,7 +26,7 @@ pub use codec::{
 pub use context::{
     check_signing_context, digest_for, HandshakeContext, PolicyError, TLS13_SERVER_CONTEXT,
 };
-pub use domain::DomainMap;
+pub use domain::{normalize_host, DomainMap};
 pub use log_safe::{log_safe, LogSafe};
 pub use protocol::{
     decode_chain, encode_chain, ChainError, ErrorCode, HashAlg, KeyKind, KeyPreference, Opcode,

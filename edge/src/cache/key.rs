@@ -39,7 +39,8 @@ impl PrimaryKey {
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> PrimaryKey {
-        let host = crate::sites::normalize(host);
+        // Normalized by the front already: then borrowed, not copied.
+        let host = keyless_shared::normalize_host(host);
         let target = if site.cache_ignore_query {
             path_and_query.split('?').next().unwrap_or("/")
         } else {

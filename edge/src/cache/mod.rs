@@ -353,8 +353,7 @@ impl Cache {
         for key in keys {
             self.vary.invalidate(CacheKey::from_stored(&key).primary());
             // Every tier, not just the first that had it.
-            let removals: Vec<bool> = self.tiers.iter().map(|t| t.remove(&key)).collect();
-            let found = removals.contains(&true);
+            let found = self.tiers.iter().filter(|t| t.remove(&key)).count() > 0;
             if found {
                 removed += 1;
             }
