@@ -46,6 +46,11 @@ pub struct Operation {
     pub extra: Option<Bytes>,
     /// [`Tag::SignedMessage`] (extension): the whole to-be-signed message.
     pub signed_message: Option<Bytes>,
+    /// [`Tag::ServerTime`] (extension): the key server's clock in a pong, milliseconds
+    /// since the Unix epoch.
+    pub server_time: Option<u64>,
+    /// [`Tag::Draining`] (extension): set in a pong from a key server that is draining.
+    pub draining: bool,
 }
 
 impl Operation {
@@ -166,6 +171,14 @@ pub fn encode_message(msg: &Message, dst: &mut BytesMut) -> Result<(), CodecErro
     }
     if let Some(sni) = &op.sni {
         items.push((Tag::ServerName, sni.as_bytes()));
+    }
+    let time_bytes;
+    if let Some(t) = op.server_time {
+        time_bytes = t.to_be_bytes();
+        items.push((Tag::ServerTime, &time_bytes));
+    }
+    if op.draining {
+        items.push((Tag::Draining, &[0x01]));
     }
     let (cip, sip);
     if let Some(ip) = op.client_ip {
@@ -308,6 +321,17 @@ fn decode_items(id: u32, mut body: Bytes) -> Result<Operation, CodecError> {
             Tag::CustomFuncName => op.custom_func_name = Some(value),
             Tag::Extra => op.extra = Some(value),
             Tag::SignedMessage => op.signed_message = Some(value),
+            Tag::ServerTime => {
+                let t = <[u8; 8]>::try_from(&value[..])
+                    .map_err(|_| fmt("server time is not 8 bytes"))?;
+                op.server_time = Some(u64::from_be_bytes(t));
+            }
+            Tag::Draining => {
+                if value[..] != [0x01] {
+                    return Err(fmt("draining flag is not the byte 0x01"));
+                }
+                op.draining = true;
+            }
             Tag::Padding | Tag::Unknown(_) => {}
         }
     }
@@ -507,9 +531,11 @@ mod tests {
             custom_func_name in opt_bytes(20),
             extra in opt_bytes(20),
             signed_message in opt_bytes(200),
+            server_time in proptest::option::of(any::<u64>()),
+            draining in any::<bool>(),
         ) -> Operation {
             Operation { opcode, payload, ski, sni, client_ip, server_ip, cert_digest, cert_id,
-                custom_func_name, extra, signed_message }
+                custom_func_name, extra, signed_message, server_time, draining }
         }
     }
 

@@ -95,6 +95,11 @@ wire_enum! {
         Padding = 0x20 => "padding",
         /// Extension: the whole to-be-signed handshake message.
         SignedMessage = 0x40 => "signed-message",
+        /// Extension: the key server's clock in a pong, milliseconds since the Unix
+        /// epoch (8 bytes, big-endian).
+        ServerTime = 0x41 => "server-time",
+        /// Extension: in a pong, the key server is draining (1 byte, 0x01).
+        Draining = 0x42 => "draining",
     }
 }
 
@@ -137,6 +142,9 @@ wire_enum! {
         RsaPssSignSha512 = 0x37 => "rsa-pss-sign-sha512",
         /// Extension: certificate chain for the SNI in the request.
         GetCertificateChain = 0x40 => "get-certificate-chain",
+        /// Extension: sent unsolicited (request id 0) by a key server that starts
+        /// draining: finish what is in flight, send nothing new on this connection.
+        GoAway = 0x41 => "go-away",
         /// Successful response.
         Response = 0xF0 => "response",
         /// Ping: the payload is echoed back in a pong.
