@@ -1,5 +1,7 @@
 //! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text) and the cache
-//! purge API:
+//! purge API. `/healthz` answers `200 ok`, or `503` naming each key-server group with
+//! no server up (its sites fail closed), for load balancers to route around the edge.
+//! The purge API:
 //!
 //! - `POST /cache/purge?url=URL` — every stored variant of one URL
 //!   (`https://example.com/a?x=1`; the query is part of the URL);
@@ -21,20 +23,27 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
+use crate::keyserver::KeyServerClient;
 use crate::metrics::Metrics;
 
+/// What the admin endpoints report on and act on.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// The cache, if enabled (purges).
+    pub cache: Option<Arc<Cache>>,
+    /// The key-server groups (health).
+    pub keyservers: Arc<KeyServerClient>,
+}
+
 /// Serves the admin endpoints until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    cache: Option<Arc<Cache>>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     serve_admin(
         listener,
         shutdown,
         move |req: Request<hyper::body::Incoming>, peer: SocketAddr| {
-            let (status, body) = route(&req, &metrics, cache.as_deref());
+            let (status, body) = route(&req, &state);
             if req.uri().path() == "/cache/purge" {
                 // The query is the client's text: escaped so it cannot forge log lines.
                 // `client` keeps the `Some(addr)` form the audit line has always had.
@@ -47,11 +56,8 @@ pub async fn serve(
     .await;
 }
 
-fn route(
-    req: &Request<hyper::body::Incoming>,
-    metrics: &Metrics,
-    cache: Option<&Cache>,
-) -> (StatusCode, String) {
+fn route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> (StatusCode, String) {
+    let (metrics, cache) = (&state.metrics, state.cache.as_deref());
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             if let Some(cache) = cache {
@@ -59,7 +65,7 @@ fn route(
             }
             (StatusCode::OK, metrics.render())
         }
-        (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
+        (&Method::GET, "/healthz") => health(&state.keyservers),
         (&Method::POST, "/cache/purge") => purge(req, cache),
         (_, "/cache/purge") => (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -67,6 +73,19 @@ fn route(
         ),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
     }
+}
+
+/// `ok`, or degraded naming each key-server group with no server up.
+fn health(keyservers: &KeyServerClient) -> (StatusCode, String) {
+    let down = keyservers.degraded();
+    if down.is_empty() {
+        return (StatusCode::OK, "ok\n".to_owned());
+    }
+    let lines: String = down
+        .iter()
+        .map(|g| format!("degraded: key-server group {g} has no server up; its sites refuse new handshakes\n"))
+        .collect();
+    (StatusCode::SERVICE_UNAVAILABLE, lines)
 }
 
 fn purge(req: &Request<hyper::body::Incoming>, cache: Option<&Cache>) -> (StatusCode, String) {

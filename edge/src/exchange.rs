@@ -126,6 +126,15 @@ pub enum FetchError {
     BadRequest(&'static str),
 }
 
+impl From<crate::dns::DnsError> for FetchError {
+    fn from(e: crate::dns::DnsError) -> FetchError {
+        FetchError::Dns {
+            host: e.name,
+            reason: e.reason,
+        }
+    }
+}
+
 impl FetchError {
     /// Whether the request certainly did not reach the origin, so sending it again
     /// (to this or another origin address) is safe.

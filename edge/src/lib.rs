@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod dns;
 pub mod exchange;
 pub mod httpdate;
 pub mod keyserver;

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the edge (`keyless_edge_` prefix), rendered by the admin
 //! listener.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -53,11 +54,20 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
-/// One key server.
+/// One key server of a group.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
-    /// Its `host:port` as configured.
+    /// The key-server group.
+    pub group: String,
+    /// Its `host:port` (as configured, or an SRV target's address).
     pub server: String,
+}
+
+/// One key-server group.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    /// The key-server group.
+    pub group: String,
 }
 
 /// Cache tier.
@@ -95,8 +105,14 @@ pub struct Metrics {
     pub remote_ops_in_flight: Gauge,
     /// Handshakes refused because `max_concurrent_ops` remote operations were waiting.
     pub remote_ops_rejected: Counter,
-    /// 1 while a key server is in use, 0 while it is passed over for failing requests.
+    /// 1 while a key server is in use, 0 while it is down or draining.
     pub keyserver_up: Family<ServerLabels, Gauge>,
+    /// Heartbeat round trips.
+    pub keyserver_probe_seconds: Family<ServerLabels, Histogram>,
+    /// The key server's clock minus the edge's, from the last pong.
+    pub keyserver_clock_offset: Family<ServerLabels, Gauge<f64, AtomicU64>>,
+    /// Servers of each group that are up.
+    pub keyserver_group_up: Family<GroupLabels, Gauge>,
     /// Cache lookups by result.
     pub cache_lookups: Family<CacheLabels, Counter>,
     /// Bytes held by each cache tier.
@@ -141,6 +157,9 @@ impl Metrics {
             remote_ops_in_flight: Gauge::default(),
             remote_ops_rejected: Counter::default(),
             keyserver_up: Family::default(),
+            keyserver_probe_seconds: Family::new_with_constructor(latency),
+            keyserver_clock_offset: Family::default(),
+            keyserver_group_up: Family::default(),
             cache_lookups: Family::default(),
             cache_bytes: Family::default(),
             cache_objects: Family::default(),
@@ -262,8 +281,23 @@ impl Metrics {
         );
         r.register(
             "keyless_edge_keyserver_up",
-            "1 while a key server is in use, 0 while it is passed over for failing requests",
+            "1 while a key server is in use, 0 while it is down or draining",
             self.keyserver_up.clone(),
+        );
+        r.register(
+            "keyless_edge_keyserver_probe_seconds",
+            "Round trip of heartbeat pings to each key server",
+            self.keyserver_probe_seconds.clone(),
+        );
+        r.register(
+            "keyless_edge_keyserver_clock_offset_seconds",
+            "Key server's clock minus the edge's, estimated from the last pong",
+            self.keyserver_clock_offset.clone(),
+        );
+        r.register(
+            "keyless_edge_keyserver_group_up",
+            "Key servers of each group that are up (0: the group's sites fail closed)",
+            self.keyserver_group_up.clone(),
         );
     }
 

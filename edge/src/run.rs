@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
+use crate::admin::AdminState;
 use crate::cache::Cache;
 use crate::config::{CacheConfig, Config, MAX_CONCURRENT_OPS_LIMIT};
 use crate::keyserver::{ClientConfig, KeyServerClient};
@@ -55,12 +56,18 @@ pub async fn run(config: Config, stop: impl Future<Output = Stop>) -> anyhow::Re
 /// files, the origin client and the cache's disk directory. A one-line summary.
 pub fn check(config: &Config) -> anyhow::Result<String> {
     Sites::new(&config.sites)?;
-    let ks = ClientConfig::from_config(&config.keyserver)?;
+    let ks = ClientConfig::from_config(&config.keyserver, &config.dns)?;
     let cache = check_cache(&config.cache)?;
+    let srv = ks
+        .groups
+        .iter()
+        .filter(|g| matches!(g.servers, crate::keyserver::ServerSource::Srv { .. }))
+        .count();
     Ok(format!(
-        "{} site(s), {} key server(s), {cache}",
+        "{} site(s), {} key-server group(s) ({} listed server(s), {srv} by SRV), {cache}",
         config.sites.len(),
-        ks.endpoints.len()
+        ks.groups.len(),
+        ks.static_servers(),
     ))
 }
 
@@ -95,6 +102,7 @@ fn check_cache(cache: &CacheConfig) -> anyhow::Result<String> {
 /// An edge with its components built and its listeners bound, not yet serving.
 pub struct Edge {
     config: Config,
+    keyservers: Arc<KeyServerClient>,
     tls: Arc<TlsFront>,
     front: Arc<HttpFront>,
     cache: Option<Arc<Cache>>,
@@ -117,14 +125,14 @@ impl Edge {
     pub async fn bind(config: Config) -> anyhow::Result<Edge> {
         let metrics = Arc::new(Metrics::new());
         let sites = Arc::new(Sites::new(&config.sites)?);
-        let mut ks = ClientConfig::from_config(&config.keyserver)?;
-        ks.metrics = Some(metrics.clone());
-        let client =
+        let mut ks = ClientConfig::from_config(&config.keyserver, &config.dns)?;
+        ks.settings.metrics = Some(metrics.clone());
+        let keyservers =
             Arc::new(KeyServerClient::new(ks).context("cannot start the key-server client")?);
         let tls = TlsFront::new(
             TlsFrontConfig::from_config(&config.tls, &config.keyserver),
             sites.clone(),
-            client,
+            keyservers.clone(),
             metrics.clone(),
         )?;
         let cache = open_cache(&config.cache, &metrics)?;
@@ -153,6 +161,7 @@ impl Edge {
         let admin = std::net::TcpListener::bind(listen.admin)
             .with_context(|| format!("cannot listen on {} (admin)", listen.admin))?;
         Ok(Edge {
+            keyservers,
             tls: Arc::new(tls),
             front: Arc::new(front),
             cache,
@@ -173,19 +182,20 @@ impl Edge {
     /// lets the connections finish (up to 10 s).
     pub async fn serve(self, stop: impl Future<Output = Stop>) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
-        spawn_admin(
-            self.admin,
-            self.metrics.clone(),
-            self.cache,
-            shutdown.clone(),
-        )?;
+        let admin = AdminState {
+            metrics: self.metrics.clone(),
+            cache: self.cache,
+            keyservers: self.keyservers.clone(),
+        };
+        spawn_admin(self.admin, admin, shutdown.clone())?;
         let listen = &self.config.listen;
         tracing::info!(
             https = %listen.https,
             http = ?listen.http,
             admin = %listen.admin,
             sites = self.config.sites.len(),
-            keyservers = ?self.config.keyserver.servers.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            keyserver_groups = ?self.keyservers.groups().map(|g| g.name()).collect::<Vec<_>>(),
+            keyservers = ?self.config.keyserver.static_servers().map(|s| s.as_str()).collect::<Vec<_>>(),
             "edge listening"
         );
         let tracker = TaskTracker::new();
@@ -240,8 +250,7 @@ fn open_cache(config: &CacheConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Op
 /// traffic (a handshake flood, say) keeps the main runtime busy.
 fn spawn_admin(
     listener: std::net::TcpListener,
-    metrics: Arc<Metrics>,
-    cache: Option<Arc<Cache>>,
+    state: AdminState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     listener
@@ -256,7 +265,7 @@ fn spawn_admin(
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => admin::serve(listener, metrics, cache, shutdown).await,
+                    Ok(listener) => admin::serve(listener, state, shutdown).await,
                     Err(e) => tracing::error!(error = %e, "admin listener unusable"),
                 }
             })

@@ -4,6 +4,8 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use keyless_shared::DomainMap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 use crate::config::{OriginUrl, SiteConfig};
 
@@ -23,6 +25,11 @@ pub struct Site {
     pub cache_key_headers: Vec<http::HeaderName>,
     /// Whether responses with `Set-Cookie` are stored (stripped) or not at all.
     pub cache_set_cookie: crate::config::SetCookiePolicy,
+    /// The key-server group that holds the site's keys.
+    pub keyserver_group: String,
+    /// The certificate chain from the site's `chain` file (leaf first), served instead
+    /// of one fetched from the key server.
+    pub chain: Option<Arc<[CertificateDer<'static>]>>,
 }
 
 impl Site {
@@ -36,6 +43,8 @@ impl Site {
 #[derive(Debug, Default)]
 pub struct Sites {
     by_name: DomainMap<Arc<Site>>,
+    /// In configuration order.
+    list: Vec<Arc<Site>>,
 }
 
 /// Why the configured sites could not be indexed.
@@ -45,6 +54,16 @@ pub enum SitesError {
     /// Two sites claim the same domain.
     #[error("domain {0} is configured for two sites")]
     DuplicateDomain(String),
+    /// A site's `chain` file cannot be used.
+    #[error("site {site}: chain {path}: {reason}")]
+    Chain {
+        /// The site's first domain.
+        site: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Sites {
@@ -59,6 +78,8 @@ impl Sites {
                 cache_ignore_query: c.cache.ignore_query,
                 cache_key_headers: c.cache.key_headers.clone(),
                 cache_set_cookie: c.cache.store_set_cookie,
+                keyserver_group: c.keyserver_group.clone().unwrap_or_default(),
+                chain: c.chain.as_deref().map(|p| load_chain(c, p)).transpose()?,
             });
             for d in &site.domains {
                 match sites.by_name.entry(d) {
@@ -66,14 +87,39 @@ impl Sites {
                     Entry::Occupied(_) => return Err(SitesError::DuplicateDomain(d.clone())),
                 };
             }
+            sites.list.push(site);
         }
         Ok(sites)
+    }
+
+    /// Every site, in configuration order.
+    pub fn all(&self) -> &[Arc<Site>] {
+        &self.list
     }
 
     /// The site serving `name` (an SNI or a `Host` without port).
     pub fn lookup(&self, name: &str) -> Option<&Arc<Site>> {
         self.by_name.get(name)
     }
+}
+
+/// The certificates of a site's `chain` file (at least one).
+fn load_chain(
+    site: &SiteConfig,
+    path: &std::path::Path,
+) -> Result<Arc<[CertificateDer<'static>]>, SitesError> {
+    let error = |reason: String| SitesError::Chain {
+        site: site.domains.first().cloned().unwrap_or_default(),
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(error("holds no certificate".into()));
+    }
+    Ok(certs.into())
 }
 
 /// A host name as sites and cache keys use it: lowercase, no trailing dot.
@@ -90,6 +136,8 @@ mod tests {
             domains: domains.iter().map(|s| s.to_string()).collect(),
             origin: origin.parse().unwrap(),
             cache: Default::default(),
+            keyserver_group: None,
+            chain: None,
         }
     }
 

@@ -49,6 +49,8 @@ pub struct SiteEntry {
     pub origin: String,
     /// `[site.cache]` keys (`ignore_query`, `key_headers`, ...); none when empty.
     pub cache: toml::Table,
+    /// Other keys of the site (`keyserver_group`, `chain`).
+    pub options: toml::Table,
 }
 
 /// An `edge.toml` for a deployment, built field by field.
@@ -64,6 +66,8 @@ pub struct EdgeConfig {
     pub keyservers: Vec<String>,
     /// Other `[keyserver]` keys (`server_name`, `timeout`, ...).
     pub keyserver: toml::Table,
+    /// `[[keyserver.group]]` sections; when there are any, they replace `keyservers`.
+    pub groups: Vec<toml::Table>,
     /// `[dns] nameservers` (none: the system resolver).
     pub nameservers: Vec<SocketAddr>,
     /// `[tls]` keys.
@@ -88,6 +92,7 @@ impl EdgeConfig {
             admin: free_addr()?,
             keyservers: vec![deployment.listen().to_string()],
             keyserver,
+            groups: Vec::new(),
             nameservers: Vec::new(),
             tls: toml::Table::new(),
             proxy: toml::Table::new(),
@@ -99,6 +104,64 @@ impl EdgeConfig {
     /// Uses this key server (`host:port`) instead of the deployment's.
     pub fn keyserver_addr(mut self, addr: impl ToString) -> EdgeConfig {
         self.keyservers = vec![addr.to_string()];
+        self
+    }
+
+    /// Adds a `[[keyserver.group]]` named `name` with the deployment's edge identity and
+    /// these `(addr, priority, weight)` servers, verified as `localhost`.
+    pub fn group(mut self, name: &str, servers: &[(SocketAddr, u16, u16)]) -> EdgeConfig {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), name.into());
+        let list = servers
+            .iter()
+            .map(|(addr, priority, weight)| {
+                let mut s = toml::Table::new();
+                s.insert("addr".into(), addr.to_string().into());
+                s.insert("priority".into(), i64::from(*priority).into());
+                s.insert("weight".into(), i64::from(*weight).into());
+                toml::Value::Table(s)
+            })
+            .collect();
+        t.insert("servers".into(), toml::Value::Array(list));
+        self.groups.push(t);
+        self
+    }
+
+    /// Adds a `[[keyserver.group]]` named `name` whose servers are the SRV records of
+    /// `_keyless._tcp.<srv>` (resolved through the config's name servers).
+    pub fn srv_group(mut self, name: &str, srv: &str) -> EdgeConfig {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), name.into());
+        t.insert("srv".into(), srv.into());
+        self.groups.push(t);
+        self
+    }
+
+    /// Sets a key of the last `[[keyserver.group]]` added (`protocol = "reference"`).
+    ///
+    /// # Panics
+    ///
+    /// If no group was added yet.
+    pub fn group_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        let group = self
+            .groups
+            .last_mut()
+            .expect("group_option needs a group added before it");
+        group.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets a key of the last `[[site]]` added (`keyserver_group`, `chain`).
+    ///
+    /// # Panics
+    ///
+    /// If no site was added yet.
+    pub fn site_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        let site = self
+            .sites
+            .last_mut()
+            .expect("site_option needs a site added before it");
+        site.options.insert(key.into(), value.into());
         self
     }
 
@@ -158,6 +221,7 @@ impl EdgeConfig {
             domains: domains.iter().map(|d| d.to_string()).collect(),
             origin: origin.to_owned(),
             cache: toml::Table::new(),
+            options: toml::Table::new(),
         });
         self
     }
@@ -173,16 +237,7 @@ impl EdgeConfig {
         listen.insert("admin".into(), self.admin.to_string().into());
         root.insert("listen".into(), listen.into());
 
-        let mut keyserver = toml::Table::new();
-        keyserver.insert(
-            "servers".into(),
-            toml::Value::Array(self.keyservers.iter().map(|s| s.as_str().into()).collect()),
-        );
-        keyserver.insert("ca".into(), "edge/keyserver-ca.crt".into());
-        keyserver.insert("cert".into(), "edge/edge.crt".into());
-        keyserver.insert("key".into(), "edge/edge.key".into());
-        keyserver.extend(self.keyserver.clone());
-        root.insert("keyserver".into(), keyserver.into());
+        root.insert("keyserver".into(), self.keyserver_table().into());
 
         if !self.nameservers.is_empty() {
             let mut dns = toml::Table::new();
@@ -216,6 +271,7 @@ impl EdgeConfig {
                     toml::Value::Array(s.domains.iter().map(|d| d.as_str().into()).collect()),
                 );
                 t.insert("origin".into(), s.origin.as_str().into());
+                t.extend(s.options.clone());
                 if !s.cache.is_empty() {
                     t.insert("cache".into(), s.cache.clone().into());
                 }
@@ -224,6 +280,44 @@ impl EdgeConfig {
             .collect();
         root.insert("site".into(), toml::Value::Array(sites));
         root.to_string()
+    }
+
+    /// `[keyserver]`: the single-group form, or the groups with the deployment's edge
+    /// identity (and `server_name`, unless a group sets its own).
+    fn keyserver_table(&self) -> toml::Table {
+        let identity = [
+            ("ca", "edge/keyserver-ca.crt"),
+            ("cert", "edge/edge.crt"),
+            ("key", "edge/edge.key"),
+        ];
+        let mut keyserver = self.keyserver.clone();
+        if self.groups.is_empty() {
+            keyserver.insert(
+                "servers".into(),
+                toml::Value::Array(self.keyservers.iter().map(|s| s.as_str().into()).collect()),
+            );
+            for (k, v) in identity {
+                keyserver.insert(k.into(), v.into());
+            }
+            return keyserver;
+        }
+        let server_name = keyserver.remove("server_name");
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| {
+                let mut g = g.clone();
+                for (k, v) in identity {
+                    g.entry(k).or_insert_with(|| v.into());
+                }
+                if let Some(name) = &server_name {
+                    g.entry("server_name").or_insert_with(|| name.clone());
+                }
+                toml::Value::Table(g)
+            })
+            .collect();
+        keyserver.insert("group".into(), toml::Value::Array(groups));
+        keyserver
     }
 }
 
@@ -452,12 +546,7 @@ impl Edge {
 
     /// Sends `signal`.
     pub fn signal(&self, signal: Signal) -> Result<()> {
-        let name = match signal {
-            Signal::Hup => "HUP",
-            Signal::Term => "TERM",
-            Signal::Int => "INT",
-        };
-        self.process.signal(name)
+        self.process.signal(signal.name())
     }
 
     /// Waits up to `timeout` for the process to exit.

@@ -27,14 +27,24 @@ pub enum Signal {
     Term,
     /// Fast shutdown.
     Int,
+    /// A crash: the process ends at once, its connections reset.
+    Kill,
+    /// A hang: the process stops running, its sockets stay open.
+    Stop,
+    /// Resume after [`Signal::Stop`].
+    Cont,
 }
 
 impl Signal {
-    fn name(self) -> &'static str {
+    /// The name `kill -NAME` takes.
+    pub fn name(self) -> &'static str {
         match self {
             Signal::Hup => "HUP",
             Signal::Term => "TERM",
             Signal::Int => "INT",
+            Signal::Kill => "KILL",
+            Signal::Stop => "STOP",
+            Signal::Cont => "CONT",
         }
     }
 }
@@ -49,6 +59,7 @@ pub struct KeyServer {
     exit: Option<ExitStatus>,
     listen: SocketAddr,
     metrics: SocketAddr,
+    config: PathBuf,
     log_path: PathBuf,
     report_on_drop: bool,
 }
@@ -67,6 +78,39 @@ impl KeyServer {
             deployment.metrics(),
             &deployment.logs_dir(),
         )
+    }
+
+    /// Starts one more key server of the deployment (same keys, identity and CA) on
+    /// fresh ports, its config written as `DIR/<name>.toml`.
+    pub fn start_another(deployment: &Deployment, name: &str) -> Result<KeyServer> {
+        let listen = crate::net::free_addr()?;
+        let metrics = crate::net::free_addr()?;
+        let config = deployment.write_config_variant(&format!("{name}.toml"), |t| {
+            t.insert("listen".into(), listen.to_string().into());
+            t.insert("metrics_listen".into(), metrics.to_string().into());
+        })?;
+        KeyServer::spawn(&config, listen, metrics, &deployment.logs_dir())
+    }
+
+    /// Starts the same configuration again on the same ports (after this one exited).
+    pub fn restart(&self) -> Result<KeyServer> {
+        let logs = self
+            .log_path
+            .parent()
+            .context("the key server log has no directory")?;
+        KeyServer::spawn(&self.config, self.listen, self.metrics, logs)
+    }
+
+    /// Operations answered `ok`, over every opcode but ping (from `/metrics`).
+    pub fn ops_ok(&self) -> Result<u64> {
+        let text = self.metrics_text()?;
+        let total = text
+            .lines()
+            .filter(|l| l.starts_with("keyless_ops_total{"))
+            .filter(|l| l.contains("result=\"ok\"") && !l.contains("opcode=\"ping\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>();
+        Ok(total as u64)
     }
 
     /// Spawns `keyless-origin --config CONFIG`, logging to a new file in `logs_dir`, and
@@ -115,6 +159,7 @@ impl KeyServer {
             exit: None,
             listen,
             metrics,
+            config: config.to_owned(),
             log_path,
             report_on_drop: true,
         };

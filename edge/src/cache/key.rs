@@ -217,6 +217,8 @@ mod tests {
             domains: vec!["x".into()],
             origin: "http://o".parse().unwrap(),
             cache: Default::default(),
+            keyserver_group: None,
+            chain: None,
         };
         config.cache.key_headers = key_headers
             .iter()

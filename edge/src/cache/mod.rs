@@ -564,6 +564,8 @@ mod tests {
             domains: vec!["x".into()],
             origin: "http://o".parse().unwrap(),
             cache: Default::default(),
+            keyserver_group: None,
+            chain: None,
         };
         config.cache.key_headers = vec![HeaderName::from_static("x-tenant")];
         Sites::new(&[config]).unwrap().lookup("x").unwrap().clone()

@@ -286,6 +286,8 @@ impl Harness {
             domains: vec![HOST.to_owned()],
             origin: ORIGIN.parse().unwrap(),
             cache: site_cache,
+            keyserver_group: None,
+            chain: None,
         }])
         .unwrap();
         let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));

@@ -1,6 +1,6 @@
-//! The edge's side of the mTLS channel to key servers, from `[keyserver]`: the CA that
-//! key-server certificates chain to, the edge's client certificate and key, and the
-//! name each server is checked for.
+//! The client settings of `[keyserver]` and, for each group, the edge's side of the
+//! mTLS channel: the CA that key-server certificates chain to, the edge's client
+//! certificate and key, and the name each server is checked for.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use super::{ClientConfig, Endpoint};
-use crate::config::KeyServerConfig;
+use super::{ClientConfig, Endpoint, GroupSpec, ServerSource, ServerSpec, Settings};
+use crate::config::{DnsConfig, GroupConfig, GroupServers, KeyServerConfig};
 
 /// Why `[keyserver]` cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -54,32 +54,87 @@ pub enum IdentityError {
 }
 
 impl ClientConfig {
-    /// The client settings of `[keyserver]`: endpoints, the mTLS identity (read from
-    /// its files now), timeouts and connections.
-    pub fn from_config(ks: &KeyServerConfig) -> Result<ClientConfig, IdentityError> {
-        let endpoints = ks
-            .servers
+    /// The client settings of `[keyserver]`: each group's servers and mTLS identity
+    /// (read from its files now), timeouts, probes and connections.
+    pub fn from_config(
+        ks: &KeyServerConfig,
+        dns: &DnsConfig,
+    ) -> Result<ClientConfig, IdentityError> {
+        let settings = Settings {
+            connections_per_server: ks.connections.get(),
+            request_timeout: ks.timeout,
+            connect_timeout: ks.connect_timeout,
+            probe_interval: ks.probe_interval,
+            probe_max_interval: ks.probe_max_interval,
+            down_after: ks.down_after.get(),
+            up_after: ks.up_after.get(),
+            ..Settings::default()
+        };
+        let groups = ks
+            .groups
             .iter()
-            .map(|addr| {
-                let name = ks.server_name.as_deref().unwrap_or(addr.host());
-                let server_name = ServerName::try_from(name.to_owned())
-                    .map_err(|_| IdentityError::ServerName(name.to_owned()))?;
-                Ok(Endpoint {
-                    addr: addr.as_str().to_owned(),
-                    server_name,
-                })
+            .map(group_spec)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ClientConfig {
+            settings,
+            groups,
+            dns: dns.clone(),
+        })
+    }
+
+    /// Servers listed statically, over every group (SRV groups count none).
+    pub fn static_servers(&self) -> usize {
+        self.groups
+            .iter()
+            .map(|g| match &g.servers {
+                ServerSource::Static(list) => list.len(),
+                ServerSource::Srv { .. } => 0,
             })
-            .collect::<Result<Vec<_>, IdentityError>>()?;
-        let mut config = ClientConfig::new(endpoints, tls_config(ks)?);
-        config.connections_per_server = ks.connections.get();
-        config.request_timeout = ks.timeout;
-        config.connect_timeout = ks.connect_timeout;
-        Ok(config)
+            .sum()
     }
 }
 
-/// The edge's mTLS client configuration towards key servers (TLS 1.3 only).
-fn tls_config(ks: &KeyServerConfig) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+fn group_spec(g: &GroupConfig) -> Result<GroupSpec, IdentityError> {
+    let servers = match g.source() {
+        GroupServers::Static { servers } => ServerSource::Static(
+            servers
+                .iter()
+                .map(|s| {
+                    let name = g.server_name.as_deref().unwrap_or(s.addr.host());
+                    let server_name = ServerName::try_from(name.to_owned())
+                        .map_err(|_| IdentityError::ServerName(name.to_owned()))?;
+                    Ok(ServerSpec {
+                        endpoint: Endpoint {
+                            addr: s.addr.as_str().to_owned(),
+                            server_name,
+                        },
+                        priority: s.priority,
+                        weight: s.weight,
+                    })
+                })
+                .collect::<Result<Vec<_>, IdentityError>>()?,
+        ),
+        GroupServers::Srv { srv } => {
+            if let Some(name) = &g.server_name {
+                ServerName::try_from(name.clone())
+                    .map_err(|_| IdentityError::ServerName(name.clone()))?;
+            }
+            ServerSource::Srv {
+                name: srv.to_owned(),
+                server_name: g.server_name.clone(),
+            }
+        }
+    };
+    Ok(GroupSpec {
+        name: g.name.clone(),
+        tls: tls_config(g)?,
+        protocol: g.protocol,
+        servers,
+    })
+}
+
+/// The edge's mTLS client configuration towards a group's key servers (TLS 1.3 only).
+fn tls_config(ks: &GroupConfig) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in certificates(&ks.ca, "key-server CA")? {
         roots.add(ca).map_err(|source| IdentityError::Ca {
@@ -109,7 +164,7 @@ fn tls_config(ks: &KeyServerConfig) -> Result<Arc<rustls::ClientConfig>, Identit
 }
 
 /// The certificates of a PEM file (at least one).
-fn certificates(
+pub(crate) fn certificates(
     path: &Path,
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {

@@ -18,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
 use super::signer::{client_error_label, HandshakeBudget, KeyType, RemoteContext, RemoteKey};
-use crate::keyserver::ClientError;
+use crate::keyserver::{ClientError, KeyGroup};
 
 /// Cache entries at most (names × key classes).
 const MAX_ENTRIES: u64 = 10_000;
@@ -92,6 +92,28 @@ impl SiteChain {
     }
 }
 
+/// Where a site's chain comes from: its group's key servers, or a local file (the
+/// group still signs).
+#[derive(Clone, Copy)]
+pub(crate) struct ChainSource<'a> {
+    pub(crate) group: &'a KeyGroup,
+    pub(crate) local: Option<&'a Arc<[CertificateDer<'static>]>>,
+}
+
+impl ChainSource<'_> {
+    fn to_owned(self) -> OwnedSource {
+        OwnedSource {
+            group: self.group.clone(),
+            local: self.local.cloned(),
+        }
+    }
+}
+
+struct OwnedSource {
+    group: KeyGroup,
+    local: Option<Arc<[CertificateDer<'static>]>>,
+}
+
 #[derive(Clone)]
 struct Cached {
     chain: Arc<SiteChain>,
@@ -138,24 +160,28 @@ impl CertStore {
         &self.ctx
     }
 
-    /// The chain for `sni` usable with `prefs`, fetching it if it is not cached.
+    /// The chain for `sni` usable with `prefs`: the site's `local` chain, or fetched
+    /// from `group` if it is not cached.
     pub(crate) async fn get(
         self: &Arc<Self>,
         sni: &str,
+        source: ChainSource<'_>,
         prefs: Vec<u8>,
     ) -> Result<Arc<SiteChain>, Arc<FetchError>> {
         let key: CacheKey = (Arc::from(sni), prefs);
         let me = self.clone();
         let k2 = key.clone();
+        let owned = source.to_owned();
         let cached = self
             .cache
-            .try_get_with(key.clone(), async move { me.fetch(&k2).await })
+            .try_get_with(key.clone(), async move { me.fetch(&k2, &owned).await })
             .await?;
         if cached.fetched.elapsed() > self.ttl && self.refreshing.get(&key).is_none() {
             self.refreshing.insert(key.clone(), ());
             let me = self.clone();
+            let owned = source.to_owned();
             tokio::spawn(async move {
-                match me.fetch(&key).await {
+                match me.fetch(&key, &owned).await {
                     Ok(fresh) => me.cache.insert(key.clone(), fresh).await,
                     Err(e) => {
                         tracing::warn!(sni = %key.0, error = %e, "certificate refresh failed; serving the cached chain")
@@ -171,12 +197,20 @@ impl CertStore {
         Ok(cached.chain)
     }
 
-    async fn fetch(&self, key: &CacheKey) -> Result<Cached, FetchError> {
+    async fn fetch(&self, key: &CacheKey, source: &OwnedSource) -> Result<Cached, FetchError> {
         let (sni, prefs) = key;
+        let group = &source.group;
+        if let Some(local) = &source.local {
+            let chain = self.site_chain(local.to_vec(), None, sni, group)?;
+            return Ok(Cached {
+                chain: Arc::new(chain),
+                fetched: Instant::now(),
+            });
+        }
         let mut op = Operation::new(Opcode::GetCertificateChain, prefs.clone());
         op.sni = Some(sni.to_string());
         let started = Instant::now();
-        let reply = self.ctx.client.call(op, None).await;
+        let reply = group.call(op, None).await;
         let took = started.elapsed();
         let reply = match reply {
             Ok(r) => r,
@@ -202,24 +236,44 @@ impl CertStore {
             .into_iter()
             .map(|der| CertificateDer::from(der.to_vec()))
             .collect();
+        let chain = self.site_chain(certs, reply.ski, sni, group)?;
+        tracing::info!(%sni, ski = %chain.key.ski(), group = group.name(), "certificate chain fetched from key server");
+        Ok(Cached {
+            chain: Arc::new(chain),
+            fetched: Instant::now(),
+        })
+    }
+
+    /// The chain with its remote key, named by the leaf's public key; `ski`, if the
+    /// key server named one, must match it.
+    fn site_chain(
+        &self,
+        certs: Vec<CertificateDer<'static>>,
+        ski: Option<Ski>,
+        sni: &Arc<str>,
+        group: &KeyGroup,
+    ) -> Result<SiteChain, FetchError> {
         let leaf = certs.first().ok_or(FetchError::BadChain("empty chain"))?;
         let (_, parsed) = X509Certificate::from_der(leaf)
             .map_err(|_| FetchError::BadChain("leaf is not X.509"))?;
         let spki = parsed.public_key().raw.to_vec();
         let key_type =
             KeyType::from_spki(&spki).ok_or(FetchError::BadChain("unsupported key type"))?;
-        let ski = Ski::from_public_key_bits(&parsed.public_key().subject_public_key.data);
-        if reply.ski.is_some_and(|s| s != ski) {
+        let leaf_ski = Ski::from_public_key_bits(&parsed.public_key().subject_public_key.data);
+        if ski.is_some_and(|s| s != leaf_ski) {
             return Err(FetchError::BadChain(
                 "SKI does not match the leaf certificate",
             ));
         }
-        tracing::info!(%sni, %ski, ?key_type, "certificate chain fetched from key server");
-        let remote = RemoteKey::new(ski, key_type, spki, sni.clone(), self.ctx.clone());
-        Ok(Cached {
-            chain: Arc::new(SiteChain { certs, key: remote }),
-            fetched: Instant::now(),
-        })
+        let remote = RemoteKey::new(
+            leaf_ski,
+            key_type,
+            spki,
+            sni.clone(),
+            group.clone(),
+            self.ctx.clone(),
+        );
+        Ok(SiteChain { certs, key: remote })
     }
 }
 

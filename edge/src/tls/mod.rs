@@ -20,10 +20,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
 use crate::config::{KeyServerConfig, TlsConfig};
-use crate::keyserver::KeyServerClient;
+use crate::keyserver::{KeyGroup, KeyServerClient};
 use crate::metrics::{HandshakeLabels, Metrics};
 use crate::sites::{Site, Sites};
-use certs::{key_preference, CertStore, FetchError, Fixed, SiteChain};
+use certs::{key_preference, CertStore, ChainSource, FetchError, Fixed, SiteChain};
 pub use signer::KeyType;
 use signer::{HandshakeBudget, RemoteContext};
 
@@ -49,8 +49,6 @@ pub struct TlsFrontConfig {
     pub handshake_timeout: Duration,
     /// How long a fetched chain is used before a background refresh.
     pub cert_ttl: Duration,
-    /// Send the whole to-be-signed message to the key server (extension tag 0x40).
-    pub send_handshake_message: bool,
     /// Remote private-key operations that may wait for the key server at once.
     pub max_concurrent_ops: usize,
 }
@@ -62,7 +60,6 @@ impl TlsFrontConfig {
             default_site: tls.default_site.clone(),
             handshake_timeout: tls.handshake_timeout,
             cert_ttl: tls.cert_ttl,
-            send_handshake_message: true,
             max_concurrent_ops: keyserver.max_concurrent_ops.get(),
         }
     }
@@ -73,6 +70,8 @@ pub struct TlsFront {
     template: ServerConfig,
     certs: Arc<CertStore>,
     sites: Arc<Sites>,
+    /// Key-server groups by name.
+    client: Arc<KeyServerClient>,
     default_site: Option<(String, Arc<Site>)>,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
@@ -95,6 +94,14 @@ pub enum TlsFrontError {
     /// `[tls] default_site` names no configured site.
     #[error("[tls] default_site {0:?} is not a configured domain")]
     UnknownDefaultSite(String),
+    /// A site names a key-server group the client does not have.
+    #[error("site {site}: no key-server group {group:?}")]
+    UnknownGroup {
+        /// The site.
+        site: String,
+        /// The group it names.
+        group: String,
+    },
 }
 
 /// A handshake refused before rustls ran (already logged): its metric label and the
@@ -142,10 +149,16 @@ impl TlsFront {
             }
             None => None,
         };
+        for site in sites.all() {
+            if client.group(&site.keyserver_group).is_none() {
+                return Err(TlsFrontError::UnknownGroup {
+                    site: site.name().to_owned(),
+                    group: site.keyserver_group.clone(),
+                });
+            }
+        }
         let ctx = RemoteContext {
-            client,
             metrics: metrics.clone(),
-            send_message: config.send_handshake_message,
             permits: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_ops.max(1),
             )),
@@ -154,6 +167,7 @@ impl TlsFront {
             template,
             certs: CertStore::new(config.cert_ttl, ctx),
             sites,
+            client,
             default_site,
             metrics,
             handshake_timeout: config.handshake_timeout,
@@ -186,7 +200,12 @@ impl TlsFront {
         let prefs = key_preference(hello.signature_schemes());
         let prepared = async {
             let (name, site) = self.site_for(sni, &at)?;
-            let chain = self.chain_for(&name, prefs, &at).await?;
+            let group = self.group_for(&name, &site, &at)?;
+            let source = ChainSource {
+                group,
+                local: site.chain.as_ref(),
+            };
+            let chain = self.chain_for(&name, source, prefs, &at).await?;
             let permit = self.remote_permit(&name, &at)?;
             Ok::<_, Refusal>((name, site, chain, permit))
         };
@@ -248,19 +267,41 @@ impl TlsFront {
         }
     }
 
-    /// The chain of `name` for a client that accepts the key types `prefs`, cached or
-    /// fetched from the key server within the handshake deadline.
+    /// The key-server group of `site`, if any of its servers is up. Fail closed: with
+    /// every server of the group down, the handshake is refused at once with
+    /// handshake_failure instead of waiting for a key server that will not answer.
+    fn group_for(&self, name: &str, site: &Site, at: &Attempt) -> Result<&KeyGroup, Refusal> {
+        let refuse = |label| Refusal {
+            label,
+            alert: ALERT_HANDSHAKE_FAILURE,
+        };
+        // Every site's group was checked to exist when the front was built.
+        let group = self
+            .client
+            .group(&site.keyserver_group)
+            .ok_or_else(|| refuse("keyserver-down"))?;
+        if !group.is_usable() {
+            tracing::debug!(peer = %at.peer, sni = %name, group = group.name(), "every key server of the site's group is down: refusing handshake");
+            return Err(refuse("keyserver-down"));
+        }
+        Ok(group)
+    }
+
+    /// The chain of `name` for a client that accepts the key types `prefs`: the site's
+    /// local chain, or cached, or fetched from the key server within the handshake
+    /// deadline.
     async fn chain_for(
         &self,
         name: &str,
+        source: ChainSource<'_>,
         prefs: Vec<u8>,
         at: &Attempt,
     ) -> Result<Arc<SiteChain>, Refusal> {
-        let fetched = match timeout_at(at.deadline, self.certs.get(name, prefs)).await {
+        let fetched = match timeout_at(at.deadline, self.certs.get(name, source, prefs)).await {
             // The site exists but has no key of the kinds the client listed: take the
             // key server's choice and let rustls refuse with handshake_failure.
             Ok(Err(e)) if matches!(*e, FetchError::NotFound) => {
-                timeout_at(at.deadline, self.certs.get(name, Vec::new())).await
+                timeout_at(at.deadline, self.certs.get(name, source, Vec::new())).await
             }
             other => other,
         };

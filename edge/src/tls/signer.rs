@@ -19,7 +19,8 @@ use rustls::{SignatureAlgorithm, SignatureScheme};
 use rustls_pki_types::SubjectPublicKeyInfoDer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::keyserver::{ClientError, KeyServerClient};
+use crate::config::Protocol;
+use crate::keyserver::{ClientError, KeyGroup};
 use crate::metrics::Metrics;
 
 /// Public-key family of a site certificate.
@@ -99,13 +100,10 @@ fn opcode_for(scheme: SignatureScheme) -> Option<(Opcode, Option<HashAlg>)> {
     })
 }
 
-/// What a remote signature needs besides the message.
+/// What every remote signature needs besides the message and the key's group.
 #[derive(Clone)]
 pub(crate) struct RemoteContext {
-    pub(crate) client: Arc<KeyServerClient>,
     pub(crate) metrics: Arc<Metrics>,
-    /// Send the whole to-be-signed message (tag 0x40) so the key server can check it.
-    pub(crate) send_message: bool,
     /// Remote private-key operations that may wait at once (one permit each).
     pub(crate) permits: Arc<Semaphore>,
 }
@@ -154,6 +152,8 @@ pub struct RemoteKey {
     key_type: KeyType,
     spki: Arc<[u8]>,
     sni: Arc<str>,
+    /// The key servers that hold the key.
+    group: KeyGroup,
     ctx: RemoteContext,
     /// Set on the per-handshake copy given to rustls.
     budget: Option<Arc<HandshakeBudget>>,
@@ -169,11 +169,17 @@ impl std::fmt::Debug for RemoteKey {
 }
 
 impl RemoteKey {
+    /// The key's id at the key server.
+    pub(crate) fn ski(&self) -> Ski {
+        self.ski
+    }
+
     pub(crate) fn new(
         ski: Ski,
         key_type: KeyType,
         spki: Vec<u8>,
         sni: Arc<str>,
+        group: KeyGroup,
         ctx: RemoteContext,
     ) -> RemoteKey {
         RemoteKey {
@@ -181,6 +187,7 @@ impl RemoteKey {
             key_type,
             spki: spki.into(),
             sni,
+            group,
             ctx,
             budget: None,
         }
@@ -207,6 +214,7 @@ impl SigningKey for RemoteKey {
             scheme: *scheme,
             ski: self.ski,
             sni: self.sni.clone(),
+            group: self.group.clone(),
             ctx: self.ctx.clone(),
             budget: self.budget.clone(),
         }))
@@ -229,6 +237,7 @@ struct RemoteSigner {
     scheme: SignatureScheme,
     ski: Ski,
     sni: Arc<str>,
+    group: KeyGroup,
     ctx: RemoteContext,
     budget: Option<Arc<HandshakeBudget>>,
 }
@@ -256,7 +265,8 @@ impl Signer for RemoteSigner {
         let mut op = Operation::new(opcode, payload);
         op.ski = Some(self.ski);
         op.sni = Some(self.sni.to_string());
-        if self.ctx.send_message {
+        // Reference key servers get bare digests: no extension tags.
+        if self.group.protocol() == Protocol::Keyless {
             // Ed25519 signs the message itself; the tag still lets a strict key server
             // check that it is a TLS handshake message.
             op.signed_message = Some(message.to_vec().into());
@@ -277,8 +287,7 @@ impl Signer for RemoteSigner {
         let started = Instant::now();
         self.ctx.metrics.remote_ops_in_flight.inc();
         let result = self
-            .ctx
-            .client
+            .group
             .call_blocking(op, self.budget.as_ref().map(|b| b.deadline));
         self.ctx.metrics.remote_ops_in_flight.dec();
         let took = started.elapsed();
@@ -309,6 +318,7 @@ pub(crate) fn client_error_label(e: &ClientError) -> &'static str {
         ClientError::ConnectionLost => "connection-lost",
         ClientError::Timeout(_) => "timeout",
         ClientError::Remote(code) => code.name(),
+        ClientError::GroupDown(_) => "group-down",
         _ => "error",
     }
 }

@@ -5,7 +5,6 @@
 //! [`OriginClient`] implements the [`Fetch`] interface the cache uses; it knows nothing
 //! of the cache or of client connections. Failures become [`FetchError`]s.
 
-mod dns;
 pub(crate) mod headers;
 mod pool;
 
@@ -26,14 +25,14 @@ use crate::metrics::Metrics;
 use crate::sites::Site;
 use pool::Pool;
 
-pub use dns::Resolver;
+pub use crate::dns::Resolver;
 
 /// Why the origin client cannot be set up (at start only).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// The resolver of `[dns]` cannot be built.
     #[error("DNS resolver: {0}")]
-    Resolver(#[source] hickory_resolver::net::NetError),
+    Resolver(#[from] crate::dns::ResolverError),
     /// `[proxy] origin_ca` is unusable.
     #[error("origin_ca {path}: {reason}")]
     OriginCa {

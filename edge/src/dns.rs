@@ -1,18 +1,45 @@
-//! Resolution of origin host names through hickory: the configured name servers or
-//! the system's (`/etc/resolv.conf`, `/etc/hosts`), with a bounded cache that keeps
-//! each answer for its TTL.
+//! Name resolution through hickory, for origin host names and key-server SRV records:
+//! the name servers of `[dns]` or the system's (`/etc/resolv.conf`, `/etc/hosts`), with
+//! a bounded cache that keeps each answer for its TTL.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 
-use super::SetupError;
 use crate::config::DnsConfig;
 use crate::config::NameServer;
-use crate::exchange::FetchError;
+
+/// A name that did not resolve.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} did not resolve: {reason}")]
+pub struct DnsError {
+    /// The name asked for.
+    pub name: String,
+    /// The resolver's answer.
+    pub reason: String,
+}
+
+/// The resolver of `[dns]` cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[error("DNS resolver: {0}")]
+pub struct ResolverError(#[source] hickory_resolver::net::NetError);
+
+/// One SRV record (RFC 2782).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SrvTarget {
+    /// Lower is preferred.
+    pub priority: u16,
+    /// Share among targets of one priority.
+    pub weight: u16,
+    /// The port to connect to.
+    pub port: u16,
+    /// The target host, without the trailing dot.
+    pub target: String,
+}
 
 /// Answers kept at most (names × record types); each expires with its TTL.
 const CACHE_SIZE: u64 = 1024;
@@ -22,7 +49,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// origin whose record was just created is found quickly.
 const NEGATIVE_MAX_TTL: Duration = Duration::from_secs(30);
 
-/// Resolves origin host names to the addresses to connect to.
+/// Resolves host names to the addresses to connect to, and SRV records.
 #[derive(Clone)]
 pub struct Resolver {
     inner: TokioResolver,
@@ -37,7 +64,7 @@ impl std::fmt::Debug for Resolver {
 impl Resolver {
     /// Builds the resolver of `[dns]`: its name servers (UDP, and TCP for truncated
     /// answers), or the system configuration when none are listed.
-    pub fn new(config: &DnsConfig) -> Result<Resolver, SetupError> {
+    pub fn new(config: &DnsConfig) -> Result<Resolver, ResolverError> {
         let mut builder = if config.nameservers.is_empty() {
             match TokioResolver::builder_tokio() {
                 Ok(builder) => builder,
@@ -71,13 +98,13 @@ impl Resolver {
         opts.negative_max_ttl = Some(NEGATIVE_MAX_TTL);
         // Both families, IPv4 first: the connector tries them in this order.
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-        let inner = builder.build().map_err(SetupError::Resolver)?;
+        let inner = builder.build().map_err(ResolverError)?;
         Ok(Resolver { inner })
     }
 
     /// The addresses of `host` (a name, an IP literal, or a bracketed IPv6 literal) with
     /// `port`, in the order to try them. IP literals are returned without a query.
-    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, FetchError> {
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, DnsError> {
         let bare = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
@@ -85,8 +112,8 @@ impl Resolver {
         if let Ok(ip) = bare.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        let dns_error = |reason: String| FetchError::Dns {
-            host: host.to_owned(),
+        let dns_error = |reason: String| DnsError {
+            name: host.to_owned(),
             reason,
         };
         let lookup = self
@@ -102,6 +129,36 @@ impl Resolver {
             return Err(dns_error("no addresses".into()));
         }
         Ok(addrs)
+    }
+
+    /// The SRV records of `name`, and until when the answer may be used (its TTL).
+    pub async fn srv(&self, name: &str) -> Result<(Vec<SrvTarget>, Instant), DnsError> {
+        let dns_error = |reason: String| DnsError {
+            name: name.to_owned(),
+            reason,
+        };
+        let lookup = self
+            .inner
+            .srv_lookup(name)
+            .await
+            .map_err(|e| dns_error(e.to_string()))?;
+        let targets: Vec<SrvTarget> = lookup
+            .answers()
+            .iter()
+            .filter_map(|rec| match &rec.data {
+                RData::SRV(srv) => Some(SrvTarget {
+                    priority: srv.priority,
+                    weight: srv.weight,
+                    port: srv.port,
+                    target: srv.target.to_string().trim_end_matches('.').to_owned(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(dns_error("no SRV records".into()));
+        }
+        Ok((targets, lookup.valid_until()))
     }
 }
 

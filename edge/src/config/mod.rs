@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod keyserver;
+
+pub use keyserver::{GroupConfig, GroupServers, KeyServerConfig, Protocol, ServerEntry};
+
 /// Implements `Deserialize` through `FromStr` for a configuration value.
 macro_rules! deserialize_from_str {
     ($t:ty) => {
@@ -81,38 +85,6 @@ pub struct ListenConfig {
     /// Health and metrics. Default `127.0.0.1:9090`.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
-}
-
-/// `[keyserver]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyServerConfig {
-    /// `host:port` of each key server, most preferred first.
-    pub servers: Vec<KeyServerAddr>,
-    /// CA that key-server certificates chain to.
-    pub ca: PathBuf,
-    /// The edge's client certificate (PEM chain).
-    pub cert: PathBuf,
-    /// The edge's client key (PEM).
-    pub key: PathBuf,
-    /// Name to verify key-server certificates against. Default: each server's host.
-    #[serde(default)]
-    pub server_name: Option<String>,
-    /// Connections per key server. Default 2.
-    #[serde(default = "default_ks_connections")]
-    pub connections: NonZeroUsize,
-    /// Deadline of each key-server request. Default "2s".
-    #[serde(default = "default_2s", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Deadline of connecting to a key server. Default "2s".
-    #[serde(default = "default_2s", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Remote private-key operations (handshake signatures) that may wait for key
-    /// servers at once; a handshake beyond it is refused at once with an alert. Each
-    /// waiting signature holds a thread, so at most [`MAX_CONCURRENT_OPS_LIMIT`].
-    /// Default 128.
-    #[serde(default = "default_max_concurrent_ops")]
-    pub max_concurrent_ops: NonZeroUsize,
 }
 
 /// Largest `[keyserver] max_concurrent_ops`: half of tokio's blocking pool (512
@@ -272,6 +244,13 @@ pub struct SiteConfig {
     /// How this site's responses are cached.
     #[serde(default)]
     pub cache: SiteCacheConfig,
+    /// The key-server group that holds this site's keys. Default: the only group.
+    #[serde(default)]
+    pub keyserver_group: Option<String>,
+    /// The site's certificate chain (PEM, leaf first), served as it is instead of being
+    /// fetched from the key server; required for groups with `protocol = "reference"`.
+    #[serde(default)]
+    pub chain: Option<PathBuf>,
 }
 
 /// `[cache]`: the shared HTTP cache (RFC 9111) of every site.
@@ -394,10 +373,10 @@ fn default_https() -> SocketAddr {
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9090))
 }
-fn default_ks_connections() -> NonZeroUsize {
+pub(crate) fn default_ks_connections() -> NonZeroUsize {
     NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN)
 }
-fn default_2s() -> Duration {
+pub(crate) fn default_2s() -> Duration {
     Duration::from_secs(2)
 }
 fn default_5s() -> Duration {
@@ -415,7 +394,7 @@ fn default_60s() -> Duration {
 fn default_cert_ttl() -> Duration {
     Duration::from_secs(300)
 }
-fn default_max_concurrent_ops() -> NonZeroUsize {
+pub(crate) fn default_max_concurrent_ops() -> NonZeroUsize {
     NonZeroUsize::new(128).unwrap_or(NonZeroUsize::MIN)
 }
 fn default_max_connections() -> NonZeroUsize {
@@ -443,11 +422,11 @@ impl Config {
         };
         let mut config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut paths = vec![
-            &mut config.keyserver.ca,
-            &mut config.keyserver.cert,
-            &mut config.keyserver.key,
-        ];
+        config
+            .keyserver
+            .resolve(base, &mut config.sites)
+            .map_err(invalid)?;
+        let mut paths = Vec::new();
         if let Some(p) = config.proxy.origin_ca.as_mut() {
             paths.push(p);
         }
@@ -458,9 +437,6 @@ impl Config {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
-        }
-        if config.keyserver.servers.is_empty() {
-            return Err(invalid("[keyserver] servers is empty".into()));
         }
         if config.keyserver.max_concurrent_ops.get() > MAX_CONCURRENT_OPS_LIMIT {
             return Err(invalid(format!(
