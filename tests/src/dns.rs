@@ -26,15 +26,46 @@ pub struct Dns {
     addr: SocketAddr,
 }
 
+/// An SRV record: `owner` (`_service._proto.name`) → `target:port`.
+#[derive(Clone, Copy, Debug)]
+pub struct SrvRecord<'a> {
+    /// The owner name, e.g. `_keyless._tcp.ks.test`.
+    pub owner: &'a str,
+    /// The target host (give it an A record too).
+    pub target: &'a str,
+    /// The port.
+    pub port: u16,
+    /// Lower is preferred.
+    pub priority: u16,
+    /// Share within a priority.
+    pub weight: u16,
+}
+
 impl Dns {
     /// Starts dnsmasq answering `name → ip` for each record (exact names; more than one
     /// record per name is allowed), logging into `logs_dir`.
     pub fn start(logs_dir: &Path, records: &[(&str, IpAddr)]) -> Result<Dns> {
+        Dns::start_with(logs_dir, None, records, &[], None)
+    }
+
+    /// Like [`Dns::start`], on `addr` if given (e.g. where a stopped one listened, to
+    /// change the records a resolver sees), also serving `srv`, every answer with `ttl`
+    /// seconds to live (dnsmasq's default for its own records is 0).
+    pub fn start_with(
+        logs_dir: &Path,
+        addr: Option<SocketAddr>,
+        records: &[(&str, IpAddr)],
+        srv: &[SrvRecord<'_>],
+        ttl: Option<u32>,
+    ) -> Result<Dns> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         if !Path::new(DNSMASQ).is_file() {
             bail!("{DNSMASQ} not found: the edge tests need a real DNS server (apt-get install dnsmasq)");
         }
-        let addr = free_addr()?;
+        let addr = match addr {
+            Some(addr) => addr,
+            None => free_addr()?,
+        };
         let mut cmd = Command::new(DNSMASQ);
         cmd.args([
             "--keep-in-foreground",
@@ -61,6 +92,15 @@ impl Dns {
         for (name, ip) in records {
             cmd.arg(format!("--host-record={name},{ip}"));
         }
+        for r in srv {
+            cmd.arg(format!(
+                "--srv-host={},{},{},{},{}",
+                r.owner, r.target, r.port, r.priority, r.weight
+            ));
+        }
+        if let Some(ttl) = ttl {
+            cmd.arg(format!("--local-ttl={ttl}"));
+        }
         let log_path = logs_dir.join(format!(
             "dnsmasq-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
@@ -78,6 +118,11 @@ impl Dns {
             }
         }
         Ok(Dns { process, addr })
+    }
+
+    /// Stops dnsmasq (SIGKILL) and waits for it to exit.
+    pub fn stop(mut self) -> Result<()> {
+        self.process.kill().map(drop)
     }
 
     /// The address to give resolvers (`127.0.0.1:PORT`).

@@ -86,18 +86,7 @@ pub async fn handshake_flood(
     n: usize,
     give_up: Duration,
 ) -> Result<FloodReport> {
-    let mut roots = RootCertStore::empty();
-    for cert in
-        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
-    {
-        roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = TlsConnector::from(Arc::new(config));
+    let connector = TlsConnector::from(Arc::new(client_config(ca, true)?));
     let name = ServerName::try_from(host.to_owned())?;
     let mut tasks = JoinSet::new();
     for _ in 0..n {
@@ -146,5 +135,171 @@ fn classify(e: &std::io::Error) -> HandshakeEnd {
         | std::io::ErrorKind::ConnectionReset
         | std::io::ErrorKind::BrokenPipe => HandshakeEnd::Closed,
         _ => HandshakeEnd::Other(e.to_string()),
+    }
+}
+
+/// One handshake of a [`HandshakeLoad`]: the phase it started in, how it ended, when.
+#[derive(Clone, Debug)]
+pub struct LoadOutcome {
+    /// The phase label current when it started.
+    pub phase: String,
+    /// How it ended.
+    pub end: HandshakeEnd,
+    /// Its duration from TCP connect.
+    pub elapsed: Duration,
+    /// When it started.
+    pub started: Instant,
+}
+
+/// A steady stream of new, full TLS 1.3 handshakes (no resumption, each chain verified)
+/// from a thread of its own, labelled by phase, until [`HandshakeLoad::stop`].
+pub struct HandshakeLoad {
+    phase: Arc<std::sync::Mutex<String>>,
+    outcomes: Arc<std::sync::Mutex<Vec<LoadOutcome>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl HandshakeLoad {
+    /// Starts `workers` clients, each making one handshake every `1 / per_worker_rate`
+    /// seconds (or back to back when slower), giving each up after `give_up`.
+    pub fn start(
+        addr: SocketAddr,
+        host: &str,
+        ca: &Path,
+        workers: usize,
+        per_worker_rate: f64,
+        give_up: Duration,
+    ) -> Result<HandshakeLoad> {
+        let connector = TlsConnector::from(Arc::new(client_config(ca, false)?));
+        let name = ServerName::try_from(host.to_owned())?;
+        let phase = Arc::new(std::sync::Mutex::new("start".to_owned()));
+        let outcomes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, o, s) = (phase.clone(), outcomes.clone(), stop.clone());
+        let every = Duration::from_secs_f64(1.0 / per_worker_rate);
+        let thread = std::thread::spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut tasks = JoinSet::new();
+                for _ in 0..workers {
+                    let (connector, name) = (connector.clone(), name.clone());
+                    let (p, o, s) = (p.clone(), o.clone(), s.clone());
+                    tasks.spawn(async move {
+                        let mut tick = tokio::time::interval(every);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                            tick.tick().await;
+                            let phase = p.lock().map(|p| p.clone()).unwrap_or_default();
+                            let started = Instant::now();
+                            let end = one_handshake(&connector, &name, addr, give_up).await;
+                            let outcome = LoadOutcome {
+                                phase,
+                                end,
+                                elapsed: started.elapsed(),
+                                started,
+                            };
+                            if let Ok(mut o) = o.lock() {
+                                o.push(outcome);
+                            }
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+            Ok(())
+        });
+        Ok(HandshakeLoad {
+            phase,
+            outcomes,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Labels the handshakes started from now on.
+    pub fn phase(&self, name: &str) {
+        if let Ok(mut p) = self.phase.lock() {
+            *p = name.to_owned();
+        }
+    }
+
+    /// The outcomes so far.
+    pub fn outcomes(&self) -> Vec<LoadOutcome> {
+        self.outcomes.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    /// Stops the clients and returns every outcome.
+    pub fn stop(mut self) -> Result<Vec<LoadOutcome>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+        }
+        Ok(self.outcomes())
+    }
+}
+
+impl Drop for HandshakeLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Counts per phase, in the order phases first appear: `(phase, attempted, failed)`.
+pub fn per_phase(outcomes: &[LoadOutcome]) -> Vec<(String, usize, usize)> {
+    let mut rows: Vec<(String, usize, usize)> = Vec::new();
+    let mut sorted: Vec<&LoadOutcome> = outcomes.iter().collect();
+    sorted.sort_by_key(|o| o.started);
+    for o in sorted {
+        let failed = usize::from(o.end != HandshakeEnd::Established);
+        match rows.iter_mut().find(|(p, _, _)| *p == o.phase) {
+            Some(row) => {
+                row.1 += 1;
+                row.2 += failed;
+            }
+            None => rows.push((o.phase.clone(), 1, failed)),
+        }
+    }
+    rows
+}
+
+/// A TLS 1.3 client trusting the PEM CA in `ca`; `resumption` off makes every handshake
+/// a full one.
+fn client_config(ca: &Path, resumption: bool) -> Result<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
+    {
+        roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(config)
+}
+
+/// One handshake with `addr`, classified.
+async fn one_handshake(
+    connector: &TlsConnector,
+    name: &ServerName<'static>,
+    addr: SocketAddr,
+    give_up: Duration,
+) -> HandshakeEnd {
+    let Ok(Ok(tcp)) = tokio::time::timeout(give_up, TcpStream::connect(addr)).await else {
+        return HandshakeEnd::ConnectFailed;
+    };
+    match tokio::time::timeout(give_up, connector.connect(name.clone(), tcp)).await {
+        Ok(Ok(_)) => HandshakeEnd::Established,
+        Ok(Err(e)) => classify(&e),
+        Err(_) => HandshakeEnd::Hung,
     }
 }

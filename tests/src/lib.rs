@@ -41,9 +41,12 @@ pub use deployment::{
     add_acl, allow_rsa_decrypt, set_default_acl, set_permissive, set_tls, unique_temp_dir,
     Deployment, EDGE_NAME,
 };
-pub use dns::Dns;
+pub use dns::{Dns, SrvRecord};
 pub use edge::{check_edge_config, edge_bin, metric_sum, Edge, EdgeConfig, SiteEntry};
-pub use flood::{handshake_flood, FloodReport, HandshakeEnd, HandshakeOutcome};
+pub use flood::{
+    handshake_flood, per_phase, FloodReport, HandshakeEnd, HandshakeLoad, HandshakeOutcome,
+    LoadOutcome,
+};
 pub use https::{KeepAliveClient, KeepAliveResponse};
 pub use net::{free_addr, free_port, http_get, wait_for_port};
 pub use process::run_with_timeout;
