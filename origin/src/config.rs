@@ -78,7 +78,8 @@ pub(crate) struct Config {
     /// replies). Default "10s".
     #[serde(default = "default_stall_timeout", with = "humantime_serde")]
     pub(crate) stall_timeout: Duration,
-    /// On SIGTERM, in-flight requests get this long to finish. Default "10s".
+    /// Longest drain after SIGTERM: connections, told to go away, are served until their
+    /// edge closes them or this time has passed, whichever comes first. Default "10s".
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub(crate) shutdown_timeout: Duration,
     /// The key server's own TLS identity and the CA of its clients.

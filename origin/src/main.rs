@@ -10,13 +10,13 @@ mod pool;
 mod server;
 mod tls;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use clap::Parser;
 use keyless_shared::cli::{exit_with_error, init_logging, ServerArgs};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -104,12 +104,16 @@ async fn serve(
     store: Keystore,
 ) -> anyhow::Result<()> {
     let shared = Arc::new(shared_state(&config, tls, store)?);
+    // Before the port opens: whoever sees it open may signal, and a signal not yet
+    // caught would kill the process.
+    let mut signals = Signals::install()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    // The hard stop: connections close at once (SIGINT, or the end of a drain).
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     tokio::spawn(metrics::serve(
@@ -136,16 +140,18 @@ async fn serve(
         shutdown.clone(),
         tracker.clone(),
     );
-    let signals = handle_signals(shared, &config, config_path, shutdown.clone());
-    let graceful = tokio::select! {
-        () = accept => true,
-        graceful = signals => graceful?,
+    let stop = tokio::select! {
+        // Only ends on `shutdown`, which is cancelled below.
+        () = accept => Stop::Now,
+        stop = signals.next_stop(&shared, &config, &config_path) => stop,
     };
-    shutdown.cancel();
+    // The accept loop, and with it the listener, was dropped with the select: from here
+    // on new connections are refused and a new key server may bind the port.
     tracker.close();
-    if graceful {
-        drain(&tracker, config.shutdown_timeout).await;
+    if stop == Stop::Drain {
+        drain(&shared, &tracker, &mut signals, &config, &config_path).await;
     }
+    shutdown.cancel();
     tracing::info!("key server stopped");
     Ok(())
 }
@@ -174,36 +180,92 @@ fn shared_state(config: &Config, tls: tls::TlsState, store: Keystore) -> anyhow:
         handshake_timeout: config.handshake_timeout,
         idle_timeout: config.idle_timeout,
         stall_timeout: config.stall_timeout,
+        drain: CancellationToken::new(),
     })
 }
 
-/// Waits up to `timeout` for the connections of the closed `tracker` to finish.
-async fn drain(tracker: &TaskTracker, timeout: std::time::Duration) {
-    tracing::info!(open = tracker.len(), "draining connections");
-    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            open = tracker.len(),
-            "shutdown timeout: closing remaining connections"
-        );
+/// Drains after SIGTERM, the listener already closed: every open connection is told
+/// to go away and served until its edge closes it. Returns when the connections of the
+/// closed `tracker` have all ended, when `shutdown_timeout` has passed, or on SIGINT;
+/// the caller then closes what is left.
+async fn drain(
+    shared: &Shared,
+    tracker: &TaskTracker,
+    signals: &mut Signals,
+    config: &Config,
+    config_path: &Path,
+) {
+    let timeout = config.shutdown_timeout;
+    shared.start_drain();
+    tracing::info!(
+        connections = tracker.len(),
+        ?timeout,
+        "SIGTERM: draining; new connections refused, go-away sent on every open connection"
+    );
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = tracker.wait() => {
+                tracing::info!("drained: every edge connection closed");
+                return;
+            }
+            () = &mut deadline => {
+                tracing::warn!(
+                    connections = tracker.len(),
+                    ?timeout,
+                    "drain: shutdown timeout passed; closing the remaining connections"
+                );
+                return;
+            }
+            stop = signals.next_stop(shared, config, config_path) => match stop {
+                Stop::Now => {
+                    tracing::info!(connections = tracker.len(), "drain: cut short by SIGINT");
+                    return;
+                }
+                Stop::Drain => tracing::info!("SIGTERM: already draining"),
+            },
+        }
     }
 }
 
-/// Reloads on SIGHUP; returns on SIGTERM (`true`, graceful) or SIGINT (`false`).
-async fn handle_signals(
-    shared: Arc<Shared>,
-    config: &Config,
-    config_path: PathBuf,
-    shutdown: CancellationToken,
-) -> anyhow::Result<bool> {
-    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => reload(&shared, config, &config_path).await,
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down gracefully"); return Ok(true) }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(false) }
-            () = shutdown.cancelled() => return Ok(true),
+/// How the key server is to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: drain the connections, then stop.
+    Drain,
+    /// SIGINT: stop at once.
+    Now,
+}
+
+/// The signals the key server handles. Once installed they stay caught for the life of
+/// the process, so they are watched during a drain too.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+        })
+    }
+
+    /// Reloads on every SIGHUP; returns on SIGTERM or SIGINT.
+    async fn next_stop(&mut self, shared: &Shared, config: &Config, config_path: &Path) -> Stop {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => reload(shared, config, config_path).await,
+                _ = self.term.recv() => return Stop::Drain,
+                _ = self.int.recv() => {
+                    tracing::info!("SIGINT: shutting down");
+                    return Stop::Now;
+                }
+            }
         }
     }
 }
@@ -212,7 +274,7 @@ async fn handle_signals(
 /// and rebuilds the TLS configuration (key server identity, client CA and CRL) for new
 /// connections; open connections re-check their certificate. A part that fails to load
 /// keeps its current state.
-async fn reload(shared: &Arc<Shared>, config: &Config, config_path: &std::path::Path) {
+async fn reload(shared: &Shared, config: &Config, config_path: &Path) {
     let keys = config.keys.clone();
     let tls_config = config.tls.clone();
     tracing::info!(config = %config_path.display(), dir = %keys.dir.display(), "SIGHUP: reloading keys and TLS configuration");

@@ -70,6 +70,7 @@ pub(crate) struct Metrics {
     pub(crate) cert_expiry: Family<CertLabels, Gauge<i64, AtomicI64>>,
     pub(crate) reloads: Family<ResultLabel, Counter>,
     pub(crate) frame_errors: Counter<u64, AtomicU64>,
+    pub(crate) draining: Gauge,
 }
 
 use std::sync::atomic::AtomicI64;
@@ -144,6 +145,12 @@ impl Metrics {
                 "keyless_frame_errors",
                 "Connections closed for a malformed frame",
                 Counter::default(),
+            ),
+            draining: register(
+                &mut r,
+                "keyless_origin_draining",
+                "1 while the key server drains after SIGTERM (go-away sent, no new connections), else 0",
+                Gauge::default(),
             ),
             registry: r,
         }

@@ -14,18 +14,23 @@
 //!   and a wait for one, like a write of replies, longer than `stall_timeout` closes it.
 //! - private-key work: ECDSA and Ed25519 inline, RSA through the bounded worker queue
 //!   (see `pool`).
+//!
+//! Drain (SIGTERM, `Shared::start_drain`): the accept loop has already stopped; each
+//! connection queues one unsolicited go-away (id 0) behind the replies already waiting
+//! and goes on serving until its edge closes it, and pongs say `draining`. The hard
+//! stop (`shutdown`: SIGINT, or the end of the drain) closes connections at once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use keyless_shared::serve::accept;
 use keyless_shared::{
     check_signing_context, encode_message, log_safe, CodecError, ErrorCode, KeyPreference,
-    KeylessCodec, Message, Opcode, Operation, PolicyError, Ski,
+    KeylessCodec, Message, Opcode, Operation, PolicyError, Ski, MAX_BODY_LEN,
 };
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
@@ -57,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) handshake_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) stall_timeout: Duration,
+    /// Cancelled when the key server starts draining (SIGTERM).
+    pub(crate) drain: CancellationToken,
 }
 
 fn read<T: ?Sized>(lock: &RwLock<Arc<T>>) -> Arc<T> {
@@ -94,6 +101,17 @@ impl Shared {
     pub(crate) fn install_tls(&self, tls: TlsState) {
         write(&self.tls, Arc::new(tls));
         self.tls_generation.send_modify(|g| *g += 1);
+    }
+
+    /// Starts the drain: every open connection sends its edge a go-away and from then
+    /// on pongs carry `draining`. The caller has stopped accepting connections.
+    pub(crate) fn start_drain(&self) {
+        self.metrics.draining.set(1);
+        self.drain.cancel();
+    }
+
+    fn draining(&self) -> bool {
+        self.drain.is_cancelled()
     }
 }
 
@@ -158,7 +176,8 @@ impl Drop for PendingSlot {
     }
 }
 
-/// Accepts edge connections until `shutdown`; connections are tracked by `tracker`.
+/// Accepts edge connections until `shutdown` or until dropped (dropping the future
+/// closes the listener); connections are tracked by `tracker`.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -266,7 +285,7 @@ async fn connection(
     let (rd, wr) = tokio::io::split(tls);
     let reader = FramedRead::new(rd, KeylessCodec);
     // Every reply holds an in-flight permit, so `max_in_flight` replies can be waiting
-    // at most; the extra slot is slack, never needed.
+    // at most; the extra slot is the go-away's, sent once per connection.
     let (tx, rx) = mpsc::channel::<Outgoing>(shared.max_in_flight + 1);
     let alive = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
@@ -319,7 +338,15 @@ async fn read_loop(
     let (peer, client) = (edge.addr, edge.client);
     let permits = Arc::new(Semaphore::new(shared.max_in_flight));
     let mut tls_changed = shared.tls_generation.subscribe();
+    let mut gone_away = false;
     loop {
+        // Draining: the edge is told once, and the loop goes on answering what it still
+        // sends (requests already in transit) until it closes the connection.
+        if !gone_away && shared.draining() {
+            gone_away = true;
+            ctx.go_away();
+            tracing::debug!(%peer, %client, "key server draining: go-away sent");
+        }
         let permit = tokio::select! {
             p = tokio::time::timeout(shared.stall_timeout, permits.clone().acquire_owned()) => match p {
                 Ok(Ok(p)) => p,
@@ -328,11 +355,14 @@ async fn read_loop(
             },
             () = ctx.alive.cancelled() => return "replies could not be written",
             () = shutdown.cancelled() => return "shutdown",
+            () = shared.drain.cancelled(), if !gone_away => continue,
         };
         let next = tokio::select! {
             n = tokio::time::timeout(shared.idle_timeout, reader.next()) => n,
             () = ctx.alive.cancelled() => return "replies could not be written",
             () = shutdown.cancelled() => return "shutdown",
+            // Reading a frame is cancel-safe: a partial one stays in the reader's buffer.
+            () = shared.drain.cancelled(), if !gone_away => continue,
             Ok(()) = tls_changed.changed() => {
                 if shared.tls().still_valid(edge.chain) {
                     continue;
@@ -363,9 +393,10 @@ async fn read_loop(
 }
 
 /// A reply on its way to the writer; the permit frees an in-flight slot once written.
+/// Only the go-away, which answers no request, has none.
 struct Outgoing {
     msg: Message,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 struct ConnCtx {
@@ -378,20 +409,66 @@ struct ConnCtx {
 
 impl ConnCtx {
     fn reply(&self, id: u32, op: Operation, permit: OwnedSemaphorePermit) {
-        let out = Outgoing {
+        self.send(Outgoing {
             msg: Message { id, op },
-            _permit: permit,
-        };
+            _permit: Some(permit),
+        });
+    }
+
+    /// Queues the unsolicited go-away (request id 0, no payload) behind the replies
+    /// already waiting. Called at most once per connection, it takes the channel's one
+    /// slot beyond the in-flight permits, so it never waits nor displaces a reply.
+    fn go_away(&self) {
+        self.send(Outgoing {
+            msg: Message {
+                id: 0,
+                op: Operation {
+                    opcode: Some(Opcode::GoAway),
+                    ..Operation::default()
+                },
+            },
+            _permit: None,
+        });
+    }
+
+    fn send(&self, out: Outgoing) {
         match self.tx.try_send(out) {
             Ok(()) => {}
             // The writer is gone only when the edge went away or stalled; nothing to tell.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // Cannot happen: the channel has room for every permit.
-                tracing::error!(id, "reply channel full; reply dropped");
+            Err(mpsc::error::TrySendError::Full(out)) => {
+                // Cannot happen: the channel has room for every permit and the go-away.
+                tracing::error!(id = out.msg.id, "reply channel full; reply dropped");
             }
         }
     }
+}
+
+/// A pong: the ping's payload echoed, with `server-time` (the clock, read now) and
+/// `draining` (PROTOCOL.md, "Extension: heartbeat and drain"). A payload so long that
+/// the two items would not fit in a frame is echoed without them, as a reference key
+/// server would echo it, rather than answered with an error.
+fn pong(payload: Bytes, draining: bool) -> Operation {
+    // Item header (tag, u16 length) and value of: opcode and payload, then
+    // server-time and draining.
+    const ECHO: usize = (3 + 1) + 3;
+    const EXTENSIONS: usize = (3 + 8) + (3 + 1);
+    let room = ECHO + payload.len() + EXTENSIONS <= MAX_BODY_LEN;
+    let mut pong = Operation::new(Opcode::Pong, payload);
+    if room {
+        pong.server_time = unix_millis();
+        pong.draining = draining;
+    }
+    pong
+}
+
+/// The wall clock in milliseconds since the Unix epoch, for a pong's `server-time`;
+/// `None` for a clock set before the epoch.
+fn unix_millis() -> Option<u64> {
+    let since = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?;
+    Some(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What an audit line says about a request.
@@ -444,7 +521,7 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
         Opcode::Ping => {
             // Pings are liveness probes: counted, not audited.
             metrics.op(opcode.name(), "ok");
-            let pong = Operation::new(Opcode::Pong, op.payload.unwrap_or_default());
+            let pong = pong(op.payload.unwrap_or_default(), ctx.shared.draining());
             ctx.reply(id, pong, permit);
         }
         Opcode::GetCertificateChain => {
@@ -477,7 +554,8 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
             reply.ski = Some(entry.key.ski);
             ctx.reply(id, reply, permit);
         }
-        Opcode::Response | Opcode::Pong | Opcode::Error => {
+        // Replies and the go-away only ever go from key server to edge.
+        Opcode::Response | Opcode::Pong | Opcode::Error | Opcode::GoAway => {
             refuse(ctx, &audit, ErrorCode::UnexpectedOpcode, permit)
         }
         o if o.key_op().is_some() => key_op(ctx, o, op, audit, permit),
@@ -641,4 +719,49 @@ async fn write_loop(
         writing.clear();
     }
     let _ = tokio::time::timeout(stall, wr.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(op: Operation) -> BytesMut {
+        let mut buf = BytesMut::new();
+        encode_message(&Message { id: 7, op }, &mut buf).expect("the pong encodes");
+        buf
+    }
+
+    #[test]
+    fn pong_echoes_and_adds_the_clock_and_drain_state() {
+        let before = unix_millis().expect("clock after 1970");
+        let mut buf = encoded(pong(Bytes::from_static(b"probe"), true));
+        let back = keyless_shared::decode_message(&mut buf)
+            .expect("decodes")
+            .expect("whole frame");
+        assert_eq!(back.op.opcode, Some(Opcode::Pong));
+        assert_eq!(back.op.payload(), b"probe");
+        assert!(back.op.draining);
+        let time = back.op.server_time.expect("server-time");
+        assert!(time >= before && time <= unix_millis().expect("clock"));
+        assert!(!pong(Bytes::new(), false).draining);
+    }
+
+    #[test]
+    fn longest_ping_payload_is_still_echoed() {
+        // The longest payload a ping can carry: the frame holds only its opcode and
+        // payload items.
+        let longest = MAX_BODY_LEN - (3 + 1) - 3;
+        for len in [longest - 30, longest - 16, longest - 15, longest] {
+            let payload = Bytes::from(vec![0xa5; len]);
+            let mut buf = encoded(pong(payload.clone(), true));
+            let back = keyless_shared::decode_message(&mut buf)
+                .expect("decodes")
+                .expect("whole frame");
+            assert_eq!(back.op.payload, Some(payload), "payload of {len} bytes");
+        }
+        assert!(pong(Bytes::from(vec![0; longest - 15]), true).draining);
+        assert!(pong(Bytes::from(vec![0; longest - 14]), true)
+            .server_time
+            .is_none());
+    }
 }
