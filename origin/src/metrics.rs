@@ -148,7 +148,7 @@ impl Metrics {
             ),
             draining: register(
                 &mut r,
-                "keyless_origin_draining",
+                "keyless_draining",
                 "1 while the key server drains after SIGTERM (go-away sent, no new connections), else 0",
                 Gauge::default(),
             ),
@@ -216,6 +216,10 @@ pub(crate) async fn serve(
     serve_admin(listener, shutdown, move |req: Request<Incoming>, _peer| {
         let (status, body) = match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => (StatusCode::OK, metrics.render()),
+            // A draining key server tells load balancers to send nothing new.
+            (&Method::GET, "/healthz") if metrics.draining.get() == 1 => {
+                (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned())
+            }
             (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
             _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
         };

@@ -478,6 +478,10 @@ struct Audit {
     sni: Option<String>,
     ski: Option<Ski>,
     opcode: Opcode,
+    /// `message` when the request carried the whole to-be-signed message (extension
+    /// tag 0x40), `digest` when only the digest: how strongly the operation is bound
+    /// to a TLS handshake.
+    context: &'static str,
     started: Instant,
 }
 
@@ -489,6 +493,7 @@ impl Audit {
             sni = %self.sni.as_deref().map(log_safe).map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             ski = %self.ski.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             op = %self.opcode,
+            context = self.context,
             result = %result,
             duration_us = self.started.elapsed().as_micros() as u64,
             id = self.id,
@@ -511,6 +516,11 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
         sni: op.sni.clone(),
         ski: op.ski,
         opcode: op.opcode.unwrap_or(Opcode::Unknown(0)),
+        context: if op.signed_message.is_some() {
+            "message"
+        } else {
+            "digest"
+        },
         started: Instant::now(),
     };
     let metrics = &ctx.shared.metrics;

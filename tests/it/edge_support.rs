@@ -31,6 +31,8 @@ pub(crate) struct Stack {
 }
 
 type Edit = Box<dyn FnOnce(EdgeConfig) -> EdgeConfig>;
+/// A change to the key server's `origin.toml`.
+type OriginEdit = Box<dyn FnOnce(&mut toml::Table)>;
 
 /// How to set up a [`Stack`].
 #[derive(Default)]
@@ -75,6 +77,19 @@ impl StackBuilder {
 
     /// Starts everything but the edge.
     pub(crate) fn backends(&self) -> Result<Backends> {
+        self.start_backends(None)
+    }
+
+    /// Starts everything but the edge, the key server with its `origin.toml` changed by
+    /// `edit` (written as `origin-edited.toml` beside it).
+    pub(crate) fn backends_with_origin_config(
+        &self,
+        edit: impl FnOnce(&mut toml::Table) + 'static,
+    ) -> Result<Backends> {
+        self.start_backends(Some(Box::new(edit)))
+    }
+
+    fn start_backends(&self, origin_edit: Option<OriginEdit>) -> Result<Backends> {
         let mut domains = vec![SITE];
         if self.rsa_site {
             domains.push(RSA_SITE);
@@ -98,7 +113,13 @@ impl StackBuilder {
                 &[ED25519_SITE],
             )?;
         }
-        let keyserver = KeyServer::start(&deployment)?;
+        let keyserver = match origin_edit {
+            Some(edit) => {
+                let config = deployment.write_config_variant("origin-edited.toml", edit)?;
+                KeyServer::start_with_config(&deployment, &config)?
+            }
+            None => KeyServer::start(&deployment)?,
+        };
         let logs = deployment.logs_dir();
         let origin = TestOrigin::start(&logs)?;
         let dns = Dns::start(&logs, &[(ORIGIN_HOST, IpAddr::V4(Ipv4Addr::LOCALHOST))])?;

@@ -79,13 +79,24 @@ async fn ping_and_check(client: &mut KeyClient, draining: bool) -> Result<()> {
     check_pong(&pong, &payload, draining, sent, now_ms()?)
 }
 
-/// Whether `/metrics` shows `keyless_origin_draining` at `value`.
+/// Whether `/metrics` shows `keyless_draining` at `value`, and `/healthz` agrees
+/// (`503 draining` while draining, for load balancers).
 fn draining_gauge_is(server: &KeyServer, value: u8) -> Result<()> {
     let text = server.metrics_text()?;
-    let line = format!("keyless_origin_draining {value}");
+    let line = format!("keyless_draining {value}");
     ensure!(
         text.lines().any(|l| l == line),
         "no `{line}` in /metrics:\n{text}"
+    );
+    let (status, body) = keyless_tests::http_get(server.metrics_addr(), "/healthz")?;
+    let expected = if value == 1 {
+        (503, "draining\n")
+    } else {
+        (200, "ok\n")
+    };
+    ensure!(
+        (status, body.as_str()) == expected,
+        "/healthz answered {status} {body:?} with keyless_draining {value}"
     );
     Ok(())
 }

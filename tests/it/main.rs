@@ -20,6 +20,7 @@ mod edge_ops;
 mod edge_strict;
 mod edge_support;
 mod errors;
+mod fleet;
 mod keyserver_drain;
 mod keyserver_hardening;
 mod lifecycle;
