@@ -29,6 +29,35 @@ fn fast(c: keyless_tests::EdgeConfig) -> keyless_tests::EdgeConfig {
         .keyserver_option("probe_max_interval", "1s")
 }
 
+/// New full handshakes with [`SITE`] from `workers` clients at `rate` each per second.
+fn load(s: &Stack, workers: usize, rate: f64) -> Result<HandshakeLoad> {
+    let ca = s.edge.client_ca();
+    HandshakeLoad::start(
+        s.edge.https_addr(),
+        SITE,
+        &ca,
+        workers,
+        rate,
+        Duration::from_secs(5),
+    )
+}
+
+/// A stack whose group holds its key server at `first` `(priority, weight)` and one
+/// more key server of the deployment per entry of `others`; the site's chain fetched.
+fn fleet(first: (u16, u16), others: &[(u16, u16)]) -> Result<(Stack, Vec<KeyServer>)> {
+    let backends = StackBuilder::default().backends()?;
+    let mut servers = vec![(backends.keyserver.addr(), first.0, first.1)];
+    let mut extra = Vec::new();
+    for (i, (priority, weight)) in others.iter().enumerate() {
+        let k = KeyServer::start_another(&backends.deployment, &format!("origin-{i}"))?;
+        servers.push((k.addr(), *priority, *weight));
+        extra.push(k);
+    }
+    let s = backends.with_edge(|cfg| fast(cfg.group(GROUP, &servers)))?;
+    s.edge.s_client(SITE).run()?.expect_verified()?;
+    Ok((s, extra))
+}
+
 /// Sleeps while the load runs.
 fn run_for(d: Duration) {
     std::thread::sleep(d);
@@ -92,23 +121,12 @@ fn degraded(s: &Stack) -> Result<bool> {
 
 #[test]
 fn three_key_servers_killed_hung_and_restarted_cost_no_handshake() -> Result<()> {
-    let backends = StackBuilder::default().backends()?;
-    let b = KeyServer::start_another(&backends.deployment, "origin-b")?;
-    let c = KeyServer::start_another(&backends.deployment, "origin-c")?;
-    let a_addr = backends.keyserver.addr();
-    let servers = [(a_addr, 10, 1), (b.addr(), 10, 1), (c.addr(), 20, 1)];
-    let mut s = backends.with_edge(|cfg| fast(cfg.group(GROUP, &servers)))?;
-    let mut b = b;
-    s.edge.s_client(SITE).run()?.expect_verified()?;
+    let (mut s, extra) = fleet((10, 1), &[(10, 1), (20, 1)])?;
+    let [mut b, c]: [KeyServer; 2] = extra
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two extra key servers"))?;
 
-    let load = HandshakeLoad::start(
-        s.edge.https_addr(),
-        SITE,
-        &s.edge.client_ca(),
-        2,
-        40.0,
-        Duration::from_secs(5),
-    )?;
+    let load = load(&s, 2, 40.0)?;
     // Steady: both priority-10 servers sign, the priority-20 one does not.
     load.phase("steady");
     let ops = |k: &KeyServer| k.ops_ok();
@@ -241,25 +259,15 @@ fn three_key_servers_killed_hung_and_restarted_cost_no_handshake() -> Result<()>
 
 #[test]
 fn weights_three_to_one_share_operations_three_to_one() -> Result<()> {
-    let backends = StackBuilder::default().backends()?;
-    let b = KeyServer::start_another(&backends.deployment, "origin-b")?;
-    let servers = [(backends.keyserver.addr(), 10, 3), (b.addr(), 10, 1)];
-    let s = backends.with_edge(|cfg| fast(cfg.group(GROUP, &servers)))?;
-    s.edge.s_client(SITE).run()?.expect_verified()?;
+    let (s, extra) = fleet((10, 3), &[(10, 1)])?;
+    let b = &extra[0];
     let (a0, b0) = (s.keyserver.ops_ok()?, b.ops_ok()?);
 
     // One client, back to back: at equal (zero) load the choice is the plain weighted
     // one. Under concurrency the least-loaded half of the choice moves some requests
     // to whichever server has fewer outstanding per weight, by design.
     const OPS: u64 = 2000;
-    let load = HandshakeLoad::start(
-        s.edge.https_addr(),
-        SITE,
-        &s.edge.client_ca(),
-        1,
-        1000.0,
-        Duration::from_secs(5),
-    )?;
+    let load = load(&s, 1, 1000.0)?;
     load.phase("weighted");
     wait_until(Duration::from_secs(120), "enough operations", || {
         Ok(s.keyserver.ops_ok()? - a0 + b.ops_ok()? - b0 >= OPS)
@@ -330,14 +338,7 @@ fn srv_records_move_new_requests_after_their_ttl() -> Result<()> {
     })?;
     s.edge.s_client(SITE).run()?.expect_verified()?;
 
-    let load = HandshakeLoad::start(
-        s.edge.https_addr(),
-        SITE,
-        &s.edge.client_ca(),
-        1,
-        30.0,
-        Duration::from_secs(5),
-    )?;
+    let load = load(&s, 1, 30.0)?;
     load.phase("first");
     let (a0, b0) = (s.keyserver.ops_ok()?, b.ops_ok()?);
     run_for(Duration::from_secs(1));
@@ -377,20 +378,10 @@ fn srv_records_move_new_requests_after_their_ttl() -> Result<()> {
 
 #[test]
 fn a_draining_key_server_finishes_in_flight_and_gets_nothing_new() -> Result<()> {
-    let backends = StackBuilder::default().backends()?;
-    let b = KeyServer::start_another(&backends.deployment, "origin-b")?;
-    let servers = [(backends.keyserver.addr(), 10, 1), (b.addr(), 10, 1)];
-    let mut s = backends.with_edge(|cfg| fast(cfg.group(GROUP, &servers)))?;
-    s.edge.s_client(SITE).run()?.expect_verified()?;
+    let (mut s, extra) = fleet((10, 1), &[(10, 1)])?;
+    let b = &extra[0];
 
-    let load = HandshakeLoad::start(
-        s.edge.https_addr(),
-        SITE,
-        &s.edge.client_ca(),
-        4,
-        40.0,
-        Duration::from_secs(5),
-    )?;
+    let load = load(&s, 4, 40.0)?;
     load.phase("before");
     run_for(Duration::from_secs(1));
     load.phase("drain");
