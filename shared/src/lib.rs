@@ -3,7 +3,8 @@
 //! the checks a key server makes on a to-be-signed handshake message, host name lookup
 //! with `*.` wildcards ([`DomainMap`]), and the process and logging hygiene both
 //! binaries share ([`process`], [`log_safe`]), and their listeners' accept loop and
-//! admin HTTP server ([`serve`]).
+//! admin HTTP server ([`serve`]), and the edge enrollment exchange ([`enroll`],
+//! described in `ENROLL.md`).
 //!
 //! The wire format is described in `PROTOCOL.md` beside this crate; a test keeps the
 //! tables there in step with [`Tag`], [`Opcode`], [`ErrorCode`] and [`KeyPreference`].
@@ -13,6 +14,7 @@ pub mod cli;
 mod codec;
 mod context;
 mod domain;
+pub mod enroll;
 mod log_safe;
 pub mod process;
 mod protocol;

@@ -191,6 +191,8 @@ wire_enum! {
         /// request waited past its deadline); the request was not performed, so trying
         /// another key server is safe.
         Overloaded = 0x82 => "overloaded",
+        /// Extension: the key is not one the client's group may use (ENROLL.md).
+        NotInGroup = 0x83 => "not-in-group",
     }
 }
 
