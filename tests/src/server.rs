@@ -103,14 +103,7 @@ impl KeyServer {
 
     /// Operations answered `ok`, over every opcode but ping (from `/metrics`).
     pub fn ops_ok(&self) -> Result<u64> {
-        let text = self.metrics_text()?;
-        let total = text
-            .lines()
-            .filter(|l| l.starts_with("keyless_ops_total{"))
-            .filter(|l| l.contains("result=\"ok\"") && !l.contains("opcode=\"ping\""))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum::<f64>();
-        Ok(total as u64)
+        keyserver_ops_ok(self.metrics)
     }
 
     /// Spawns `keyless-origin --config CONFIG`, logging to a new file in `logs_dir`, and
@@ -323,6 +316,22 @@ impl Drop for KeyServer {
             lines.get(tail..).unwrap_or_default().join("\n")
         );
     }
+}
+
+/// Operations a key server with `/metrics` on `metrics` has answered `ok`, over every
+/// opcode but ping (for key servers the caller started itself, e.g. benchmarks).
+pub fn keyserver_ops_ok(metrics: SocketAddr) -> Result<u64> {
+    let (status, text) = http_get(metrics, "/metrics")?;
+    if status != 200 {
+        bail!("GET /metrics on {metrics} answered {status}: {text}");
+    }
+    let total = text
+        .lines()
+        .filter(|l| l.starts_with("keyless_ops_total{"))
+        .filter(|l| l.contains("result=\"ok\"") && !l.contains("opcode=\"ping\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>();
+    Ok(total as u64)
 }
 
 /// Runs `keyless-origin --config CONFIG --test` and returns its output.

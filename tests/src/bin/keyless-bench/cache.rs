@@ -38,7 +38,7 @@ const DOMAIN: &str = "example.com";
 /// Log filter of the edge and the key server: no per-request or audit lines.
 const LOG_FILTER: &str = "warn";
 /// `[cache] memory_bytes` of the benchmark edge.
-const EDGE_CACHE_BYTES: u64 = 512 << 20;
+const EDGE_CACHE_BYTES: i64 = 512 << 20;
 /// The cached objects: the test origin's `/bytes` with an hour of freshness.
 const OBJECTS: [Object; 2] = [
     Object {
@@ -517,22 +517,22 @@ fn wrk(
 fn start(tools: &Tools) -> Result<Setup> {
     let EdgeStack {
         deployment,
-        keyserver,
+        keyservers,
         origin,
         origin_addr,
         edge,
         edge_addr,
-    } = start_edge_stack(
-        DOMAIN,
-        LOG_FILTER,
-        &format!(
-            "[tls]\n\
-             # wrk connects to an IP, so its SNI names no site.\n\
-             default_site = \"{DOMAIN}\"\n\
-             [cache]\n\
-             memory_bytes = {EDGE_CACHE_BYTES}\n"
-        ),
-    )?;
+        ..
+    } = start_edge_stack(DOMAIN, LOG_FILTER, 1, |c| {
+        // wrk connects to an IP, so its SNI names no site.
+        c.tls_option("default_site", DOMAIN)
+            .cache_option("memory_bytes", EDGE_CACHE_BYTES)
+    })?;
+    let keyserver = keyservers
+        .into_iter()
+        .next()
+        .map(|k| k.proc)
+        .context("the stack started no key server")?;
     let dir = deployment.dir().to_path_buf();
     let logs = deployment.logs_dir();
 

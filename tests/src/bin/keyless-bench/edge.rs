@@ -4,7 +4,11 @@
 //! the same request by forwarding it to the same test origin.
 //!
 //! Target: the edge reaches ≥ 0.75 of the reference's rate. The edge's CPU is counted
-//! together with the key server's (the key server does the edge's signing).
+//! together with the key servers' (they do the edge's signing).
+//!
+//! `--keyservers N` puts N key servers of the same deployment in the edge's one
+//! `[[keyserver.group]]`, all of the same priority and weight, so the edge balances
+//! between them; the report then says how their operations split.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,7 +19,8 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use keyless_shared::Opcode;
 use keyless_tests::{
-    ensure_built, free_addr, http_get, target_dir, workspace_root, Deployment, Profile,
+    ensure_built, free_addr, http_get, keyserver_ops_ok, target_dir, workspace_root, Deployment,
+    Profile,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -68,6 +73,10 @@ pub(crate) struct EdgeArgs {
     /// edge's remote signer, one blocking its worker thread.
     #[arg(long)]
     diagnose: bool,
+    /// Key servers of the same deployment in the edge's one key-server group, all of
+    /// the same priority and weight (the edge balances between them).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    keyservers: u8,
     /// Exit non-zero when the ratio misses its target.
     #[arg(long)]
     strict: bool,
@@ -111,6 +120,8 @@ impl Target {
 struct Setup {
     deployment: Deployment,
     procs: Vec<Proc>,
+    /// `/metrics` of each key server, in `key server 1, 2, ...` order.
+    keyserver_metrics: Vec<SocketAddr>,
     targets: Vec<Target>,
 }
 
@@ -130,6 +141,29 @@ impl Setup {
             .iter()
             .position(|p| p.name() == name)
             .map_or(usize::MAX, |i| i + 1)
+    }
+
+    /// Indexes in [`Setup::pids`] of the key servers.
+    fn keyserver_indexes(&self) -> Vec<usize> {
+        (1..=self.keyserver_metrics.len())
+            .map(|n| self.pid_index(&format!("key server {n}")))
+            .collect()
+    }
+
+    /// Operations each key server has answered `ok` so far (pings not counted).
+    fn keyserver_ops(&self) -> Result<Vec<u64>> {
+        self.keyserver_metrics
+            .iter()
+            .map(|&m| keyserver_ops_ok(m))
+            .collect()
+    }
+
+    /// ECDSA P-256 signatures the key servers have made so far, together.
+    fn keyserver_signs(&self) -> Result<u64> {
+        self.keyserver_metrics
+            .iter()
+            .map(|&m| keyserver_ecdsa_signs(m))
+            .sum()
     }
 
     fn check_running(&mut self) -> Result<()> {
@@ -166,7 +200,7 @@ pub(crate) fn run(args: EdgeArgs) -> Result<bool> {
 
     // Every side must present the site's ECDSA P-256 certificate over TLS 1.3 and
     // answer with the origin's body, or the comparison means nothing.
-    let ecdsa_leaf = site_leaf(&setup.deployment)?;
+    let ecdsa_leaf = site_leaf(&setup.deployment, DOMAIN)?;
     for t in &setup.targets {
         let probe = runtime
             .block_on(client.probe(t.addr))
@@ -179,7 +213,8 @@ pub(crate) fn run(args: EdgeArgs) -> Result<bool> {
             probe.alpn
         );
     }
-    let signs_before = keyserver_ecdsa_signs(setup.deployment.metrics())?;
+    let signs_before = setup.keyserver_signs()?;
+    let ops_before = setup.keyserver_ops()?;
 
     println!(
         "keyless-bench edge: full TLS 1.3 handshakes (ECDSA P-256 site key, X25519, no \
@@ -201,7 +236,12 @@ pub(crate) fn run(args: EdgeArgs) -> Result<bool> {
         load::EXPECTED_BODY
     );
     println!(
-        "  logging: KEYLESS_LOG={LOG_FILTER} for the edge and the key server (access and \
+        "  key servers: {} of the same deployment in one [[keyserver.group]], same priority \
+         and weight",
+        args.keyservers
+    );
+    println!(
+        "  logging: KEYLESS_LOG={LOG_FILTER} for the edge and the key servers (access and \
          audit logging off)"
     );
 
@@ -235,17 +275,25 @@ pub(crate) fn run(args: EdgeArgs) -> Result<bool> {
             .collect();
         eprintln!("round {}: {}", round + 1, line.join(", "));
     }
-    let signs = keyserver_ecdsa_signs(setup.deployment.metrics())?.saturating_sub(signs_before);
+    let signs = setup.keyserver_signs()?.saturating_sub(signs_before);
+    let ops: Vec<u64> = setup
+        .keyserver_ops()?
+        .iter()
+        .zip(&ops_before)
+        .map(|(after, before)| after.saturating_sub(*before))
+        .collect();
     for p in &setup.procs {
         p.check_no_panic()?;
     }
     drop(runtime);
-    report(&mut setup, signs, args.strict)
+    report(&mut setup, signs, &ops, args.strict)
 }
 
 /// Prints the table and notes; returns the verdict (`true` unless strict and failed).
-fn report(setup: &mut Setup, signs: u64, strict: bool) -> Result<bool> {
-    let (edge_i, ks_i) = (setup.pid_index("edge"), setup.pid_index("key server"));
+/// `ops`: operations each key server answered during the edge runs.
+fn report(setup: &mut Setup, signs: u64, ops: &[u64], strict: bool) -> Result<bool> {
+    let edge_i = setup.pid_index("edge");
+    let ks_i = setup.keyserver_indexes();
     let [edge, reference, extra @ ..] = setup.targets.as_mut_slice() else {
         bail!("edge and reference targets expected");
     };
@@ -301,17 +349,42 @@ fn report(setup: &mut Setup, signs: u64, strict: bool) -> Result<bool> {
             e / r.max(f64::MIN_POSITIVE)
         );
     }
+    let ks_cores: Vec<f64> = ks_i.iter().map(|&i| cores(&edge.sample, i)).collect();
+    let ks_detail = if ks_cores.len() > 1 {
+        let each: Vec<String> = ks_cores.iter().map(|c| format!("{c:.2}")).collect();
+        format!(" ({})", each.join(" + "))
+    } else {
+        String::new()
+    };
     println!(
-        "server cores of the edge: edge process {:.2} + key server {:.2}; the reference \
-         signs in its own process",
+        "server cores of the edge: edge process {:.2} + key server(s) {:.2}{ks_detail}; the \
+         reference signs in its own process",
         cores(&edge.sample, edge_i),
-        cores(&edge.sample, ks_i),
+        ks_cores.iter().sum::<f64>(),
     );
     println!(
-        "key server: {signs} ECDSA P-256 signatures during the edge runs (warm-ups \
+        "key server(s): {signs} ECDSA P-256 signatures during the edge runs (warm-ups \
          included) for {} measured edge handshakes",
         edge.sample.ops
     );
+    if ops.len() > 1 {
+        let total = ops.iter().sum::<u64>().max(1) as f64;
+        let split: Vec<String> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                format!(
+                    "key server {} {n} ({:.1} %)",
+                    i + 1,
+                    *n as f64 * 100.0 / total
+                )
+            })
+            .collect();
+        println!(
+            "operations answered ok per key server during the edge runs: {}",
+            split.join(", ")
+        );
+    }
     for t in std::iter::once(&*edge)
         .chain(std::iter::once(&*reference))
         .chain(extra.iter())
@@ -350,19 +423,22 @@ pub(crate) fn build_release() -> Result<()> {
     Ok(())
 }
 
-/// Starts the key server, the test origin, the edge and the reference server(s).
+/// Starts the key server(s), the test origin, the edge and the reference server(s).
 fn start(args: &EdgeArgs) -> Result<Setup> {
     let EdgeStack {
         deployment,
-        keyserver,
+        keyservers,
         origin,
         origin_addr,
         edge,
         edge_addr,
-    } = start_edge_stack(DOMAIN, LOG_FILTER, "")?;
+        ..
+    } = start_edge_stack(DOMAIN, LOG_FILTER, usize::from(args.keyservers), |c| c)?;
     let dir = deployment.dir().to_path_buf();
     let logs = deployment.logs_dir();
-    let mut procs = vec![keyserver, origin, edge];
+    let keyserver_metrics: Vec<SocketAddr> = keyservers.iter().map(|k| k.metrics).collect();
+    let mut procs: Vec<Proc> = keyservers.into_iter().map(|k| k.proc).collect();
+    procs.extend([origin, edge]);
 
     let keys = deployment.keys_dir();
     let bench = std::env::current_exe().context("locating keyless-bench")?;
@@ -399,9 +475,11 @@ fn start(args: &EdgeArgs) -> Result<Setup> {
     let mut setup = Setup {
         deployment,
         procs,
+        keyserver_metrics,
         targets: Vec::new(),
     };
-    let edge_side = vec![setup.pid_index("edge"), setup.pid_index("key server")];
+    let mut edge_side = vec![setup.pid_index("edge")];
+    edge_side.extend(setup.keyserver_indexes());
     let reference_side = vec![setup.pid_index("reference")];
     setup
         .targets
@@ -433,9 +511,9 @@ fn path_arg(path: &Path) -> Result<String> {
         .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
-/// DER of the site's ECDSA P-256 leaf certificate.
-fn site_leaf(deployment: &Deployment) -> Result<Vec<u8>> {
-    let path = deployment.keys_dir().join(format!("{DOMAIN}-ecdsa.crt"));
+/// DER of the ECDSA P-256 leaf certificate of `domain`, a site of the deployment.
+pub(crate) fn site_leaf(deployment: &Deployment, domain: &str) -> Result<Vec<u8>> {
+    let path = deployment.keys_dir().join(format!("{domain}-ecdsa.crt"));
     let cert = CertificateDer::pem_file_iter(&path)
         .ok()
         .and_then(|mut it| it.next())

@@ -1,6 +1,7 @@
 //! The handshake load of `edge`: `concurrency` loops, each making a new TCP connection,
 //! a full TLS 1.3 handshake (no resumption), one `GET /` with `Connection: close`, and
 //! reading the response to the end; the same for the edge and for the reference.
+//! `failover` runs its own loops over [`Client::connection`].
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -24,7 +25,7 @@ pub(crate) const EXPECTED_BODY: &str = "hello from origin";
 /// Deadline of one connection (connect, handshake, request, response).
 const ITERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed iteration, so a dead server is not hammered in a hot loop.
-const ERROR_PAUSE: Duration = Duration::from_millis(10);
+pub(crate) const ERROR_PAUSE: Duration = Duration::from_millis(10);
 
 /// The benchmark client's TLS: ring, TLS 1.3 only, ALPN http/1.1, the deployment's
 /// site CA as the only root, and no resumption (every handshake is a full one, so the
@@ -151,9 +152,7 @@ impl Client {
     async fn run_loop(self, addr: SocketAddr, shared: Arc<Shared>) -> Vec<u32> {
         let mut latencies = Vec::new();
         while shared.phase.load(Ordering::Relaxed) != STOPPED {
-            let result = tokio::time::timeout(ITERATION_TIMEOUT, self.once(addr))
-                .await
-                .unwrap_or_else(|_| Err(format!("no response within {ITERATION_TIMEOUT:?}")));
+            let result = self.connection(addr).await;
             // Only iterations that end inside the measured window count.
             let measuring = shared.phase.load(Ordering::Relaxed) == MEASURING;
             match result {
@@ -177,6 +176,15 @@ impl Client {
             }
         }
         latencies
+    }
+
+    /// One connection (connect, full handshake, `GET /`, the checked response) within
+    /// [`ITERATION_TIMEOUT`]; returns the handshake latency (connect start to handshake
+    /// done), or what failed.
+    pub(crate) async fn connection(&self, addr: SocketAddr) -> Result<Duration, String> {
+        tokio::time::timeout(ITERATION_TIMEOUT, self.once(addr))
+            .await
+            .unwrap_or_else(|_| Err(format!("no response within {ITERATION_TIMEOUT:?}")))
     }
 
     /// One connection; returns the handshake latency (connect start to handshake done).

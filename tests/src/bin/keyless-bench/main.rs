@@ -4,13 +4,18 @@
 //! - `keyserver`: key server sign ops/s over mTLS against raw `ring` in this process;
 //! - `keyserver-overload`: the key server offered twice (`--factor`) its capacity;
 //! - `edge`: full TLS 1.3 handshakes/s through the edge (keyless ECDSA P-256) against
-//!   a local-key rustls server (`reference-server`, this binary re-executed);
+//!   a local-key rustls server (`reference-server`, this binary re-executed); with
+//!   `--keyservers 2`, two key servers in the edge's group share the signing;
+//! - `failover`: the same handshake load through an edge with a group of two key
+//!   servers, one of them killed (SIGKILL) halfway: failures, rate and p99 before and
+//!   after;
 //! - `cache`: HTTPS keep-alive requests/s for a cached object through the edge against
 //!   nginx with `proxy_cache`, both driven by wrk.
 #![forbid(unsafe_code)]
 
 mod cache;
 mod edge;
+mod failover;
 mod keyserver;
 mod load;
 mod overload;
@@ -40,8 +45,13 @@ enum Command {
     /// errors, memory.
     KeyserverOverload(overload::OverloadArgs),
     /// Full TLS 1.3 handshakes/s through the edge (keyless ECDSA P-256) vs a rustls
-    /// server holding the same key.
+    /// server holding the same key; `--keyservers 2` balances the edge's signing over two
+    /// key servers of one group and shows how the operations split.
     Edge(edge::EdgeArgs),
+    /// Handshake load through an edge with a group of two key servers; one is killed
+    /// (kill -9) after a steady phase: attempted, failed, handshakes/s, p50/p99 per
+    /// phase and the kill/steady ratios.
+    Failover(failover::FailoverArgs),
     /// HTTPS keep-alive requests/s for a cached 1 KiB and 1 MiB object through the
     /// edge vs nginx with proxy_cache (same certificate, origin, wrk and connections).
     Cache(cache::CacheArgs),
@@ -63,6 +73,7 @@ fn main() -> ExitCode {
         Command::Keyserver(args) => keyserver::run(args),
         Command::KeyserverOverload(args) => overload::run(args),
         Command::Edge(args) => edge::run(args),
+        Command::Failover(args) => failover::run(args),
         Command::Cache(args) => cache::run(args),
         Command::ReferenceServer(args) => reference::run(args).map(|()| true),
     };

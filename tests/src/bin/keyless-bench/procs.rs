@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use keyless_tests::{binary, free_addr, http_get, strip_ansi, wait_for_port, Deployment, Profile};
+use keyless_tests::{
+    binary, free_addr, http_get, strip_ansi, wait_for_port, Deployment, EdgeConfig, Profile,
+};
 
 /// How long a process may take to become ready after it was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -19,7 +21,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running child process.
 pub(crate) struct Proc {
-    name: &'static str,
+    name: String,
     child: Child,
     log_path: PathBuf,
     /// Signal (`kill -NAME`) sent on drop before SIGKILL; none = SIGKILL at once.
@@ -29,7 +31,7 @@ pub(crate) struct Proc {
 impl Proc {
     /// Spawns `bin args...` with `env` added, logging to `log_path`.
     pub(crate) fn spawn<I, S>(
-        name: &'static str,
+        name: impl Into<String>,
         bin: &Path,
         args: I,
         env: &[(&str, &str)],
@@ -54,6 +56,7 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let name = name.into();
         let child = cmd
             .spawn()
             .with_context(|| format!("spawning {name}: {cmd:?}"))?;
@@ -77,8 +80,19 @@ impl Proc {
         self.child.id()
     }
 
-    pub(crate) fn name(&self) -> &'static str {
-        self.name
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Kills the process (SIGKILL, a crash: its connections are reset) and reaps it.
+    pub(crate) fn kill(&mut self) -> Result<()> {
+        self.child
+            .kill()
+            .with_context(|| format!("killing {}", self.name))?;
+        self.child
+            .wait()
+            .with_context(|| format!("waiting for {}", self.name))?;
+        Ok(())
     }
 
     /// Everything logged so far, without ANSI escapes.
@@ -234,22 +248,38 @@ pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
 }
 
 /// The keyless side of a benchmark, release builds: a `Deployment` for one domain,
-/// its key server, a test origin and an edge serving the domain from that origin.
+/// its key servers, a test origin and an edge serving the domain from that origin.
 pub(crate) struct EdgeStack {
     pub(crate) deployment: Deployment,
-    pub(crate) keyserver: Proc,
+    /// One or more key servers of the deployment, in one `[[keyserver.group]]`.
+    pub(crate) keyservers: Vec<StackKeyServer>,
     pub(crate) origin: Proc,
     pub(crate) origin_addr: SocketAddr,
     pub(crate) edge: Proc,
     pub(crate) edge_addr: SocketAddr,
+    /// The edge's admin listener (`/healthz`, `/metrics`).
+    pub(crate) edge_admin: SocketAddr,
 }
 
-/// Starts an [`EdgeStack`] for `domain`, the key server and the edge logging at
-/// `log_filter`; `edge_toml` is added to the edge's configuration before its site.
+/// A key server of an [`EdgeStack`].
+pub(crate) struct StackKeyServer {
+    pub(crate) proc: Proc,
+    /// Its mTLS listener, as the edge's config names it.
+    pub(crate) addr: SocketAddr,
+    /// Its `/metrics` listener.
+    pub(crate) metrics: SocketAddr,
+}
+
+/// Starts an [`EdgeStack`] for `domain` with `keyservers` key servers of the same
+/// deployment (same keys and identity, their own ports), all of the same priority and
+/// weight in one `[[keyserver.group]]` of the edge. The key servers and the edge log at
+/// `log_filter`; `configure` adds to the edge's configuration (`[tls]`, `[cache]`,
+/// `[keyserver]` keys).
 pub(crate) fn start_edge_stack(
     domain: &str,
     log_filter: &str,
-    edge_toml: &str,
+    keyservers: usize,
+    configure: impl FnOnce(EdgeConfig) -> EdgeConfig,
 ) -> Result<EdgeStack> {
     let mut deployment = Deployment::init(&[domain])?;
     deployment.set_report_on_drop(false);
@@ -257,14 +287,40 @@ pub(crate) fn start_edge_stack(
     let logs = deployment.logs_dir();
     let env = [("KEYLESS_LOG", log_filter)];
 
-    let mut keyserver = Proc::spawn(
-        "key server",
-        &binary("keyless-origin", Profile::Release)?,
-        ["--config".as_ref(), deployment.config_path().as_os_str()],
-        &env,
-        logs.join("keyserver.log"),
-    )?;
-    keyserver.wait_port(deployment.listen())?;
+    let origin_bin = binary("keyless-origin", Profile::Release)?;
+    let mut servers = Vec::with_capacity(keyservers);
+    for n in 1..=keyservers.max(1) {
+        // The first on the deployment's own config and ports, the others on a copy of
+        // that config with fresh ports (as `KeyServer::start_another` does).
+        let (config, addr, metrics, log) = if n == 1 {
+            (
+                deployment.config_path(),
+                deployment.listen(),
+                deployment.metrics(),
+                "keyserver.log".to_owned(),
+            )
+        } else {
+            let (addr, metrics) = (free_addr()?, free_addr()?);
+            let config = deployment.write_config_variant(&format!("keyserver-{n}.toml"), |t| {
+                t.insert("listen".into(), addr.to_string().into());
+                t.insert("metrics_listen".into(), metrics.to_string().into());
+            })?;
+            (config, addr, metrics, format!("keyserver-{n}.log"))
+        };
+        let mut proc = Proc::spawn(
+            format!("key server {n}"),
+            &origin_bin,
+            ["--config".as_ref(), config.as_os_str()],
+            &env,
+            logs.join(log),
+        )?;
+        proc.wait_port(addr)?;
+        servers.push(StackKeyServer {
+            proc,
+            addr,
+            metrics,
+        });
+    }
 
     let origin_addr = free_addr()?;
     let mut origin = Proc::spawn(
@@ -276,28 +332,19 @@ pub(crate) fn start_edge_stack(
     )?;
     origin.wait_port(origin_addr)?;
 
-    let edge_addr = free_addr()?;
-    let admin_addr = free_addr()?;
+    // Same priority and weight: the edge balances between them (weighted least-loaded).
+    let group: Vec<(SocketAddr, u16, u16)> = servers.iter().map(|s| (s.addr, 10, 1)).collect();
+    let config = configure(
+        EdgeConfig::new(&deployment)?
+            .group(BENCH_GROUP, &group)
+            .site(
+                &[domain, &format!("*.{domain}")],
+                &format!("http://{origin_addr}"),
+            ),
+    );
     let edge_config = dir.join("bench-edge.toml");
-    std::fs::write(
-        &edge_config,
-        format!(
-            "[listen]\n\
-             https = \"{edge_addr}\"\n\
-             admin = \"{admin_addr}\"\n\
-             [keyserver]\n\
-             servers = [\"localhost:{ks_port}\"]\n\
-             ca = \"edge/keyserver-ca.crt\"\n\
-             cert = \"edge/edge.crt\"\n\
-             key = \"edge/edge.key\"\n\
-             {edge_toml}\
-             [[site]]\n\
-             domains = [\"{domain}\", \"*.{domain}\"]\n\
-             origin = \"http://{origin_addr}\"\n",
-            ks_port = deployment.listen().port(),
-        ),
-    )
-    .with_context(|| format!("writing {}", edge_config.display()))?;
+    std::fs::write(&edge_config, config.to_toml())
+        .with_context(|| format!("writing {}", edge_config.display()))?;
     let mut edge = Proc::spawn(
         "edge",
         &binary("keyless-edge", Profile::Release)?,
@@ -305,14 +352,18 @@ pub(crate) fn start_edge_stack(
         &env,
         logs.join("edge.log"),
     )?;
-    edge.wait_http_ok(admin_addr, "/healthz")?;
-    edge.wait_port(edge_addr)?;
+    edge.wait_http_ok(config.admin, "/healthz")?;
+    edge.wait_port(config.https)?;
     Ok(EdgeStack {
         deployment,
-        keyserver,
+        keyservers: servers,
         origin,
         origin_addr,
         edge,
-        edge_addr,
+        edge_addr: config.https,
+        edge_admin: config.admin,
     })
 }
+
+/// The name of the edge's key-server group in an [`EdgeStack`].
+pub(crate) const BENCH_GROUP: &str = "bench";
