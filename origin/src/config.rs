@@ -24,7 +24,7 @@ pub(crate) enum ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Config {
     /// mTLS listener for edges. Default `0.0.0.0:2407`.
@@ -82,10 +82,113 @@ pub(crate) struct Config {
     /// edge closes them or this time has passed, whichever comes first. Default "10s".
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub(crate) shutdown_timeout: Duration,
+    /// How often the files of the TLS configuration (`[tls]` cert, key, client CA and
+    /// CRL, every group's CA files) and `<state_dir>/revoked.json` are checked for
+    /// changes; a change rebuilds the TLS configuration as SIGHUP does. Default "5s".
+    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
+    pub(crate) tls_reload_interval: Duration,
+    /// Directory of the enrollment state: `tokens.json`, `edges.json`, `revoked.json`
+    /// (`ENROLL.md`). Created with mode 0700 when missing. Default `state` beside the
+    /// configuration file.
+    #[serde(default = "default_state_dir")]
+    pub(crate) state_dir: PathBuf,
+    /// The enrollment API (HTTPS with the `[tls]` identity, `ENROLL.md`). Default: none,
+    /// no enrollment.
+    #[serde(default)]
+    pub(crate) enroll_listen: Option<SocketAddr>,
     /// The key server's own TLS identity and the CA of its clients.
     pub(crate) tls: TlsConfig,
     /// The site keys.
     pub(crate) keys: KeysConfig,
+    /// Edge groups: each with its own CA, keys and certificate policy.
+    #[serde(default, rename = "group")]
+    pub(crate) groups: Vec<GroupConfig>,
+}
+
+/// One `[[group]]`: edges whose certificates carry the URI SAN
+/// `keyless://group/<name>/edge/<id>` and were issued by the group's CA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GroupConfig {
+    /// The group's name: letters, digits, `-`, `_` and `.`, as in its certificates' URI.
+    pub(crate) name: String,
+    /// PEM certificate of the group's edge CA.
+    pub(crate) ca_cert: PathBuf,
+    /// PEM private key of the CA. Without it the key server checks the group's edges but
+    /// cannot enroll or renew them. Default: none.
+    #[serde(default)]
+    pub(crate) ca_key: Option<PathBuf>,
+    /// CA certificates still trusted for the group during a CA rotation (edges not yet
+    /// renewed under the new CA). Default: none.
+    #[serde(default)]
+    pub(crate) previous_ca_certs: Vec<PathBuf>,
+    /// File stems of the keys the group's edges may use; `*` matches any run of
+    /// characters. Default: every key.
+    #[serde(default)]
+    pub(crate) keys: Option<Vec<String>>,
+    /// Lifetime of the certificates the group's CA issues. Default "24h".
+    #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
+    pub(crate) cert_lifetime: Duration,
+    /// Largest difference between an enrolling edge's clock and the key server's.
+    /// Default "5m".
+    #[serde(default = "default_max_clock_offset", with = "humantime_serde")]
+    pub(crate) max_clock_offset: Duration,
+}
+
+impl GroupConfig {
+    /// Whether the group's edges may use the key with file stem `key`.
+    pub(crate) fn allows_key(&self, key: &str) -> bool {
+        self.keys
+            .as_ref()
+            .is_none_or(|patterns| patterns.iter().any(|p| glob_match(p, key)))
+    }
+
+    /// The group's CA certificate files, current first.
+    pub(crate) fn files_certs(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.ca_cert.as_path())
+            .chain(self.previous_ca_certs.iter().map(PathBuf::as_path))
+    }
+
+    /// Every file of the group, for change detection.
+    pub(crate) fn files(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.ca_cert.as_path())
+            .chain(self.ca_key.as_deref())
+            .chain(self.previous_ca_certs.iter().map(PathBuf::as_path))
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of characters
+/// (including none) and everything else for itself.
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    // `split` yields at least one part.
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        // No `*`: the whole name must be the pattern.
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// Whether `name` can be a group name: it goes into a URI path segment and a URL path.
+fn valid_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name != "."
+        && name != ".."
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,8 +198,11 @@ pub(crate) struct TlsConfig {
     pub(crate) cert: PathBuf,
     /// PEM private key of the key server.
     pub(crate) key: PathBuf,
-    /// PEM CA certificate(s) that edge client certificates must chain to.
-    pub(crate) client_ca: PathBuf,
+    /// PEM CA certificate(s) that edge client certificates without a group (no
+    /// `keyless://group/` URI SAN) must chain to: the implicit group `default`, whose
+    /// edges may use every key. Optional when `[[group]]`s are configured.
+    #[serde(default)]
+    pub(crate) client_ca: Option<PathBuf>,
     /// PEM CRL(s) of the edge CA. A certificate listed there is refused, and so is one
     /// whose revocation status the CRLs do not cover (fail closed). Re-read on SIGHUP.
     /// Default: none.
@@ -208,6 +314,18 @@ fn default_stall_timeout() -> Duration {
 fn default_max_in_flight() -> NonZeroUsize {
     NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN)
 }
+fn default_tls_reload_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+fn default_cert_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_max_clock_offset() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -230,30 +348,77 @@ impl Config {
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let groups = config.groups.iter_mut().flat_map(|g| {
+            std::iter::once(&mut g.ca_cert)
+                .chain(g.ca_key.as_mut())
+                .chain(g.previous_ca_certs.iter_mut())
+        });
         for p in [
             &mut config.tls.cert,
             &mut config.tls.key,
-            &mut config.tls.client_ca,
             &mut config.keys.dir,
+            &mut config.state_dir,
         ]
         .into_iter()
+        .chain(config.tls.client_ca.as_mut())
         .chain(config.tls.client_crl.as_mut())
+        .chain(groups)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
+        let invalid = |message: String| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        };
         let one_of = |key: bool, ski: bool, section: &str| {
             if key == ski {
-                return Err(ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: format!(
-                        "each [[{section}]] entry needs exactly one of `key` or `ski`"
-                    ),
-                });
+                return Err(invalid(format!(
+                    "each [[{section}]] entry needs exactly one of `key` or `ski`"
+                )));
             }
             Ok(())
         };
+        if config.tls.client_ca.is_none() && config.groups.is_empty() {
+            return Err(invalid(
+                "no client CA: set [tls] client_ca or configure at least one [[group]]".into(),
+            ));
+        }
+        if config.tls.client_crl.is_some() && config.tls.client_ca.is_none() {
+            return Err(invalid(
+                "[tls] client_crl needs [tls] client_ca (the CA whose CRL it is)".into(),
+            ));
+        }
+        if config.tls_reload_interval < Duration::from_millis(100) {
+            return Err(invalid("tls_reload_interval must be at least 100ms".into()));
+        }
+        for (i, g) in config.groups.iter().enumerate() {
+            if !valid_group_name(&g.name) {
+                return Err(invalid(format!(
+                    "[[group]] name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
+                    g.name
+                )));
+            }
+            if config.groups[..i].iter().any(|o| o.name == g.name) {
+                return Err(invalid(format!("[[group]] {:?} is defined twice", g.name)));
+            }
+            if g.cert_lifetime < Duration::from_secs(1) {
+                return Err(invalid(format!(
+                    "[[group]] {:?}: cert_lifetime must be at least 1s",
+                    g.name
+                )));
+            }
+            if g.keys
+                .as_ref()
+                .is_some_and(|k| k.iter().any(String::is_empty))
+            {
+                return Err(invalid(format!(
+                    "[[group]] {:?}: an empty key pattern matches no key",
+                    g.name
+                )));
+            }
+        }
         for entry in &config.keys.acl {
             one_of(entry.key.is_some(), entry.ski.is_some(), "keys.acl")?;
         }
@@ -261,6 +426,11 @@ impl Config {
             one_of(entry.key.is_some(), entry.ski.is_some(), "keys.policy")?;
         }
         Ok(config)
+    }
+
+    /// The group named `name`.
+    pub(crate) fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name)
     }
 
     /// Number of private-key worker threads.
@@ -296,6 +466,10 @@ mod tests {
         assert_eq!(c.metrics_listen.port(), 2406);
         assert!(c.require_handshake_context);
         assert_eq!(c.tls.cert, path.parent().unwrap().join("c.pem"));
+        assert_eq!(c.state_dir, path.parent().unwrap().join("state"));
+        assert!(c.enroll_listen.is_none());
+        assert!(c.groups.is_empty());
+        assert_eq!(c.tls_reload_interval, Duration::from_secs(5));
         assert_eq!(c.tls.identity, IdentitySource::San);
         assert!(c.tls.client_crl.is_none());
         assert_eq!(c.keys.default_acl, DefaultAcl::Allow);
@@ -358,5 +532,108 @@ mod tests {
         );
         assert_eq!(c.keys.default_acl, DefaultAcl::Deny);
         assert!(c.keys.policy[0].allow_rsa_decrypt);
+    }
+
+    #[test]
+    fn groups_parse_with_defaults_and_relative_paths() {
+        let text = format!(
+            "enroll_listen = '127.0.0.1:2408'\nstate_dir = '/var/lib/k'\n{MIN}\
+             [[group]]\nname = 'eu'\nca_cert = 'eu.crt'\nca_key = 'eu.key'\n\
+             previous_ca_certs = ['old.crt']\nkeys = ['example.com-*']\n\
+             cert_lifetime = '90s'\nmax_clock_offset = '1m'\n\
+             [[group]]\nname = 'us'\nca_cert = 'us.crt'\n"
+        );
+        let path = write("groups", &text);
+        let c = Config::load(&path).unwrap();
+        let dir = path.parent().unwrap();
+        assert_eq!(c.enroll_listen, Some("127.0.0.1:2408".parse().unwrap()));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/k"));
+        let eu = c.group("eu").unwrap();
+        assert_eq!(eu.ca_cert, dir.join("eu.crt"));
+        assert_eq!(eu.ca_key, Some(dir.join("eu.key")));
+        assert_eq!(eu.previous_ca_certs, vec![dir.join("old.crt")]);
+        assert_eq!(eu.cert_lifetime, Duration::from_secs(90));
+        assert_eq!(eu.max_clock_offset, Duration::from_secs(60));
+        assert!(eu.allows_key("example.com-ecdsa"));
+        assert!(!eu.allows_key("other.org-ecdsa"));
+        let us = c.group("us").unwrap();
+        assert!(us.ca_key.is_none() && us.keys.is_none());
+        assert_eq!(us.cert_lifetime, Duration::from_secs(86400));
+        assert_eq!(us.max_clock_offset, Duration::from_secs(300));
+        assert!(us.allows_key("anything"));
+        assert_eq!(eu.files().count(), 3);
+
+        // Groups alone, without [tls] client_ca.
+        let path = write(
+            "groups-only",
+            &format!(
+                "{}[[group]]\nname='g'\nca_cert='g.crt'\n",
+                MIN.replace("client_ca='ca.pem'\n", "")
+            ),
+        );
+        assert!(Config::load(&path).unwrap().tls.client_ca.is_none());
+    }
+
+    #[test]
+    fn bad_groups_are_errors() {
+        let group = |body: &str| format!("{MIN}[[group]]\nca_cert='g.crt'\n{body}");
+        for (name, text, expect) in [
+            ("g-noname", group(""), "name"),
+            ("g-badname", group("name='a/b'"), "name"),
+            ("g-dotdot", group("name='..'"), "name"),
+            (
+                "g-twice",
+                format!(
+                    "{}[[group]]\nname='a'\nca_cert='h.crt'\n",
+                    group("name='a'")
+                ),
+                "twice",
+            ),
+            (
+                "g-lifetime",
+                group("name='a'\ncert_lifetime='0s'"),
+                "cert_lifetime",
+            ),
+            (
+                "g-badtime",
+                group("name='a'\nmax_clock_offset='soon'"),
+                "max_clock_offset",
+            ),
+            ("g-unknown", group("name='a'\nca='x'"), "unknown field"),
+            (
+                "g-emptykey",
+                group("name='a'\nkeys=['']"),
+                "empty key pattern",
+            ),
+            (
+                "no-ca",
+                MIN.replace("client_ca='ca.pem'\n", ""),
+                "no client CA",
+            ),
+        ] {
+            let err = Config::load(&write(name, &text)).unwrap_err().to_string();
+            assert!(err.contains(expect), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn globs_match_stems() {
+        for (pattern, name, expected) in [
+            ("a", "a", true),
+            ("a", "ab", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("example.com-*", "example.com-rsa", true),
+            ("example.com-*", "example.org-rsa", false),
+            ("*-ecdsa", "x.org-ecdsa", true),
+            ("*-ecdsa", "x.org-rsa", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "acb", false),
+            ("ab*ba", "aba", false),
+            ("**", "x", true),
+        ] {
+            assert_eq!(glob_match(pattern, name), expected, "{pattern} ~ {name}");
+        }
     }
 }

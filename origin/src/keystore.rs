@@ -178,13 +178,16 @@ impl Keystore {
     }
 
     /// The key whose certificate covers `sni` (exact names before wildcards), picked by
-    /// `preference` (or ECDSA, Ed25519, RSA when empty) among the keys `identity` may
-    /// use: a key the client may not use is never chosen.
+    /// `preference` (or ECDSA, Ed25519, RSA when empty) among the keys of the client's
+    /// group (`in_group`) that `identity` may use: a key the client may not use is never
+    /// chosen. When none qualifies, a key of the group refused by its ACL makes the
+    /// answer `NotAuthorized`, else a key outside the group `NotInGroup`.
     pub(crate) fn by_name(
         &self,
         sni: &str,
         preference: &[KeyPreference],
         identity: &str,
+        in_group: impl Fn(&KeyEntry) -> bool,
     ) -> NameLookup<'_> {
         let preference = if preference.is_empty() {
             DEFAULT_PREFERENCE
@@ -192,21 +195,27 @@ impl Keystore {
             preference
         };
         let mut refused = false;
+        let mut outside = false;
         for candidates in self.by_name.matches(sni) {
             for pref in preference {
                 for entry in candidates.iter().filter_map(|ski| self.keys.get(ski)) {
                     if !prefers(*pref, entry.key.algorithm) {
                         continue;
                     }
-                    if entry.allows(identity) {
+                    if !in_group(entry) {
+                        outside = true;
+                    } else if entry.allows(identity) {
                         return NameLookup::Found(entry);
+                    } else {
+                        refused = true;
                     }
-                    refused = true;
                 }
             }
         }
         if refused {
             NameLookup::NotAuthorized
+        } else if outside {
+            NameLookup::NotInGroup
         } else {
             NameLookup::NotFound
         }
@@ -217,8 +226,10 @@ impl Keystore {
 #[derive(Debug)]
 pub(crate) enum NameLookup<'a> {
     Found(&'a Arc<KeyEntry>),
-    /// Keys cover the name, but the client may use none of them.
+    /// Keys of the client's group cover the name, but the client may use none of them.
     NotAuthorized,
+    /// Only keys outside the client's group cover the name.
+    NotInGroup,
     NotFound,
 }
 

@@ -2,13 +2,17 @@
 //! private-key operation for the edges, over mutual TLS, speaking Keyless protocol v1.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod config;
+mod enroll;
 mod keys;
 mod keystore;
 mod metrics;
 mod pool;
 mod server;
+mod state;
 mod tls;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -32,7 +36,13 @@ const DECRYPT_WARNING: &str = "every client allowed to use the key has a raw RSA
 decryption and signing oracle; rustls-based edges never need it";
 
 #[derive(Debug, Parser)]
-#[command(name = "keyless-origin", version, about = "Keyless key server")]
+#[command(
+    name = "keyless-origin",
+    version,
+    about = "Keyless key server",
+    after_help = "Enrollment state: keyless-origin token create|list|revoke --config FILE ..., \
+                  keyless-origin edges list|revoke --config FILE ... (see --help of each)"
+)]
 struct Cli {
     #[command(flatten)]
     args: ServerArgs,
@@ -41,6 +51,15 @@ struct Cli {
 fn main() {
     // Before any key is read: a core file would hold every site key.
     keyless_shared::process::disable_core_dumps_or_exit("keyless-origin");
+    let first = std::env::args().nth(1);
+    if first.is_some_and(|a| admin::COMMANDS.contains(&a.as_str())) {
+        let cli = admin::AdminCli::parse();
+        init_logging(keyless_shared::cli::LogFormat::Human);
+        if let Err(e) = admin::run(cli, &mut std::io::stdout().lock()) {
+            exit_with_error("keyless-origin", e.as_ref());
+        }
+        return;
+    }
     let cli = Cli::parse();
     init_logging(cli.args.log_format);
     if let Err(e) = run(cli.args) {
@@ -50,8 +69,13 @@ fn main() {
 
 fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
-    let tls = tls::server_config(&config.tls)?;
+    let state = state::StateDir::new(&config.state_dir);
+    if !cli.test {
+        state.ensure()?;
+    }
+    let tls = tls::build(&config)?;
     let store = Keystore::load(&config.keys)?;
+    let unmatched = unmatched_group_patterns(&config, &store);
     let decrypt_keys: Vec<&str> = store
         .entries()
         .filter(|e| e.allow_rsa_decrypt)
@@ -68,6 +92,20 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
             config.tls.identity,
             tls.crls,
         );
+        println!(
+            "state_dir {}, enrollment API {}, TLS files polled every {}",
+            config.state_dir.display(),
+            config
+                .enroll_listen
+                .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            humantime_serde::re::humantime::format_duration(config.tls_reload_interval),
+        );
+        for line in group_report(&config, &store) {
+            println!("{line}");
+        }
+        for (group, pattern) in &unmatched {
+            println!("WARNING: group {group}: key pattern {pattern:?} matches no loaded key");
+        }
         if !config.require_handshake_context {
             println!("WARNING: {PERMISSIVE_WARNING}");
         }
@@ -88,6 +126,9 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
     if store.len() == 0 {
         tracing::warn!(dir = %config.keys.dir.display(), "no site keys loaded");
     }
+    for (group, pattern) in &unmatched {
+        tracing::warn!(%group, %pattern, "group key pattern matches no loaded key");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -97,12 +138,67 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(config, cli.config, tls, store))
 }
 
+/// `(group, pattern)` for every group key pattern that names no key of `store`.
+fn unmatched_group_patterns(config: &Config, store: &Keystore) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for g in &config.groups {
+        for p in g.keys.iter().flatten() {
+            if !store.entries().any(|e| config::glob_match(p, &e.name)) {
+                out.push((g.name.clone(), p.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// One line per group for `--test`.
+fn group_report(config: &Config, store: &Keystore) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(ca) = &config.tls.client_ca {
+        lines.push(format!(
+            "group (implicit, certificates without a group URI): CA {}, every key, no enrollment",
+            ca.display()
+        ));
+    }
+    for g in &config.groups {
+        let mut names: Vec<&str> = store
+            .entries()
+            .filter(|e| g.allows_key(&e.name))
+            .map(|e| e.name.as_str())
+            .collect();
+        names.sort_unstable();
+        lines.push(format!(
+            "group {}: CA {}{}, {}, keys {} ({}), cert_lifetime {}, max_clock_offset {}",
+            g.name,
+            g.ca_cert.display(),
+            if g.previous_ca_certs.is_empty() {
+                String::new()
+            } else {
+                format!(" (+{} previous)", g.previous_ca_certs.len())
+            },
+            if g.ca_key.is_some() {
+                "enrolls edges"
+            } else {
+                "checks edges only (no ca_key)"
+            },
+            g.keys
+                .as_ref()
+                .map_or_else(|| "all".to_owned(), |k| format!("{k:?}")),
+            names.join(", "),
+            humantime_serde::re::humantime::format_duration(g.cert_lifetime),
+            humantime_serde::re::humantime::format_duration(g.max_clock_offset),
+        ));
+    }
+    lines
+}
+
 async fn serve(
     config: Config,
     config_path: PathBuf,
     tls: tls::TlsState,
     store: Keystore,
 ) -> anyhow::Result<()> {
+    let config = Arc::new(config);
     let shared = Arc::new(shared_state(&config, tls, store)?);
     // Before the port opens: whoever sees it open may signal, and a signal not yet
     // caught would kill the process.
@@ -113,12 +209,34 @@ async fn serve(
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    let enroll_listener = match config.enroll_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for enrollment on {addr}"))?,
+        ),
+        None => None,
+    };
     // The hard stop: connections close at once (SIGINT, or the end of a drain).
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     tokio::spawn(metrics::serve(
         metrics_listener,
         shared.metrics.clone(),
+        shutdown.clone(),
+    ));
+    // Enrollment stops with the Keyless listener: a draining key server issues nothing.
+    let stop_enroll = shutdown.child_token();
+    if let Some(listener) = enroll_listener {
+        let service = Arc::new(enroll::Enroll::new(
+            shared.clone(),
+            state::StateDir::new(&config.state_dir),
+        ));
+        tokio::spawn(enroll::serve(listener, service, stop_enroll.clone()));
+    }
+    tokio::spawn(watch::watch(
+        shared.clone(),
+        config.clone(),
         shutdown.clone(),
     ));
     tracing::info!(
@@ -130,6 +248,8 @@ async fn serve(
         default_acl = ?config.keys.default_acl,
         identity = ?config.tls.identity,
         client_crls = shared.tls().crls,
+        groups = config.groups.len(),
+        enroll = ?config.enroll_listen,
         "key server listening"
     );
 
@@ -148,6 +268,7 @@ async fn serve(
     // The accept loop, and with it the listener, was dropped with the select: from here
     // on new connections are refused and a new key server may bind the port.
     tracker.close();
+    stop_enroll.cancel();
     if stop == Stop::Drain {
         drain(&shared, &tracker, &mut signals, &config, &config_path).await;
     }
@@ -275,11 +396,16 @@ impl Signals {
 /// connections; open connections re-check their certificate. A part that fails to load
 /// keeps its current state.
 async fn reload(shared: &Shared, config: &Config, config_path: &Path) {
-    let keys = config.keys.clone();
-    let tls_config = config.tls.clone();
-    tracing::info!(config = %config_path.display(), dir = %keys.dir.display(), "SIGHUP: reloading keys and TLS configuration");
+    let config = config.clone();
+    tracing::info!(config = %config_path.display(), dir = %config.keys.dir.display(), "SIGHUP: reloading keys, TLS configuration and revoked edges");
     let loaded = tokio::task::spawn_blocking(move || {
-        (Keystore::load(&keys), tls::server_config(&tls_config))
+        let store = Keystore::load(&config.keys);
+        if let Ok(store) = &store {
+            for (group, pattern) in unmatched_group_patterns(&config, store) {
+                tracing::warn!(%group, %pattern, "group key pattern matches no loaded key");
+            }
+        }
+        (store, tls::build(&config))
     })
     .await;
     let label = |result| crate::metrics::ResultLabel { result };
@@ -305,9 +431,13 @@ async fn reload(shared: &Shared, config: &Config, config_path: &Path) {
     }
     match tls {
         Ok(tls) => {
-            let crls = tls.crls;
+            let (crls, revoked) = (tls.crls, tls.revoked.len());
             shared.install_tls(tls);
-            tracing::info!(client_crls = crls, "TLS configuration reloaded");
+            tracing::info!(
+                client_crls = crls,
+                revoked_edges = revoked,
+                "TLS configuration reloaded"
+            );
         }
         Err(e) => {
             ok = false;

@@ -36,6 +36,12 @@ pub(crate) struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct EnrollLabels {
+    pub(crate) op: &'static str,
+    pub(crate) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ReasonLabel {
     pub(crate) reason: &'static str,
 }
@@ -71,6 +77,8 @@ pub(crate) struct Metrics {
     pub(crate) reloads: Family<ResultLabel, Counter>,
     pub(crate) frame_errors: Counter<u64, AtomicU64>,
     pub(crate) draining: Gauge,
+    pub(crate) enrollments: Family<EnrollLabels, Counter>,
+    pub(crate) tls_reloads: Family<ResultLabel, Counter>,
 }
 
 use std::sync::atomic::AtomicI64;
@@ -101,7 +109,7 @@ impl Metrics {
             connections: register(
                 &mut r,
                 "keyless_connections",
-                "Edge connections, by outcome of their set-up (accepted, handshake-failed, handshake-timeout, handshake-evicted, no-identity, over-limit, revoked)",
+                "Edge connections, by outcome of their set-up (accepted, handshake-failed, handshake-timeout, handshake-evicted, no-identity, unknown-group, bad-group, over-limit, revoked)",
                 Family::<ResultLabel, Counter>::default(),
             ),
             connections_active: register(
@@ -152,6 +160,18 @@ impl Metrics {
                 "1 while the key server drains after SIGTERM (go-away sent, no new connections), else 0",
                 Gauge::default(),
             ),
+            enrollments: register(
+                &mut r,
+                "keyless_enrollments",
+                "Enrollment API answers, by operation (enroll, reenroll) and result (ok or the ENROLL.md error code)",
+                Family::<EnrollLabels, Counter>::default(),
+            ),
+            tls_reloads: register(
+                &mut r,
+                "keyless_tls_reloads",
+                "TLS configuration rebuilds after a file changed on disk, by result",
+                Family::<ResultLabel, Counter>::default(),
+            ),
             registry: r,
         }
     }
@@ -179,6 +199,12 @@ impl Metrics {
     pub(crate) fn queue_dropped(&self, reason: &'static str) {
         self.queue_dropped
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub(crate) fn enrollment(&self, op: &'static str, result: &'static str) {
+        self.enrollments
+            .get_or_create(&EnrollLabels { op, result })
             .inc();
     }
 

@@ -43,10 +43,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, IdentitySource};
-use crate::keystore::{Keystore, NameLookup};
+use crate::keystore::{KeyEntry, Keystore, NameLookup};
 use crate::metrics::Metrics;
 use crate::pool::{Job, Pool};
-use crate::tls::TlsState;
+use crate::tls::{GroupState, TlsState};
 
 /// Everything a connection needs, shared.
 pub(crate) struct Shared {
@@ -199,15 +199,22 @@ pub(crate) async fn accept_loop(
         let shutdown = shutdown.clone();
         let authenticated = authenticated.clone();
         tracker.spawn(async move {
-            let Some((tls, identity, permit)) =
+            let Some((tls, client, permit)) =
                 handshake(tcp, peer, slot, &authenticated, &shared, &shutdown).await
             else {
                 return;
             };
             let _permit = permit;
-            connection(tls, peer, identity, shared, shutdown).await;
+            connection(tls, peer, client, shared, shutdown).await;
         });
     }
+}
+
+/// Who an authenticated connection is: the identity ACLs name and, for a certificate
+/// with a group URI, its group (`None`: the implicit group of `[tls] client_ca`).
+struct Client {
+    identity: Arc<str>,
+    group: Option<Arc<GroupState>>,
 }
 
 /// Runs the TLS handshake within its deadline and budget and names the client; `None`
@@ -219,9 +226,10 @@ async fn handshake(
     authenticated: &Arc<Semaphore>,
     shared: &Shared,
     shutdown: &CancellationToken,
-) -> Option<(TlsStream<TcpStream>, Arc<str>, OwnedSemaphorePermit)> {
+) -> Option<(TlsStream<TcpStream>, Client, OwnedSemaphorePermit)> {
     let metrics = &shared.metrics;
-    let acceptor = TlsAcceptor::from(shared.tls().config.clone());
+    let tls_state = shared.tls();
+    let acceptor = TlsAcceptor::from(tls_state.config.clone());
     let accepted = tokio::select! {
         r = tokio::time::timeout(shared.handshake_timeout, acceptor.accept(tcp)) => r,
         () = slot.evicted.cancelled() => {
@@ -252,21 +260,45 @@ async fn handshake(
         metrics.connection("no-identity");
         return None;
     };
+    // The verifier has checked the group URI against the group's CA already; a group
+    // missing here can only be one removed by a reload in between.
+    let group = match cert.map(crate::tls::edge_name) {
+        Some(Ok(Some(name))) => match tls_state.group(&name.group) {
+            Some(g) => Some(g.clone()),
+            None => {
+                tracing::warn!(target: "audit", %peer, client = %log_safe(&identity), group = %log_safe(&name.group), "edge certificate names a group that is not configured; closing");
+                metrics.connection("unknown-group");
+                return None;
+            }
+        },
+        // No certificate has no identity either: refused above.
+        Some(Ok(None)) | None => None,
+        Some(Err(reason)) => {
+            tracing::warn!(target: "audit", %peer, client = %log_safe(&identity), %reason, "edge certificate has a malformed group URI; closing");
+            metrics.connection("bad-group");
+            return None;
+        }
+    };
     let Ok(permit) = authenticated.clone().try_acquire_owned() else {
         tracing::warn!(%peer, client = %log_safe(&identity), "max_connections reached; closing the new edge connection");
         metrics.connection("over-limit");
         return None;
     };
-    Some((tls, identity.into(), permit))
+    let client = Client {
+        identity: identity.into(),
+        group,
+    };
+    Some((tls, client, permit))
 }
 
 async fn connection(
     tls: TlsStream<TcpStream>,
     peer: SocketAddr,
-    identity: Arc<str>,
+    client: Client,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
+    let Client { identity, group } = client;
     let metrics = shared.metrics.clone();
     let (_, conn) = tls.get_ref();
     let version = conn
@@ -280,7 +312,8 @@ async fn connection(
     metrics.connection("accepted");
     metrics.connections_active.inc();
     let client = log_safe(&identity).to_string();
-    tracing::info!(%peer, %client, %version, "edge connected");
+    let group_name = group_label(group.as_deref());
+    tracing::info!(%peer, %client, group = %group_name, %version, "edge connected");
 
     let (rd, wr) = tokio::io::split(tls);
     let reader = FramedRead::new(rd, KeylessCodec);
@@ -297,6 +330,7 @@ async fn connection(
     ));
     let ctx = Arc::new(ConnCtx {
         identity: identity.clone(),
+        group,
         tx,
         shared: shared.clone(),
         alive: alive.clone(),
@@ -401,6 +435,8 @@ struct Outgoing {
 
 struct ConnCtx {
     identity: Arc<str>,
+    /// The client's group; `None` for the implicit group (every key).
+    group: Option<Arc<GroupState>>,
     tx: mpsc::Sender<Outgoing>,
     shared: Arc<Shared>,
     /// Cancelled when replies can no longer be written.
@@ -408,6 +444,13 @@ struct ConnCtx {
 }
 
 impl ConnCtx {
+    /// Whether the client's group may use the key `entry`.
+    fn in_group(&self, entry: &KeyEntry) -> bool {
+        self.group
+            .as_ref()
+            .is_none_or(|g| g.config.allows_key(&entry.name))
+    }
+
     fn reply(&self, id: u32, op: Operation, permit: OwnedSemaphorePermit) {
         self.send(Outgoing {
             msg: Message { id, op },
@@ -471,9 +514,15 @@ fn unix_millis() -> Option<u64> {
     Some(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The group name for logs: `-` for the implicit group.
+fn group_label(group: Option<&GroupState>) -> String {
+    group.map_or_else(|| "-".to_owned(), |g| log_safe(&g.config.name).to_string())
+}
+
 /// What an audit line says about a request.
 struct Audit {
     identity: Arc<str>,
+    group: String,
     id: u32,
     sni: Option<String>,
     ski: Option<Ski>,
@@ -490,6 +539,7 @@ impl Audit {
         tracing::info!(
             target: "audit",
             client = %log_safe(&self.identity),
+            group = %self.group,
             sni = %self.sni.as_deref().map(log_safe).map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             ski = %self.ski.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             op = %self.opcode,
@@ -512,6 +562,7 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
     let Message { id, op } = msg;
     let mut audit = Audit {
         identity: ctx.identity.clone(),
+        group: group_label(ctx.group.as_deref()),
         id,
         sni: op.sni.clone(),
         ski: op.ski,
@@ -544,8 +595,12 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
                 .filter_map(|b| KeyPreference::from_u8(*b))
                 .collect();
             let store = ctx.shared.keystore();
-            let entry = match store.by_name(sni, &prefs, &ctx.identity) {
+            let entry = match store.by_name(sni, &prefs, &ctx.identity, |e| ctx.in_group(e)) {
                 NameLookup::Found(entry) => entry,
+                NameLookup::NotInGroup => {
+                    tracing::warn!(target: "audit", client = %log_safe(&ctx.identity), group = %audit.group, sni = %log_safe(sni), result = "not-in-group", "certificate chain refused: every key for the name is outside the client's group");
+                    return refuse(ctx, &audit, ErrorCode::NotInGroup, permit);
+                }
                 NameLookup::NotAuthorized => {
                     tracing::warn!(target: "audit", client = %log_safe(&ctx.identity), sni = %log_safe(sni), "certificate chain refused by key ACL");
                     return refuse(ctx, &audit, ErrorCode::NotAuthorized, permit);
@@ -627,6 +682,10 @@ fn key_op(
     let Some(entry) = store.get(&ski) else {
         return refuse(ctx, &audit, ErrorCode::KeyNotFound, permit);
     };
+    if !ctx.in_group(entry) {
+        tracing::warn!(target: "audit", client = %log_safe(&ctx.identity), group = %audit.group, key = %entry.name, %ski, op = %opcode, result = "not-in-group", "refused: key outside the client's group");
+        return refuse(ctx, &audit, ErrorCode::NotInGroup, permit);
+    }
     if !entry.allows(&ctx.identity) {
         tracing::warn!(target: "audit", client = %log_safe(&ctx.identity), %ski, key = %entry.name, op = %opcode, "refused by key ACL");
         return refuse(ctx, &audit, ErrorCode::NotAuthorized, permit);
