@@ -9,6 +9,8 @@
 //! DIR/origin/keys/<domain>-{ecdsa,rsa}.{key,crt} site keys: only the key server has them
 //! DIR/origin/keyserver.{crt,key}, DIR/origin/edge-ca.crt
 //! DIR/edge/edge.{crt,key}, DIR/edge/keyserver-ca.crt
+//! DIR/origin/edge-ca.key                        with --enroll only: the key server
+//!                                               enrolls edges of group "default"
 //! ```
 //!
 //! Everything is generated in memory first, so a failure leaves no half-written PKI.
@@ -50,6 +52,19 @@ pub(crate) struct InitArgs {
     /// Write into a non-empty directory, replacing files of the same name.
     #[arg(long)]
     pub(crate) force: bool,
+    /// Let the key server enroll edges: origin.toml gets a [[group]] "default" with the
+    /// edge CA's certificate and key (a copy of the key in origin/) and an
+    /// enroll_listen address.
+    #[arg(long)]
+    pub(crate) enroll: bool,
+    /// Address of the key server's enrollment API (with --enroll).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:2408",
+        requires = "enroll"
+    )]
+    pub(crate) enroll_listen: SocketAddr,
 }
 
 /// Private keys: readable by the owner only.
@@ -80,9 +95,19 @@ pub(crate) fn run(args: &InitArgs, out: &mut impl Write) -> Result<()> {
     pki.write_cas(&mut w)?;
     pki.write_sites(&mut w)?;
     pki.write_origin(&mut w)?;
+    if args.enroll {
+        w.secret(
+            "origin/edge-ca.key",
+            &pki.edge_ca.key_pem,
+            "edge CA key, signs enrolled edges' certificates",
+        )?;
+    }
     pki.write_edge(&mut w)?;
 
-    let origin = origin_toml(args.keyserver_listen, args.metrics_listen);
+    let mut origin = origin_toml(args.keyserver_listen, args.metrics_listen);
+    if args.enroll {
+        origin = enroll_origin_toml(&origin, args.enroll_listen);
+    }
     w.public("origin.toml", &origin, "keyless-origin configuration")?;
     let edge = edge_toml(args.keyserver_listen.port(), &args.domains);
     w.public("edge.toml", &edge, "keyless-edge configuration")?;
@@ -233,6 +258,38 @@ pub(crate) fn origin_toml(listen: SocketAddr, metrics_listen: SocketAddr) -> Str
          # key = \"example.com-rsa\"\n\
          # allow_rsa_decrypt = true\n"
     )
+}
+
+/// `origin` (as [`origin_toml`] wrote it) with enrollment on: `enroll_listen` among
+/// the top-level keys and a `[[group]]` "default" whose CA is the edge CA, key included.
+pub(crate) fn enroll_origin_toml(origin: &str, enroll_listen: SocketAddr) -> String {
+    let listen = format!("enroll_listen = \"{enroll_listen}\"");
+    let top = format!("{listen:<35}# from --enroll-listen (enrollment API)\n");
+    // Beside the other addresses, before the first table (a top-level key after one
+    // would belong to it).
+    const AFTER: &str = "# from --metrics-listen\n";
+    let mut s = match origin.find(AFTER) {
+        Some(at) => {
+            let (head, tail) = origin.split_at(at + AFTER.len());
+            format!("{head}{top}{tail}")
+        }
+        None => format!("{top}{origin}"),
+    };
+    s.push_str(
+        "\n\
+         # Edge enrollment (keyless-certs init --enroll): edges join group \"default\" with a\n\
+         # token from `keyless-origin token create --config origin.toml --group default --ttl 1h`.\n\
+         # Enrollment state (tokens, edges, revocations) lives in state_dir (default \"state\").\n\
+         [[group]]\n\
+         name = \"default\"\n\
+         ca_cert = \"origin/edge-ca.crt\"\n\
+         ca_key = \"origin/edge-ca.key\"\n\
+         # Keys its edges may use (file stems, * globs); default: every key.\n\
+         # keys = [\"example.com-*\"]\n\
+         cert_lifetime = \"24h\"\n\
+         max_clock_offset = \"5m\"\n",
+    );
+    s
 }
 
 /// The edge's configuration; paths are relative to the file's directory.

@@ -11,7 +11,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::pem::Pem;
 
-use super::{edge_toml, origin_toml, parse_dns_name};
+use super::{edge_toml, enroll_origin_toml, origin_toml, parse_dns_name};
 use crate::testutil::{run_init, TempDir};
 
 const DOMAINS: [&str; 2] = ["example.com", "other.org"];
@@ -615,5 +615,60 @@ fn rejects_bad_arguments() -> Result<()> {
         !dir.path().exists(),
         "bad arguments still created the directory"
     );
+    Ok(())
+}
+
+#[test]
+fn enroll_adds_a_default_group_with_the_edge_ca_and_its_key() -> Result<()> {
+    let dir = TempDir::new("enroll");
+    run_init(
+        dir.path(),
+        &[
+            "--domain",
+            "example.com",
+            "--enroll",
+            "--enroll-listen",
+            "127.0.0.1:3408",
+        ],
+    )?;
+    let dir = dir.path();
+    let origin: toml::Table = read(dir, "origin.toml")?.parse()?;
+    ensure!(origin["enroll_listen"].as_str() == Some("127.0.0.1:3408"));
+    // The implicit group keeps working for the edge init made.
+    ensure!(origin["tls"]["client_ca"].as_str() == Some("origin/edge-ca.crt"));
+    let groups = origin["group"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no [[group]]"))?;
+    ensure!(groups.len() == 1);
+    let g = &groups[0];
+    ensure!(g["name"].as_str() == Some("default"));
+    ensure!(g["ca_cert"].as_str() == Some("origin/edge-ca.crt"));
+    ensure!(g["ca_key"].as_str() == Some("origin/edge-ca.key"));
+    ensure!(mode(dir, "origin/edge-ca.key")? == 0o600);
+    ensure!(read(dir, "origin/edge-ca.key")? == read(dir, "ca/edge-ca.key")?);
+
+    // Without --enroll: no group, no CA key beside the key server, the documented file.
+    let plain = TempDir::new("plain");
+    run_init(plain.path(), &["--domain", "example.com"])?;
+    ensure!(!plain.path().join("origin/edge-ca.key").exists());
+    let origin: toml::Table = read(plain.path(), "origin.toml")?.parse()?;
+    ensure!(origin.get("group").is_none() && origin.get("enroll_listen").is_none());
+    // --enroll-listen alone is refused.
+    let lone = TempDir::new("lone");
+    ensure!(run_init(
+        lone.path(),
+        &[
+            "--domain",
+            "example.com",
+            "--enroll-listen",
+            "127.0.0.1:3408"
+        ]
+    )
+    .is_err());
+    let text = enroll_origin_toml(
+        &origin_toml("127.0.0.1:2407".parse()?, "127.0.0.1:2406".parse()?),
+        "127.0.0.1:2408".parse()?,
+    );
+    ensure!(text.contains("metrics_listen = \"127.0.0.1:2406\"  # from --metrics-listen\nenroll_listen = \"127.0.0.1:2408\""), "{text}");
     Ok(())
 }
