@@ -203,12 +203,7 @@ async fn serve(
     // Before the port opens: whoever sees it open may signal, and a signal not yet
     // caught would kill the process.
     let mut signals = Signals::install()?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    // Before the Keyless listener: whoever sees that port open finds enrollment open.
     let enroll_listener = match config.enroll_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -217,6 +212,12 @@ async fn serve(
         ),
         None => None,
     };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
     // The hard stop: connections close at once (SIGINT, or the end of a drain).
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();

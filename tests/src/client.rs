@@ -197,6 +197,12 @@ impl ClientOptions {
         .map_err(|_| ClientError::Timeout(self.timeout))?
         .map_err(ClientError::Handshake)?;
         let version = tls.get_ref().1.protocol_version();
+        let server_cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec());
         let (r, w) = tokio::io::split(tls);
         Ok(KeyClient {
             reader: FramedRead::new(r, KeylessCodec),
@@ -205,6 +211,7 @@ impl ClientOptions {
             stash: HashMap::new(),
             timeout: self.timeout,
             version,
+            server_cert,
         })
     }
 }
@@ -217,6 +224,7 @@ pub struct KeyClient {
     stash: HashMap<u32, Operation>,
     timeout: Duration,
     version: Option<ProtocolVersion>,
+    server_cert: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for KeyClient {
@@ -237,6 +245,11 @@ impl KeyClient {
     /// The negotiated TLS version.
     pub fn protocol_version(&self) -> Option<ProtocolVersion> {
         self.version
+    }
+
+    /// The key server's certificate (DER) this connection was opened with.
+    pub fn server_certificate(&self) -> Option<&[u8]> {
+        self.server_cert.as_deref()
     }
 
     /// A fresh request id.

@@ -24,6 +24,8 @@ pub struct Deployment {
     dir: PathBuf,
     listen: SocketAddr,
     metrics: SocketAddr,
+    /// The enrollment API, for deployments made with `--enroll`.
+    enroll: Option<SocketAddr>,
     domains: Vec<String>,
     edge_name: String,
     report_on_drop: bool,
@@ -37,6 +39,16 @@ impl Deployment {
 
     /// Runs `keyless-certs init` for `domains` with the given edge name.
     pub fn init_with(domains: &[&str], edge_name: &str) -> Result<Deployment> {
+        Deployment::init_inner(domains, edge_name, false)
+    }
+
+    /// Runs `keyless-certs init --enroll` for `domains`: the key server enrolls edges of
+    /// group `default` (the edge CA) on [`Deployment::enroll_addr`].
+    pub fn init_enroll(domains: &[&str]) -> Result<Deployment> {
+        Deployment::init_inner(domains, EDGE_NAME, true)
+    }
+
+    fn init_inner(domains: &[&str], edge_name: &str, enroll: bool) -> Result<Deployment> {
         let dir = unique_temp_dir("deploy")?;
         let listen = free_addr()?;
         let metrics = free_addr()?;
@@ -51,6 +63,15 @@ impl Deployment {
             .arg("--metrics-listen")
             .arg(metrics.to_string())
             .args(["--edge-name", edge_name]);
+        let enroll = if enroll {
+            let addr = free_addr()?;
+            cmd.arg("--enroll")
+                .arg("--enroll-listen")
+                .arg(addr.to_string());
+            Some(addr)
+        } else {
+            None
+        };
         let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         if !out.status.success() {
             bail!(
@@ -64,6 +85,7 @@ impl Deployment {
             dir,
             listen,
             metrics,
+            enroll,
             domains: domains.iter().map(|d| d.to_string()).collect(),
             edge_name: edge_name.to_owned(),
             report_on_drop: true,
@@ -96,6 +118,11 @@ impl Deployment {
     /// The key server's metrics address.
     pub fn metrics(&self) -> SocketAddr {
         self.metrics
+    }
+
+    /// The enrollment API's address (deployments made by [`Deployment::init_enroll`]).
+    pub fn enroll_addr(&self) -> Option<SocketAddr> {
+        self.enroll
     }
 
     /// The domains given to `init`.

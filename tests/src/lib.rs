@@ -10,6 +10,8 @@
 //!   the edge; [`DelayProxy`]: a relay that slows the key server down.
 //! - [`Curl`], [`SClient`], [`KeepAliveClient`]: real clients of the edge.
 //! - [`memscan`]: looking for site key material in files and in process memory.
+//! - [`enroll`]: a client of the key server's enrollment API ([`EnrollClient`]) and
+//!   the operator's token and edges commands.
 //!
 //! Setup failures are `anyhow` errors (they are reported, never matched on); the client,
 //! whose failures tests do match on, has the typed [`ClientError`].
@@ -21,6 +23,7 @@ mod delay_proxy;
 mod deployment;
 mod dns;
 mod edge;
+pub mod enroll;
 mod flood;
 mod https;
 pub mod keys;
@@ -43,6 +46,7 @@ pub use deployment::{
 };
 pub use dns::{Dns, SrvRecord};
 pub use edge::{check_edge_config, edge_bin, metric_sum, Edge, EdgeConfig, SiteEntry};
+pub use enroll::{EnrollClient, Tamper};
 pub use flood::{
     handshake_flood, per_phase, FloodReport, HandshakeEnd, HandshakeLoad, HandshakeOutcome,
     LoadOutcome,
