@@ -409,7 +409,7 @@ async fn an_enrolled_edge_uses_the_keys_of_its_group_only() -> Result<()> {
             && has_field(l, "key", &format!("{DOMAIN}-rsa"))
     })?;
     // Certificate chains: the RSA one only is outside the group.
-    let mut chain = Operation::new(Opcode::GetCertificateChain, vec![KeyPreference::Rsa as u8]);
+    let mut chain = Operation::new(Opcode::GetCertificateChain, vec![KeyPreference::Rsa.to_u8()]);
     chain.sni = Some(DOMAIN.into());
     expect_error(&client.call(chain).await?, ErrorCode::NotInGroup)?;
     let mut chain = Operation::new(Opcode::GetCertificateChain, Vec::new());
