@@ -669,3 +669,38 @@ async fn key_server_certificate_replaced_on_disk_is_used_without_dropping_connec
     s.server.assert_no_panic();
     Ok(())
 }
+
+#[tokio::test]
+async fn bad_group_files_are_named_by_the_config_test() -> Result<()> {
+    let d = Deployment::init_enroll(&[DOMAIN])?;
+    for (name, field, value, expect) in [
+        // The key server's own key is no key of the edge CA.
+        (
+            "origin-g-mismatch.toml",
+            "ca_key",
+            "origin/keyserver.key",
+            "does not match",
+        ),
+        (
+            "origin-g-missing.toml",
+            "ca_cert",
+            "origin/no-such-ca.crt",
+            "no-such-ca.crt",
+        ),
+    ] {
+        let config = d.write_config_variant(name, |t| {
+            if let Some(g) = group_mut(t, "default") {
+                g.insert(field.into(), value.into());
+            }
+        })?;
+        let out = check_config(&config)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(!out.status.success(), "{name} accepted:\n{text}");
+        ensure!(text.contains(expect), "{name}: {text}");
+    }
+    Ok(())
+}
