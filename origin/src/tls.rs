@@ -519,3 +519,52 @@ pub(crate) fn client_identity(
     }
     .filter(|id| !id.is_empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, SanType, PKCS_ECDSA_P256_SHA256};
+
+    fn cert_with_uris(uris: &[&str]) -> CertificateDer<'static> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::new(vec!["edge-1".to_owned()]).expect("params");
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into().expect("IA5")));
+        }
+        params.self_signed(&key).expect("cert").der().clone()
+    }
+
+    #[test]
+    fn group_uris_name_the_group_and_the_edge() {
+        let name = edge_name(&cert_with_uris(&[
+            "https://example.com/",
+            &group_uri("eu", "edge-1"),
+        ]))
+        .expect("parses");
+        assert_eq!(
+            name,
+            Some(EdgeName {
+                group: "eu".into(),
+                edge_id: "edge-1".into()
+            })
+        );
+        assert_eq!(edge_name(&cert_with_uris(&[])).expect("parses"), None);
+        assert_eq!(
+            edge_name(&cert_with_uris(&["https://x/"])).expect("parses"),
+            None
+        );
+        for bad in [
+            &["keyless://group/eu"][..],
+            &["keyless://group/eu/edge/"],
+            &["keyless://group//edge/e"],
+            &["keyless://group/eu/node/e"],
+            &["keyless://group/eu/edge/e/more"],
+            &["keyless://group/eu/edge/a", "keyless://group/us/edge/a"],
+        ] {
+            assert!(edge_name(&cert_with_uris(bad)).is_err(), "{bad:?}");
+        }
+        assert!(edge_name(&CertificateDer::from(vec![0x30, 0x00])).is_err());
+    }
+}
