@@ -1,5 +1,10 @@
 //! The mTLS listener and the per-connection request loop.
 //!
+//! A connection's client is its identity (what ACLs name) and its group (from the
+//! certificate's group URI, checked against the group's CA in the handshake by
+//! `tls::EdgeVerifier`): a key outside the group's keys is answered `not-in-group`
+//! before ACLs are consulted.
+//!
 //! Bounds, from the socket in:
 //! - connections still in their TLS handshake have their own budget
 //!   (`max_unauthenticated_connections`) and deadline (`handshake_timeout`); when the
