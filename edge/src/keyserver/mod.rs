@@ -40,8 +40,9 @@ pub use identity::IdentityError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// No key server could be reached (all are down or backing off).
-    #[error("no key server reachable: {0}")]
+    /// The key server could not be reached (connection refused, TLS failed, or backing
+    /// off after such a failure).
+    #[error("key server unreachable: {0}")]
     Unavailable(String),
     /// The connection broke before the reply came.
     #[error("key server connection lost")]
