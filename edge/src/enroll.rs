@@ -123,7 +123,7 @@ pub async fn enroll(
         edge_nonce: base64url_encode(&edge_nonce),
         edge_time_ms,
         csr: csr_pem,
-        mac: base64url_encode(&proof.sign(&token.secret)),
+        mac: base64url_encode(&proof.sign(&token.proof_key())),
     };
     let response: EnrollResponse = client
         .post(&format!("{EST_PREFIX}/simpleenroll"), &request)
