@@ -21,6 +21,10 @@ const MIN_RETRY: Duration = Duration::from_secs(1);
 /// The validity of the current certificate and whom it names.
 #[derive(Clone, Debug)]
 pub(super) struct CredentialTimes {
+    /// When the lifetime counts from: the later of the certificate's not-before and
+    /// the time its file was written. Issuers backdate not-before (ours by a minute)
+    /// for clock skew; counted from there, a short-lived certificate would look
+    /// two-thirds gone the moment it arrives.
     pub(super) not_before: SystemTime,
     pub(super) not_after: SystemTime,
     pub(super) edge_id: String,
@@ -65,9 +69,15 @@ pub(super) fn read_times(path: &Path) -> Result<CredentialTimes, String> {
         .and_then(|cn| cn.as_str().ok())
         .ok_or_else(|| format!("{}: the certificate has no subject CN", path.display()))?
         .to_owned();
+    let written = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let not_after = at(cert.validity().not_after.timestamp());
     Ok(CredentialTimes {
-        not_before: at(cert.validity().not_before.timestamp()),
-        not_after: at(cert.validity().not_after.timestamp()),
+        not_before: at(cert.validity().not_before.timestamp())
+            .max(written)
+            .min(not_after),
+        not_after,
         edge_id,
     })
 }
@@ -158,25 +168,25 @@ mod tests {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "edge-7");
-        params.not_before = rcgen::date_time_ymd(2026, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2026, 1, 7);
+        // Valid from long before the file is written (2020) to far after (2100): the
+        // lifetime counts from the writing.
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
         let cert = params.self_signed(&key).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("edge.crt");
         std::fs::write(&path, cert.pem()).unwrap();
 
+        let written = std::fs::metadata(&path).unwrap().modified().unwrap();
         let t = read_times(&path).unwrap();
         assert_eq!(t.edge_id, "edge-7");
-        assert_eq!(t.lifetime(), Duration::from_secs(6 * 86_400));
-        assert_eq!(t.renew_at(), t.not_before + Duration::from_secs(4 * 86_400));
-        let day = Duration::from_secs(86_400);
-        assert!(t.problem("g", t.not_before + 4 * day).is_none());
-        let p = t.problem("g", t.not_before + 5 * day + day / 2).unwrap();
-        assert!(
-            p.contains("group g") && p.contains("expires in 43200s"),
-            "{p}"
-        );
-        assert!(t.problem("g", t.not_after + day).is_some(), "expired");
+        assert_eq!(t.not_before, written);
+        let life = t.lifetime();
+        assert_eq!(t.renew_at(), t.not_before + life * 2 / 3);
+        assert!(t.problem("g", t.not_before + life * 2 / 3).is_none());
+        let p = t.problem("g", t.not_after - life / 12).unwrap();
+        assert!(p.contains("group g") && p.contains("expires in"), "{p}");
+        assert!(t.problem("g", t.not_after + life).is_some(), "expired");
         std::fs::write(&path, "not a certificate").unwrap();
         assert!(read_times(&path).is_err());
     }
