@@ -75,16 +75,14 @@ fn route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> (StatusCod
     }
 }
 
-/// `ok`, or degraded naming each key-server group with no server up.
+/// `ok`, or degraded with one line per problem (a key-server group with no server up,
+/// an edge certificate close to expiry without renewal).
 fn health(keyservers: &KeyServerClient) -> (StatusCode, String) {
-    let down = keyservers.degraded();
-    if down.is_empty() {
+    let problems = keyservers.problems();
+    if problems.is_empty() {
         return (StatusCode::OK, "ok\n".to_owned());
     }
-    let lines: String = down
-        .iter()
-        .map(|g| format!("degraded: key-server group {g} has no server up; its sites refuse new handshakes\n"))
-        .collect();
+    let lines: String = problems.iter().map(|p| format!("{p}\n")).collect();
     (StatusCode::SERVICE_UNAVAILABLE, lines)
 }
 

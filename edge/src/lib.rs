@@ -18,6 +18,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod dns;
+pub mod enroll;
 pub mod exchange;
 pub mod httpdate;
 pub mod keyserver;

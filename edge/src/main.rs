@@ -7,27 +7,126 @@ use anyhow::Context;
 use clap::Parser;
 use keyless_edge::config::Config;
 use keyless_edge::Stop;
-use keyless_shared::cli::{exit_with_error, init_logging, ServerArgs};
+use keyless_shared::cli::{exit_with_error, init_logging, LogFormat, ServerArgs};
+use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "keyless-edge",
     version,
-    about = "Keyless edge: TLS termination without site keys"
+    about = "Keyless edge: TLS termination without site keys",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
     #[command(flatten)]
-    args: ServerArgs,
+    args: Option<ServerArgs>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Join a key-server group with a one-time token: make a key pair and CSR here,
+    /// prove the token to the key server's enrollment API, write the certificate.
+    Enroll(EnrollArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EnrollArgs {
+    /// The key server's enrollment API (`enroll_listen`), `host:port`.
+    #[arg(long)]
+    server: String,
+    /// CA certificate(s) the key server's certificate chains to (PEM).
+    #[arg(long)]
+    ca: PathBuf,
+    /// Name the key server's certificate must carry. Default: the host of --server.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// The id this edge enrolls as (its certificate's CN and DNS name).
+    #[arg(long)]
+    id: String,
+    /// File holding the bootstrap token (`keyless-origin token create` printed it).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Directory for `edge.key` (0600), `edge.crt`, `edge-ca.crt` and a copy of --ca.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 fn main() {
     keyless_shared::process::disable_core_dumps_or_exit("keyless-edge");
     let cli = Cli::parse();
-    init_logging(cli.args.log_format);
-    if let Err(e) = run(cli.args) {
+    let result = match (cli.command, cli.args) {
+        (Some(Command::Enroll(args)), _) => {
+            init_logging(LogFormat::Human);
+            enroll(args)
+        }
+        (None, Some(args)) => {
+            init_logging(args.log_format);
+            run(args)
+        }
+        (None, None) => Err(anyhow::anyhow!("--config is required (see --help)")),
+    };
+    if let Err(e) = result {
         exit_with_error("keyless-edge", e.as_ref());
     }
+}
+
+/// `keyless-edge enroll`: writes the credential and prints the configuration lines.
+fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+    use keyless_edge::enroll::{EnrollServer, Enrolled};
+    let text = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("cannot read the token file {}", args.token_file.display()))?;
+    let token = keyless_shared::enroll::Token::parse(&text)
+        .with_context(|| format!("{}", args.token_file.display()))?;
+    let host = match args.server_name.clone() {
+        Some(name) => name,
+        None => args
+            .server
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .context("--server must be host:port")?,
+    };
+    let server = EnrollServer {
+        addr: args.server.clone(),
+        server_name: rustls::pki_types::ServerName::try_from(host.clone())
+            .with_context(|| format!("{host:?} is not a valid server name"))?,
+        ca: args.ca.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let Enrolled { response, .. } = runtime.block_on(keyless_edge::enroll::enroll(
+        &server, &token, &args.id, &args.out,
+    ))?;
+    // Absolute paths in the printed lines: edge.toml may live anywhere.
+    let out = std::fs::canonicalize(&args.out).unwrap_or_else(|_| args.out.clone());
+    let ca_copy = out.join("keyserver-ca.crt");
+    if std::fs::canonicalize(&args.ca).ok() != std::fs::canonicalize(&ca_copy).ok() {
+        std::fs::copy(&args.ca, &ca_copy).with_context(|| {
+            format!("cannot copy {} to {}", args.ca.display(), ca_copy.display())
+        })?;
+    }
+    let expires = keyless_edge::httpdate::fmt_http_date(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(response.not_after),
+    );
+    eprintln!(
+        "enrolled {} in group {}; certificate valid until {expires}; renewed by the edge at 2/3 of its lifetime",
+        response.edge_id, response.group
+    );
+    println!("# Add to edge.toml (and list the group's key servers):");
+    println!("[[keyserver.group]]");
+    println!("name = {:?}", response.group);
+    println!("ca = {:?}", ca_copy.display().to_string());
+    println!("cert = {:?}", out.join("edge.crt").display().to_string());
+    println!("key = {:?}", out.join("edge.key").display().to_string());
+    println!("server_name = {host:?}");
+    println!("enroll = {:?}", args.server);
+    println!("servers = [{{ addr = \"KEY-SERVER:2407\" }}]");
+    Ok(())
 }
 
 fn run(cli: ServerArgs) -> anyhow::Result<()> {

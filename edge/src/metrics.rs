@@ -63,6 +63,15 @@ pub struct ServerLabels {
     pub server: String,
 }
 
+/// One renewal of the edge's certificate.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RenewalLabels {
+    /// The key-server group.
+    pub group: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 /// One key-server group.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabels {
@@ -113,6 +122,10 @@ pub struct Metrics {
     pub keyserver_clock_offset: Family<ServerLabels, Gauge<f64, AtomicU64>>,
     /// Servers of each group that are up.
     pub keyserver_group_up: Family<GroupLabels, Gauge>,
+    /// Seconds until the edge's certificate towards each group expires.
+    pub credential_expiry: Family<GroupLabels, Gauge>,
+    /// Renewals of the edge's certificate, by group and result.
+    pub credential_renewals: Family<RenewalLabels, Counter>,
     /// Cache lookups by result.
     pub cache_lookups: Family<CacheLabels, Counter>,
     /// Bytes held by each cache tier.
@@ -160,6 +173,8 @@ impl Metrics {
             keyserver_probe_seconds: Family::new_with_constructor(latency),
             keyserver_clock_offset: Family::default(),
             keyserver_group_up: Family::default(),
+            credential_expiry: Family::default(),
+            credential_renewals: Family::default(),
             cache_lookups: Family::default(),
             cache_bytes: Family::default(),
             cache_objects: Family::default(),
@@ -298,6 +313,16 @@ impl Metrics {
             "keyless_edge_keyserver_group_up",
             "Key servers of each group that are up (0: the group's sites fail closed)",
             self.keyserver_group_up.clone(),
+        );
+        r.register(
+            "keyless_edge_credential_expiry_seconds",
+            "Seconds until the edge's certificate towards each key-server group expires",
+            self.credential_expiry.clone(),
+        );
+        r.register(
+            "keyless_edge_credential_renewals",
+            "Renewals of the edge's certificate, by group and result",
+            self.credential_renewals.clone(),
         );
     }
 

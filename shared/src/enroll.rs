@@ -74,7 +74,16 @@ impl Token {
 
     /// What the key server stores instead of the secret: SHA-256 of it, hex.
     pub fn secret_hash(&self) -> String {
-        hex::encode(ring::digest::digest(&ring::digest::SHA256, &self.secret))
+        hex::encode(self.proof_key())
+    }
+
+    /// The key of the proof of possession: SHA-256 of the secret, the value the key
+    /// server keeps (so the stored hash is as sensitive as the token while the token is
+    /// valid; it is worthless once the token is used, revoked or expired).
+    pub fn proof_key(&self) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, &self.secret)
+            .as_ref()
+            .to_vec()
     }
 }
 

@@ -95,6 +95,11 @@ pub struct GroupConfig {
     /// protocol only, for key servers such as Cloudflare's gokeyless.
     #[serde(default)]
     pub protocol: Protocol,
+    /// `host:port` of the group's enrollment API: the edge renews `cert` and `key` there
+    /// at 2/3 of the certificate's lifetime (`keyless-edge enroll` prints this line).
+    /// None: the credential is not renewed by the edge.
+    #[serde(default)]
+    pub enroll: Option<KeyServerAddr>,
 }
 
 /// Where a group's servers come from.
@@ -243,6 +248,7 @@ impl KeyServerConfig {
             servers: Some(servers),
             srv: None,
             protocol: Protocol::Keyless,
+            enroll: None,
         });
         Ok(())
     }

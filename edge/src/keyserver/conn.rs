@@ -101,6 +101,14 @@ impl Conn {
             && !self.tx.is_closed()
     }
 
+    /// Takes no new requests; closes once the replies owed have come (or at once).
+    pub(super) fn retire(&self) {
+        self.state.going_away.store(true, Ordering::Release);
+        if self.waiters.lock().map(|w| w.is_empty()).unwrap_or(true) {
+            self.state.close.cancel();
+        }
+    }
+
     /// Sends `op` and waits for its reply; the caller bounds the wait.
     pub(super) async fn call(&self, op: Operation) -> Result<Operation, ClientError> {
         let _permit = self

@@ -8,16 +8,19 @@ use std::time::Instant;
 
 use keyless_shared::Operation;
 
+use super::renewal::CredentialTimes;
 use super::server::Server;
-use super::{budget, fails_over, ClientError, ServerSpec, Settings};
+use super::{budget, fails_over, ClientError, ServerSpec, Settings, TlsSource};
 use crate::config::Protocol;
 
 pub(super) struct Group {
     pub(super) name: Arc<str>,
     pub(super) protocol: Protocol,
-    tls: Arc<rustls::ClientConfig>,
+    pub(super) tls: Arc<TlsSource>,
     settings: Arc<Settings>,
     servers: RwLock<Arc<[Arc<Server>]>>,
+    /// The edge's certificate towards this group, when it is renewed by the edge.
+    credential: std::sync::Mutex<Option<CredentialTimes>>,
 }
 
 impl Group {
@@ -31,9 +34,10 @@ impl Group {
         let group = Group {
             name: name.into(),
             protocol,
-            tls,
+            tls: Arc::new(TlsSource::new(tls)),
             settings,
             servers: RwLock::new(Arc::from(Vec::new())),
+            credential: std::sync::Mutex::new(None),
         };
         group.set_servers(specs);
         group
@@ -78,6 +82,45 @@ impl Group {
         *self.servers.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(new);
         self.update_gauge();
         changed
+    }
+
+    /// Uses `tls` for new connections from now on; open ones finish what they have in
+    /// flight and close.
+    pub(super) async fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
+        self.tls.replace(tls);
+        for server in self.servers().iter() {
+            server.retire_connections().await;
+        }
+    }
+
+    /// Notes the validity of the edge's current certificate towards this group.
+    pub(super) fn set_credential(&self, times: CredentialTimes) {
+        *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = Some(times);
+    }
+
+    /// Why `/healthz` should report this group, if it should: no server up, or the
+    /// edge's certificate close to expiry without renewal.
+    pub(super) fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.usable() {
+            problems.push(format!(
+                "degraded: key-server group {} has no server up; its sites refuse new handshakes",
+                self.name
+            ));
+        }
+        let credential = self.credential.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = credential
+            .as_ref()
+            .and_then(|c| c.problem(&self.name, std::time::SystemTime::now()))
+        {
+            problems.push(p);
+        }
+        problems
+    }
+
+    /// Where the group's state is exported, if anywhere.
+    pub(super) fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
+        self.settings.metrics.as_ref()
     }
 
     /// The deadline of one attempt at a server.

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use super::{ClientConfig, Endpoint, GroupSpec, ServerSource, ServerSpec, Settings};
+use super::{ClientConfig, Endpoint, GroupSpec, RenewalSpec, ServerSource, ServerSpec, Settings};
 use crate::config::{DnsConfig, GroupConfig, GroupServers, KeyServerConfig};
+use crate::enroll::{Credential, EnrollServer};
 
 /// Why `[keyserver]` cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -125,16 +126,36 @@ fn group_spec(g: &GroupConfig) -> Result<GroupSpec, IdentityError> {
             }
         }
     };
+    let renewal = match &g.enroll {
+        None => None,
+        Some(addr) => {
+            let name = g.server_name.as_deref().unwrap_or(addr.host());
+            Some(RenewalSpec {
+                server: EnrollServer {
+                    addr: addr.as_str().to_owned(),
+                    server_name: ServerName::try_from(name.to_owned())
+                        .map_err(|_| IdentityError::ServerName(name.to_owned()))?,
+                    ca: g.ca.clone(),
+                },
+                credential: Credential {
+                    cert: g.cert.clone(),
+                    key: g.key.clone(),
+                },
+                group: g.clone(),
+            })
+        }
+    };
     Ok(GroupSpec {
         name: g.name.clone(),
         tls: tls_config(g)?,
         protocol: g.protocol,
         servers,
+        renewal,
     })
 }
 
 /// The edge's mTLS client configuration towards a group's key servers (TLS 1.3 only).
-fn tls_config(ks: &GroupConfig) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+pub(super) fn tls_config(ks: &GroupConfig) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in certificates(&ks.ca, "key-server CA")? {
         roots.add(ca).map_err(|source| IdentityError::Ca {

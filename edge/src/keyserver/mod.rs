@@ -22,6 +22,7 @@ mod discovery;
 mod group;
 mod identity;
 mod probe;
+mod renewal;
 mod server;
 
 use std::collections::HashMap;
@@ -40,8 +41,9 @@ pub use identity::IdentityError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// No key server could be reached (all are down or backing off).
-    #[error("no key server reachable: {0}")]
+    /// The key server could not be reached (connection refused, TLS failed, or backing
+    /// off after such a failure).
+    #[error("key server unreachable: {0}")]
     Unavailable(String),
     /// The connection broke before the reply came.
     #[error("key server connection lost")]
@@ -115,6 +117,19 @@ pub struct GroupSpec {
     pub protocol: Protocol,
     /// Its servers.
     pub servers: ServerSource,
+    /// Renewal of the edge's certificate towards it, if the edge renews it.
+    pub renewal: Option<RenewalSpec>,
+}
+
+/// How the edge renews its certificate towards a group.
+#[derive(Clone, Debug)]
+pub struct RenewalSpec {
+    /// The group's enrollment API.
+    pub server: crate::enroll::EnrollServer,
+    /// The files renewed in place.
+    pub credential: crate::enroll::Credential,
+    /// The group's configuration, to rebuild its mTLS identity from the new files.
+    pub group: crate::config::GroupConfig,
 }
 
 /// Settings shared by every group.
@@ -175,6 +190,24 @@ pub struct ClientConfig {
     pub groups: Vec<GroupSpec>,
     /// The resolver for SRV groups.
     pub dns: DnsConfig,
+}
+
+/// A group's mTLS configuration, replaced when the edge's certificate is renewed.
+pub(crate) struct TlsSource(std::sync::RwLock<Arc<rustls::ClientConfig>>);
+
+impl TlsSource {
+    fn new(tls: Arc<rustls::ClientConfig>) -> TlsSource {
+        TlsSource(std::sync::RwLock::new(tls))
+    }
+
+    /// The configuration new connections use.
+    fn current(&self) -> Arc<rustls::ClientConfig> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replace(&self, tls: Arc<rustls::ClientConfig>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = tls;
+    }
 }
 
 /// Owns the key-server runtime; every [`KeyGroup`] holds it.
@@ -241,6 +274,10 @@ impl KeyServerClient {
             }
             rt.handle
                 .spawn(probe::run(Arc::downgrade(&group), settings.probe_interval));
+            if let Some(renewal) = spec.renewal.clone() {
+                rt.handle
+                    .spawn(renewal::run(Arc::downgrade(&group), renewal));
+            }
             order.push(spec.name.clone());
             groups.insert(
                 spec.name,
@@ -263,12 +300,10 @@ impl KeyServerClient {
         self.order.iter().filter_map(|n| self.groups.get(n))
     }
 
-    /// The names of the groups with no server up (their sites fail closed).
-    pub fn degraded(&self) -> Vec<String> {
-        self.groups()
-            .filter(|g| !g.is_usable())
-            .map(|g| g.name().to_owned())
-            .collect()
+    /// What `/healthz` reports, one line each: groups with no server up (their sites
+    /// fail closed) and edge certificates close to expiry without renewal.
+    pub fn problems(&self) -> Vec<String> {
+        self.groups().flat_map(|g| g.group.problems()).collect()
     }
 }
 

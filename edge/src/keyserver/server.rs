@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::Mutex;
 
 use super::conn::Conn;
-use super::{ClientError, Endpoint, ServerSpec, Settings};
+use super::{ClientError, Endpoint, ServerSpec, Settings, TlsSource};
 use crate::metrics::{Metrics, ServerLabels};
 
 /// A clock offset change smaller than this is not logged again.
@@ -77,7 +77,9 @@ pub(super) struct Server {
     health: std::sync::Mutex<Health>,
     metrics: Option<ServerMetrics>,
     settings: Arc<Settings>,
-    tls: Arc<rustls::ClientConfig>,
+    /// The group's current mTLS configuration (replaced when the edge's certificate
+    /// is renewed).
+    tls: Arc<TlsSource>,
     me: Weak<Server>,
 }
 
@@ -106,7 +108,7 @@ impl Server {
         spec: &ServerSpec,
         group: Arc<str>,
         settings: Arc<Settings>,
-        tls: Arc<rustls::ClientConfig>,
+        tls: Arc<TlsSource>,
     ) -> Arc<Server> {
         let metrics = settings.metrics.as_ref().map(|m| {
             let labels = ServerLabels {
@@ -397,6 +399,16 @@ impl Server {
         }
     }
 
+    /// Lets every open connection finish what it has in flight and close: new requests
+    /// open new connections (with the group's current identity).
+    pub(super) async fn retire_connections(&self) {
+        for slot in &self.slots {
+            if let Some(conn) = slot.lock().await.conn.take() {
+                conn.retire();
+            }
+        }
+    }
+
     /// A live connection, trying the slots in turn. `probe`: ignore the reconnection
     /// back-off (probes are paced by their own schedule).
     async fn conn(&self, probe: bool) -> Result<Arc<Conn>, ClientError> {
@@ -435,14 +447,8 @@ impl Server {
                 server.on_draining("go-away");
             }
         };
-        match Conn::connect(
-            &self.endpoint,
-            &self.tls,
-            &self.settings,
-            Box::new(on_go_away),
-        )
-        .await
-        {
+        let tls = self.tls.current();
+        match Conn::connect(&self.endpoint, &tls, &self.settings, Box::new(on_go_away)).await {
             Ok(c) => {
                 tracing::info!(group = %self.group, keyserver = %self.endpoint.addr, "connected to key server");
                 slot.retry_at = None;
@@ -488,7 +494,7 @@ pub(super) mod tests {
             &spec,
             "g".into(),
             Arc::new(Settings::default()),
-            Arc::new(tls),
+            Arc::new(TlsSource::new(Arc::new(tls))),
         )
     }
 
