@@ -704,3 +704,37 @@ async fn bad_group_files_are_named_by_the_config_test() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_edge_enrolls_and_renews_with_this_key_server() -> Result<()> {
+    use keyless_edge::enroll::{enroll, renew, EnrollServer};
+    let s = start(|_| {})?;
+    let token = s.token("1h", Some("e-real"))?;
+    let server = EnrollServer {
+        addr: s
+            .d
+            .enroll_addr()
+            .context("no enrollment address")?
+            .to_string(),
+        server_name: rustls::pki_types::ServerName::try_from("localhost")?,
+        ca: s.d.keyserver_ca(),
+    };
+    let out = s.d.dir().join("real-edge");
+    std::fs::create_dir_all(&out)?;
+    let enrolled = enroll(&server, &token, "e-real", &out).await?;
+    ensure!(enrolled.response.group == "default" && enrolled.response.edge_id == "e-real");
+    let identity = (
+        enrolled.credential.cert.clone(),
+        enrolled.credential.key.clone(),
+    );
+    assert_ping(&mut s.client(&identity).connect().await?).await?;
+    let renewed = renew(&server, &enrolled.credential, "e-real").await?;
+    ensure!(renewed.edge_id == "e-real");
+    // The token was used by the edge's enrollment.
+    match enroll(&server, &token, "e-real", &out).await {
+        Err(keyless_edge::enroll::EnrollFailure::Refused { code, .. }) if code == "token-used" => {}
+        other => bail!("expected token-used, got {other:?}"),
+    }
+    s.server.assert_no_panic();
+    Ok(())
+}

@@ -268,7 +268,7 @@ impl EnrollClient {
         let edge_time_ms = unix_millis().saturating_add_signed(tamper.clock_offset_ms);
         let digest = ring::digest::digest(&ring::digest::SHA256, &csr_der);
         // ENROLL.md: the MAC is keyed with SHA-256 of the token's secret.
-        let key = ring::digest::digest(&ring::digest::SHA256, &token.secret);
+        let key = token.proof_key();
         let mut mac = ProofInput {
             token_id: &token.id,
             server_nonce: &server_nonce,
@@ -277,7 +277,7 @@ impl EnrollClient {
             csr_digest: digest.as_ref(),
             edge_time_ms,
         }
-        .sign(key.as_ref());
+        .sign(&key);
         if tamper.flip_mac {
             if let Some(b) = mac.first_mut() {
                 *b ^= 0x01;
