@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The demo command of the README: a complete keyless deployment on loopback.
 #   PKI (keyless-certs init) -> key server (keyless-origin, holds the site keys)
+#   -> the edge enrolls with a one-time token (keyless-edge enroll: its own key pair,
+#      a short-lived certificate from the key server; no certificate copied by hand)
 #   -> content origin (keyless-test-origin) -> DNS (dnsmasq answers for the origin's name)
 #   -> edge (keyless-edge, no site key) -> curl through the edge.
 # Ctrl-C stops all of it.
@@ -14,31 +16,14 @@ cargo build --release --locked -p keyless-certs -p keyless-origin -p keyless-edg
 cargo build --release --locked -p keyless-tests --bin keyless-test-origin
 BIN=$PWD/target/release
 DIR=$PWD/demo
-KS=2407 KS_METRICS=2406 HTTPS=8443 HTTP=8080 ADMIN=9090 ORIGIN=8000 DNS=5353
+KS=2407 KS_METRICS=2406 ENROLL=2408 HTTPS=8443 HTTP=8080 ADMIN=9090 ORIGIN=8000 DNS=5353
 
 rm -rf "$DIR"
 "$BIN/keyless-certs" init --out "$DIR" --domain example.com \
-    --keyserver-listen 127.0.0.1:$KS --metrics-listen 127.0.0.1:$KS_METRICS >/dev/null
-cat > "$DIR/edge.toml" <<TOML
-# keyless-edge configuration of the demo
-[listen]
-https = "127.0.0.1:$HTTPS"
-http = "127.0.0.1:$HTTP"
-admin = "127.0.0.1:$ADMIN"
-
-[keyserver]
-servers = ["localhost:$KS"]
-ca = "edge/keyserver-ca.crt"
-cert = "edge/edge.crt"
-key = "edge/edge.key"
-
-[dns]
-nameservers = ["127.0.0.1:$DNS"]
-
-[[site]]
-domains = ["example.com", "*.example.com"]
-origin = "http://origin.example.com:$ORIGIN"
-TOML
+    --keyserver-listen 127.0.0.1:$KS --metrics-listen 127.0.0.1:$KS_METRICS \
+    --enroll --enroll-listen 127.0.0.1:$ENROLL >/dev/null
+# The demo's edge enrolls itself below; the certificate init made for it is not used.
+rm -f "$DIR/edge/edge.crt" "$DIR/edge/edge.key"
 
 pids=()
 cleanup() {
@@ -63,6 +48,31 @@ pids+=($!)
     --address=/origin.example.com/127.0.0.1 --log-facility="$DIR/dns.log" &
 pids+=($!)
 wait_for http://127.0.0.1:$KS_METRICS/healthz
+
+# Add an edge: a one-time token on the key server, enrollment on the edge.
+"$BIN/keyless-origin" token create --config "$DIR/origin.toml" --group default --ttl 10m \
+    > "$DIR/edge-token"
+"$BIN/keyless-edge" enroll --server localhost:$ENROLL --ca "$DIR/edge/keyserver-ca.crt" \
+    --id demo-edge --token-file "$DIR/edge-token" --out "$DIR/edge/enrolled" > "$DIR/edge-group.toml"
+rm -f "$DIR/edge-token"
+cat > "$DIR/edge.toml" <<TOML
+# keyless-edge configuration of the demo
+[listen]
+https = "127.0.0.1:$HTTPS"
+http = "127.0.0.1:$HTTP"
+admin = "127.0.0.1:$ADMIN"
+
+[dns]
+nameservers = ["127.0.0.1:$DNS"]
+
+[[site]]
+domains = ["example.com", "*.example.com"]
+origin = "http://origin.example.com:$ORIGIN"
+
+[keyserver]
+TOML
+# The lines keyless-edge enroll printed, with the demo's key server filled in.
+sed "s/KEY-SERVER:2407/localhost:$KS/" "$DIR/edge-group.toml" >> "$DIR/edge.toml"
 "$BIN/keyless-edge" --config "$DIR/edge.toml" 2> "$DIR/edge.log" &
 pids+=($!)
 wait_for http://127.0.0.1:$ADMIN/healthz
@@ -73,6 +83,8 @@ echo "running on loopback:"
 echo "  key server   127.0.0.1:$KS (metrics :$KS_METRICS)   holds $DIR/origin/keys/*"
 echo "  origin       127.0.0.1:$ORIGIN, named origin.example.com by dnsmasq on :$DNS"
 echo "  edge         https :$HTTPS, http :$HTTP, admin :$ADMIN   holds no site key ($DIR/edge/)"
+echo "               enrolled as demo-edge with a one-time token; its certificate ($DIR/edge/enrolled/)"
+echo "               is renewed by the edge at 2/3 of its lifetime (enrollment API on :$ENROLL)"
 echo
 echo "\$ $CURL"
 $CURL

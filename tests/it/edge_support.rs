@@ -37,6 +37,8 @@ type OriginEdit = Box<dyn FnOnce(&mut toml::Table)>;
 /// How to set up a [`Stack`].
 #[derive(Default)]
 pub(crate) struct StackBuilder {
+    /// The deployment's key server enrolls edges (`keyless-certs init --enroll`).
+    enroll: bool,
     rsa_site: bool,
     ed25519_site: bool,
     edit: Option<Edit>,
@@ -51,6 +53,12 @@ impl StackBuilder {
     /// Also serve [`RSA_SITE`], whose only key is RSA.
     pub(crate) fn rsa_site(mut self) -> StackBuilder {
         self.rsa_site = true;
+        self
+    }
+
+    /// The key server enrolls edges of group `default` (`keyless-certs init --enroll`).
+    pub(crate) fn enroll(mut self) -> StackBuilder {
+        self.enroll = true;
         self
     }
 
@@ -94,7 +102,10 @@ impl StackBuilder {
         if self.rsa_site {
             domains.push(RSA_SITE);
         }
-        let deployment = Deployment::init(&domains)?;
+        let deployment = match self.enroll {
+            true => Deployment::init_enroll(&domains)?,
+            false => Deployment::init(&domains)?,
+        };
         if self.rsa_site {
             for ext in ["key", "crt"] {
                 let path = deployment

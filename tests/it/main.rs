@@ -19,6 +19,7 @@ mod edge_invariant;
 mod edge_ops;
 mod edge_strict;
 mod edge_support;
+mod enroll_edge;
 mod enroll_keyserver;
 mod errors;
 mod fleet;

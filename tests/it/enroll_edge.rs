@@ -1,0 +1,233 @@
+//! An edge joining a key-server group with `keyless-edge enroll` and keeping its
+//! short-lived certificate renewed, with the real binaries: the operator's three
+//! commands, refusals that write nothing, renewal under a steady stream of new
+//! handshakes, and the old certificate refused once it has expired.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use keyless_tests::enroll::create_token;
+use keyless_tests::{
+    edge_bin, per_phase, ClientOptions, Deployment, EdgeConfig, HandshakeEnd, HandshakeLoad,
+};
+
+use crate::edge_support::{Stack, StackBuilder, SITE};
+
+/// The group `keyless-certs init --enroll` configures.
+const GROUP: &str = "default";
+
+/// `keyless-edge enroll` for `id` with the token in `token_file`, into `out`.
+fn enroll(d: &Deployment, id: &str, token_file: &Path, out: &Path) -> Result<Output> {
+    let server = d
+        .enroll_addr()
+        .context("the deployment has no enrollment API")?;
+    let mut cmd = Command::new(edge_bin()?);
+    cmd.arg("enroll")
+        .args(["--server", &server.to_string()])
+        .arg("--ca")
+        .arg(d.keyserver_ca())
+        .args(["--server-name", "localhost", "--id", id])
+        .arg("--token-file")
+        .arg(token_file)
+        .arg("--out")
+        .arg(out)
+        .env("NO_COLOR", "1");
+    keyless_tests::run_with_timeout(cmd, Duration::from_secs(30))
+}
+
+/// A token for `GROUP` valid for `ttl`, written to a file in the deployment.
+fn token_file(d: &Deployment, name: &str, ttl: &str) -> Result<PathBuf> {
+    let token = create_token(&d.config_path(), GROUP, ttl, None)?;
+    let path = d.dir().join(name);
+    std::fs::write(&path, token.to_text())?;
+    Ok(path)
+}
+
+/// The edge's `[[keyserver.group]]` for the credential in `out`, renewing it at
+/// `enroll` if given.
+fn enrolled_group(
+    c: EdgeConfig,
+    keyserver: SocketAddr,
+    out: &Path,
+    enroll: Option<SocketAddr>,
+) -> EdgeConfig {
+    let path = |f: &str| out.join(f).display().to_string();
+    let c = c
+        .group(GROUP, &[(keyserver, 10, 1)])
+        .group_option("ca", path("keyserver-ca.crt"))
+        .group_option("cert", path("edge.crt"))
+        .group_option("key", path("edge.key"));
+    match enroll {
+        Some(addr) => c.group_option("enroll", addr.to_string()),
+        None => c,
+    }
+}
+
+#[test]
+fn add_an_edge_with_three_commands() -> Result<()> {
+    let backends = StackBuilder::default().enroll().backends()?;
+    let d = &backends.deployment;
+    // 1. On the key server: a one-time token.
+    let token = token_file(d, "token", "1h")?;
+    // 2. On the edge: enroll.
+    let out = d.dir().join("enrolled");
+    let run = enroll(d, "edge-9", &token, &out)?;
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    ensure!(
+        run.status.success(),
+        "keyless-edge enroll failed: {}{stdout}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    ensure!(
+        stdout.contains("[[keyserver.group]]")
+            && stdout.contains(&format!("name = \"{GROUP}\""))
+            && stdout.contains("enroll = "),
+        "the lines to add are missing:\n{stdout}"
+    );
+    let mode = std::fs::metadata(out.join("edge.key"))?
+        .permissions()
+        .mode()
+        & 0o777;
+    ensure!(mode == 0o600, "edge.key has mode {mode:o}");
+    for f in ["edge.crt", "keyserver-ca.crt", "edge-ca.crt"] {
+        ensure!(out.join(f).is_file(), "{f} was not written");
+    }
+    // The token is single use: a second enrollment is refused and writes nothing.
+    let again = d.dir().join("again");
+    let run = enroll(d, "edge-10", &token, &again)?;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    ensure!(
+        !run.status.success() && stderr.contains("token-used"),
+        "a used token: exit {:?}, {stderr}",
+        run.status.code()
+    );
+    ensure!(!again.join("edge.key").exists(), "a refusal wrote a key");
+
+    // 3. Start the edge with the written credential: it serves over TLS 1.3.
+    let keyserver = backends.keyserver.addr();
+    let s = backends.with_edge(|c| enrolled_group(c, keyserver, &out, None))?;
+    s.edge
+        .curl(SITE)
+        .tls(keyless_tests::TlsVersion::Tls13)
+        .get(&s.url(SITE, "/"))?
+        .expect_status(200)?;
+    let audits = s.wait_for_audits("ecdsa-sign-sha256", SITE, 1)?;
+    ensure!(
+        audits.iter().all(|l| l.contains("edge-9")),
+        "the key server should see the enrolled identity edge-9:\n{}",
+        audits.join("\n")
+    );
+    Ok(())
+}
+
+/// Certificates issued in the renewal test live this long.
+const LIFETIME_S: u64 = 9;
+
+#[test]
+fn renewal_under_load_costs_no_handshake_and_the_old_certificate_expires() -> Result<()> {
+    let backends = StackBuilder::default()
+        .enroll()
+        .backends_with_origin_config(|t| {
+            if let Some(groups) = t.get_mut("group").and_then(|g| g.as_array_mut()) {
+                for g in groups {
+                    if let Some(g) = g.as_table_mut() {
+                        g.insert("cert_lifetime".into(), format!("{LIFETIME_S}s").into());
+                    }
+                }
+            }
+        })?;
+    let d = &backends.deployment;
+    let token = token_file(d, "token", "1h")?;
+    let out = d.dir().join("enrolled");
+    let run = enroll(d, "edge-r", &token, &out)?;
+    ensure!(
+        run.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let enrolled_at = Instant::now();
+    // Keep the first credential to try it after it has expired.
+    let first = (d.dir().join("first.crt"), d.dir().join("first.key"));
+    std::fs::copy(out.join("edge.crt"), &first.0)?;
+    std::fs::copy(out.join("edge.key"), &first.1)?;
+
+    let keyserver = backends.keyserver.addr();
+    let enroll_addr = d.enroll_addr();
+    let s = backends.with_edge(|c| {
+        enrolled_group(c, keyserver, &out, enroll_addr).keyserver_option("timeout", "1s")
+    })?;
+    let d = &s.deployment;
+    let load = HandshakeLoad::start(
+        s.edge.https_addr(),
+        SITE,
+        &s.edge.client_ca(),
+        2,
+        25.0,
+        Duration::from_secs(5),
+    )?;
+    load.phase("renewing");
+    let renewed = |s: &Stack| {
+        s.edge
+            .log()
+            .lines()
+            .filter(|l| l.contains("edge certificate renewed"))
+            .count()
+    };
+    let limit = Duration::from_secs(LIFETIME_S * 3);
+    while renewed(&s) < 2 {
+        ensure!(
+            enrolled_at.elapsed() < limit,
+            "fewer than two renewals within {limit:?}; edge log:\n{}",
+            s.edge.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let outcomes = load.stop()?;
+    for (phase, attempted, failed) in per_phase(&outcomes) {
+        eprintln!(
+            "{phase}: {attempted} handshakes, {failed} failed; {} renewals",
+            renewed(&s)
+        );
+    }
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.end != HandshakeEnd::Established)
+        .map(|o| format!("{:?}", o.end))
+        .collect();
+    ensure!(
+        failed.is_empty() && outcomes.len() > 100,
+        "{} of {} handshakes failed across the renewals: {failed:?}",
+        failed.len(),
+        outcomes.len()
+    );
+    let metrics = s.edge.metrics_text()?;
+    ensure!(
+        keyless_tests::metric_sum(
+            &metrics,
+            "keyless_edge_credential_renewals_total",
+            &[("result", "ok")]
+        ) >= 2.0,
+        "renewals not counted:\n{metrics}"
+    );
+
+    // The first certificate stops working by itself once it has expired.
+    let expired = enrolled_at + Duration::from_secs(LIFETIME_S + 2);
+    std::thread::sleep(expired.saturating_duration_since(Instant::now()));
+    let options = ClientOptions::new(d).identity(Some(first));
+    let refused = tokio::runtime::Runtime::new()?.block_on(async {
+        match options.connect().await {
+            Err(_) => true,
+            // TLS 1.3: the server may reject the client certificate after the client
+            // has finished; the first read then fails.
+            Ok(mut client) => client.ping(b"expired?").await.is_err(),
+        }
+    });
+    ensure!(refused, "the expired first certificate still works");
+    s.edge.assert_no_panic();
+    Ok(())
+}
