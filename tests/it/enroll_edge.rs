@@ -231,3 +231,75 @@ fn renewal_under_load_costs_no_handshake_and_the_old_certificate_expires() -> Re
     s.edge.assert_no_panic();
     Ok(())
 }
+
+#[test]
+fn key_server_certificate_replaced_under_edge_load_costs_no_handshake() -> Result<()> {
+    use keyless_tests::enroll::{replace_file, TestCa};
+    let s = StackBuilder::default().start()?;
+    s.edge.s_client(SITE).run()?.expect_verified()?;
+    let load = HandshakeLoad::start(
+        s.edge.https_addr(),
+        SITE,
+        &s.edge.client_ca(),
+        2,
+        25.0,
+        Duration::from_secs(5),
+    )?;
+    load.phase("replaced");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A new certificate from the key-server CA, written over the old one (key first).
+    let dir = s.deployment.dir();
+    let ca = TestCa::load(dir, "keyserver-ca")?;
+    let (cert, key) = ca.issue(&["localhost"], None, true)?;
+    replace_file(&dir.join("origin/keyserver.key"), &key)?;
+    replace_file(&dir.join("origin/keyserver.crt"), &cert)?;
+    s.keyserver.wait_for_log(Duration::from_secs(15), |l| {
+        l.contains("TLS configuration reloaded")
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    // New connections present the new certificate ...
+    use rustls::pki_types::pem::PemObject;
+    let new = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes())?;
+    let seen = tokio::runtime::Runtime::new()?.block_on(async {
+        let client = keyless_tests::KeyClient::connect(&s.deployment).await?;
+        anyhow::Ok(client.server_certificate().map(<[u8]>::to_vec))
+    })?;
+    ensure!(
+        seen.as_deref() == Some(new.as_ref()),
+        "a new connection still sees the old key-server certificate"
+    );
+    // ... and a second edge, connecting now, serves with it.
+    let config = EdgeConfig::new(&s.deployment)?
+        .nameserver(s.dns.addr())
+        .site(
+            &[SITE],
+            &format!(
+                "http://{}:{}",
+                crate::edge_support::ORIGIN_HOST,
+                s.origin.port()
+            ),
+        );
+    let second = keyless_tests::Edge::start_with(&s.deployment, &config)?;
+    second
+        .curl(SITE)
+        .get(&second.url(SITE, "/"))?
+        .expect_status(200)?;
+
+    let outcomes = load.stop()?;
+    let failed = outcomes
+        .iter()
+        .filter(|o| o.end != HandshakeEnd::Established)
+        .count();
+    eprintln!(
+        "{} handshakes across the replacement, {failed} failed",
+        outcomes.len()
+    );
+    ensure!(
+        failed == 0 && outcomes.len() > 50,
+        "{failed} of {} handshakes failed while the key server's certificate was replaced",
+        outcomes.len()
+    );
+    Ok(())
+}
