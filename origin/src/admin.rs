@@ -127,118 +127,147 @@ pub(crate) fn run(cli: AdminCli, out: &mut impl Write) -> Result<()> {
             group,
             ttl,
             edge_id,
-        }) => {
-            let (c, state) = load(&config)?;
-            let Some(g) = c.group(&group) else {
-                bail!(
-                    "no [[group]] named {group:?} in {}",
-                    config.config.display()
-                );
-            };
-            if g.ca_key.is_none() {
-                bail!("group {group:?} has no ca_key: the key server cannot enroll its edges");
-            }
-            if let Some(id) = &edge_id {
-                if !crate::enroll::valid_edge_id(id) {
-                    bail!("--edge-id {id:?} is not a lowercase DNS name");
-                }
-            }
-            let (token, record) = state
-                .create_token(&group, ttl, edge_id.as_deref())
-                .context("creating the token")?;
-            writeln!(out, "{}", token.to_text())?;
-            eprintln!(
-                "token {} for group {group} expires {}{}; it is shown only this once",
-                record.id,
-                time(record.expires),
-                edge_id
-                    .map(|e| format!(", bound to edge {e}"))
-                    .unwrap_or_default()
-            );
-        }
-        AdminCommand::Token(TokenCommand::List { config }) => {
-            let (_, state) = load(&config)?;
-            let now = now_secs();
-            writeln!(
-                out,
-                "{:<16}  {:<12}  {:<8}  {:<20}  {:<20}  {:<20}  used by",
-                "id", "group", "status", "edge id", "created", "expires"
-            )?;
-            for t in state.tokens()? {
-                writeln!(
-                    out,
-                    "{:<16}  {:<12}  {:<8}  {:<20}  {:<20}  {:<20}  {}",
-                    t.id,
-                    t.group,
-                    t.status(now),
-                    t.edge_id.as_deref().unwrap_or("-"),
-                    time(t.created),
-                    time(t.expires),
-                    t.used
-                        .as_ref()
-                        .map(|u| format!("{} at {}", u.edge_id, time(u.at)))
-                        .unwrap_or_else(|| "-".into()),
-                )?;
-            }
-        }
+        }) => token_create(&config, &group, ttl, edge_id, out),
+        AdminCommand::Token(TokenCommand::List { config }) => token_list(&config, out),
         AdminCommand::Token(TokenCommand::Revoke { config, id }) => {
             let (_, state) = load(&config)?;
             let record = state.revoke_token(&id)?;
             writeln!(out, "token {} revoked", record.id)?;
+            Ok(())
         }
-        AdminCommand::Edges(EdgesCommand::List { config }) => {
-            let (_, state) = load(&config)?;
-            let revoked = state.revoked_set()?;
-            let mut edges = state.edges()?;
-            edges.sort_by(|a, b| (&a.group, &a.edge_id).cmp(&(&b.group, &b.edge_id)));
-            writeln!(
-                out,
-                "{:<12}  {:<24}  {:<32}  {:<20}  {:<20}  status",
-                "group", "edge id", "serial", "not after", "last seen"
-            )?;
-            for e in edges {
-                let status = if revoked.contains(&e.group, &e.edge_id) {
-                    "revoked"
-                } else if e.not_after <= now_secs() {
-                    "expired"
-                } else {
-                    "active"
-                };
-                writeln!(
-                    out,
-                    "{:<12}  {:<24}  {:<32}  {:<20}  {:<20}  {status}",
-                    e.group,
-                    e.edge_id,
-                    e.serial,
-                    time(e.not_after),
-                    time(e.last_seen),
-                )?;
-            }
-        }
+        AdminCommand::Edges(EdgesCommand::List { config }) => edges_list(&config, out),
         AdminCommand::Edges(EdgesCommand::Revoke { config, group, id }) => {
-            let (c, state) = load(&config)?;
-            if let Some(g) = &group {
-                if c.group(g).is_none() {
-                    bail!("no [[group]] named {g:?} in {}", config.config.display());
-                }
-            }
-            let known = state
-                .edges()?
-                .iter()
-                .any(|e| e.edge_id == id && group.as_ref().is_none_or(|g| *g == e.group));
-            if !known {
-                eprintln!("note: no enrolled edge {id:?} yet; revoking the id anyway");
-            }
-            let added = state.revoke_edge(&id, group.as_deref())?;
-            let scope = group
-                .map(|g| format!("in group {g}"))
-                .unwrap_or_else(|| "in every group".into());
-            if added {
-                writeln!(out, "edge {id} revoked {scope}")?;
-            } else {
-                writeln!(out, "edge {id} was already revoked {scope}")?;
-            }
+            edges_revoke(&config, group, &id, out)
         }
+    }
+}
+
+/// `token create`: the token on `out` (once), what it is for on stderr.
+fn token_create(
+    config: &ConfigArg,
+    group: &str,
+    ttl: Duration,
+    edge_id: Option<String>,
+    out: &mut impl Write,
+) -> Result<()> {
+    let (c, state) = load(config)?;
+    let Some(g) = c.group(group) else {
+        bail!(
+            "no [[group]] named {group:?} in {}",
+            config.config.display()
+        );
+    };
+    if g.ca_key.is_none() {
+        bail!("group {group:?} has no ca_key: the key server cannot enroll its edges");
+    }
+    if let Some(id) = &edge_id {
+        if !crate::enroll::valid_edge_id(id) {
+            bail!("--edge-id {id:?} is not a lowercase DNS name");
+        }
+    }
+    let (token, record) = state
+        .create_token(group, ttl, edge_id.as_deref())
+        .context("creating the token")?;
+    writeln!(out, "{}", token.to_text())?;
+    eprintln!(
+        "token {} for group {group} expires {}{}; it is shown only this once",
+        record.id,
+        time(record.expires),
+        edge_id
+            .map(|e| format!(", bound to edge {e}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `token list`: every token record, never a secret.
+fn token_list(config: &ConfigArg, out: &mut impl Write) -> Result<()> {
+    let (_, state) = load(config)?;
+    let now = now_secs();
+    writeln!(
+        out,
+        "{:<16}  {:<12}  {:<8}  {:<20}  {:<20}  {:<20}  used by",
+        "id", "group", "status", "edge id", "created", "expires"
+    )?;
+    for t in state.tokens()? {
+        writeln!(
+            out,
+            "{:<16}  {:<12}  {:<8}  {:<20}  {:<20}  {:<20}  {}",
+            t.id,
+            t.group,
+            t.status(now),
+            t.edge_id.as_deref().unwrap_or("-"),
+            time(t.created),
+            time(t.expires),
+            t.used
+                .as_ref()
+                .map(|u| format!("{} at {}", u.edge_id, time(u.at)))
+                .unwrap_or_else(|| "-".into()),
+        )?;
+    }
+    Ok(())
+}
+
+/// `edges list`: the enrolled edges per group with their status.
+fn edges_list(config: &ConfigArg, out: &mut impl Write) -> Result<()> {
+    let (_, state) = load(config)?;
+    let revoked = state.revoked_set()?;
+    let mut edges = state.edges()?;
+    edges.sort_by(|a, b| (&a.group, &a.edge_id).cmp(&(&b.group, &b.edge_id)));
+    writeln!(
+        out,
+        "{:<12}  {:<24}  {:<32}  {:<20}  {:<20}  status",
+        "group", "edge id", "serial", "not after", "last seen"
+    )?;
+    for e in edges {
+        let status = if revoked.contains(&e.group, &e.edge_id) {
+            "revoked"
+        } else if e.not_after <= now_secs() {
+            "expired"
+        } else {
+            "active"
+        };
+        writeln!(
+            out,
+            "{:<12}  {:<24}  {:<32}  {:<20}  {:<20}  {status}",
+            e.group,
+            e.edge_id,
+            e.serial,
+            time(e.not_after),
+            time(e.last_seen),
+        )?;
+    }
+    Ok(())
+}
+
+/// `edges revoke`: adds the id to the revocation list (of one group or all).
+fn edges_revoke(
+    config: &ConfigArg,
+    group: Option<String>,
+    id: &str,
+    out: &mut impl Write,
+) -> Result<()> {
+    let (c, state) = load(config)?;
+    if let Some(g) = &group {
+        if c.group(g).is_none() {
+            bail!("no [[group]] named {g:?} in {}", config.config.display());
+        }
+    }
+    let known = state
+        .edges()?
+        .iter()
+        .any(|e| e.edge_id == id && group.as_ref().is_none_or(|g| *g == e.group));
+    if !known {
+        eprintln!("note: no enrolled edge {id:?} yet; revoking the id anyway");
+    }
+    let added = state.revoke_edge(id, group.as_deref())?;
+    let scope = group
+        .map(|g| format!("in group {g}"))
+        .unwrap_or_else(|| "in every group".into());
+    if added {
+        writeln!(out, "edge {id} revoked {scope}")?;
+    } else {
+        writeln!(out, "edge {id} was already revoked {scope}")?;
     }
     Ok(())
 }

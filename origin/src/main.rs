@@ -203,21 +203,7 @@ async fn serve(
     // Before the port opens: whoever sees it open may signal, and a signal not yet
     // caught would kill the process.
     let mut signals = Signals::install()?;
-    // Before the Keyless listener: whoever sees that port open finds enrollment open.
-    let enroll_listener = match config.enroll_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for enrollment on {addr}"))?,
-        ),
-        None => None,
-    };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    let (listener, enroll_listener, metrics_listener) = bind(&config).await?;
     // The hard stop: connections close at once (SIGINT, or the end of a drain).
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -276,6 +262,32 @@ async fn serve(
     shutdown.cancel();
     tracing::info!("key server stopped");
     Ok(())
+}
+
+/// The Keyless, enrollment and metrics listeners. Enrollment binds before the Keyless
+/// listener: whoever sees that port open finds enrollment open.
+async fn bind(
+    config: &Config,
+) -> anyhow::Result<(
+    tokio::net::TcpListener,
+    Option<tokio::net::TcpListener>,
+    tokio::net::TcpListener,
+)> {
+    let enroll = match config.enroll_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for enrollment on {addr}"))?,
+        ),
+        None => None,
+    };
+    let keyless = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    Ok((keyless, enroll, metrics))
 }
 
 /// The state every connection shares: metrics, the worker pool, the keystore and TLS

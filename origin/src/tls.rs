@@ -376,9 +376,11 @@ pub(crate) fn pem_cert(der: &[u8]) -> String {
 /// Builds both listeners' configurations from the files `config` names, and reads
 /// `revoked.json`. Any file that fails fails the whole build, so a reload never
 /// half-applies.
-pub(crate) fn build(config: &Config) -> Result<TlsState, TlsError> {
-    let tls = &config.tls;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// The key server's certificate chain and key, checked to belong together.
+fn own_identity(
+    tls: &crate::config::TlsConfig,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let chain = read_certs(&tls.cert)?;
     let key = PrivateKeyDer::from_pem_file(&tls.key)
         .map_err(|e| file_err(&tls.key, format!("no usable PEM private key: {e}")))?;
@@ -388,41 +390,51 @@ pub(crate) fn build(config: &Config) -> Result<TlsState, TlsError> {
         .map_err(|e| file_err(&tls.key, format!("unsupported key: {e}")))?;
     let cert_spki = leaf_spki(&tls.cert, &chain[0])?;
     match signing_key.public_key() {
-        Some(spki) if spki.as_ref() == cert_spki.as_slice() => {}
-        Some(_) => {
-            return Err(file_err(
-                &tls.key,
-                format!(
-                    "private key does not match the certificate {}",
-                    tls.cert.display()
-                ),
-            ))
-        }
-        None => {}
+        Some(spki) if spki.as_ref() != cert_spki.as_slice() => Err(file_err(
+            &tls.key,
+            format!(
+                "private key does not match the certificate {}",
+                tls.cert.display()
+            ),
+        )),
+        _ => Ok((chain, key)),
     }
+}
 
-    let mut crls = 0;
-    let implicit = match &tls.client_ca {
-        Some(client_ca) => {
-            let (roots, _) = roots(&[client_ca])?;
-            let mut builder =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-            if let Some(path) = &tls.client_crl {
-                let list = read_crls(path)?;
-                crls = list.len();
-                // Edge certificates are issued by the edge CA directly; a certificate the
-                // CRLs say nothing about is refused (fail closed), not waved through.
-                builder = builder.with_crls(list).only_check_end_entity_revocation();
-            }
-            Some(builder.build().map_err(|e| {
-                file_err(
-                    tls.client_crl.as_deref().unwrap_or(client_ca),
-                    format!("client verifier: {e}"),
-                )
-            })?)
-        }
-        None => None,
+/// The verifier of `[tls] client_ca` (certificates without a group), with its CRLs,
+/// and how many CRLs it holds.
+fn implicit_verifier(
+    tls: &crate::config::TlsConfig,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<(Option<Arc<dyn ClientCertVerifier>>, usize), TlsError> {
+    let Some(client_ca) = &tls.client_ca else {
+        return Ok((None, 0));
     };
+    let mut crls = 0;
+    let (roots, _) = roots(&[client_ca])?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if let Some(path) = &tls.client_crl {
+        let list = read_crls(path)?;
+        crls = list.len();
+        // Edge certificates are issued by the edge CA directly; a certificate the
+        // CRLs say nothing about is refused (fail closed), not waved through.
+        builder = builder.with_crls(list).only_check_end_entity_revocation();
+    }
+    let verifier = builder.build().map_err(|e| {
+        file_err(
+            tls.client_crl.as_deref().unwrap_or(client_ca),
+            format!("client verifier: {e}"),
+        )
+    })?;
+    Ok((Some(verifier), crls))
+}
+
+pub(crate) fn build(config: &Config) -> Result<TlsState, TlsError> {
+    let tls = &config.tls;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (chain, key) = own_identity(tls, &provider)?;
+    let (implicit, crls) = implicit_verifier(tls, &provider)?;
     let mut groups = BTreeMap::new();
     for group in &config.groups {
         groups.insert(group.name.clone(), Arc::new(group_state(group, &provider)?));

@@ -464,32 +464,7 @@ impl Enroll {
         let group = token.group.clone();
         let fail = |r: Refusal| (Some(group.clone()), r);
         let now = now_secs();
-        if token.revoked.is_some() {
-            return Err(fail(unauthorized("token-revoked", "the token was revoked")));
-        }
-        if now >= token.expires {
-            return Err(fail(unauthorized("token-expired", "the token has expired")));
-        }
-        if token.used.is_some() {
-            return Err(fail(unauthorized(
-                "token-used",
-                "the token was used already",
-            )));
-        }
-        let key = hex::decode(&token.secret_sha256)
-            .map_err(|_| fail(internal("tokens.json: secret_sha256 is not hex")))?;
-        let csr_digest = ring::digest::digest(&ring::digest::SHA256, &d.csr);
-        let proof = ProofInput {
-            token_id: &d.req.token_id,
-            server_nonce: &d.server_nonce,
-            edge_nonce: &d.edge_nonce,
-            edge_id: &d.req.edge_id,
-            csr_digest: csr_digest.as_ref(),
-            edge_time_ms: d.req.edge_time_ms,
-        };
-        if !proof.verify(&key, &d.mac) {
-            return Err(fail(unauthorized("bad-proof", "the proof does not verify")));
-        }
+        check_token(token, &d, now).map_err(&fail)?;
         let tls = self.shared.tls();
         let Some(g) = tls.group(&group) else {
             return Err(fail(internal("the token's group is not configured")));
@@ -691,6 +666,36 @@ async fn reenroll(
             error_response(&r)
         }
     }
+}
+
+/// The token's state (revoked, expired, used, in that order) and the proof made with
+/// it, compared in constant time.
+fn check_token(token: &crate::state::TokenRecord, d: &Decoded, now: u64) -> Result<(), Refusal> {
+    let unauthorized = |code, message: &str| refusal(StatusCode::UNAUTHORIZED, code, message);
+    if token.revoked.is_some() {
+        return Err(unauthorized("token-revoked", "the token was revoked"));
+    }
+    if now >= token.expires {
+        return Err(unauthorized("token-expired", "the token has expired"));
+    }
+    if token.used.is_some() {
+        return Err(unauthorized("token-used", "the token was used already"));
+    }
+    let key = hex::decode(&token.secret_sha256)
+        .map_err(|_| internal("tokens.json: secret_sha256 is not hex"))?;
+    let csr_digest = ring::digest::digest(&ring::digest::SHA256, &d.csr);
+    let proof = ProofInput {
+        token_id: &d.req.token_id,
+        server_nonce: &d.server_nonce,
+        edge_nonce: &d.edge_nonce,
+        edge_id: &d.req.edge_id,
+        csr_digest: csr_digest.as_ref(),
+        edge_time_ms: d.req.edge_time_ms,
+    };
+    if !proof.verify(&key, &d.mac) {
+        return Err(unauthorized("bad-proof", "the proof does not verify"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
