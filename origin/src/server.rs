@@ -548,7 +548,7 @@ impl Audit {
             sni = %self.sni.as_deref().map(log_safe).map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             ski = %self.ski.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             op = %self.opcode,
-            context = self.context,
+            context = %self.context,
             result = %result,
             duration_us = self.started.elapsed().as_micros() as u64,
             id = self.id,
