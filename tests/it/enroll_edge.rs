@@ -303,3 +303,79 @@ fn key_server_certificate_replaced_under_edge_load_costs_no_handshake() -> Resul
     );
     Ok(())
 }
+
+#[test]
+fn a_failing_renewal_is_retried_counted_and_reported_before_expiry() -> Result<()> {
+    const LIFETIME: u64 = 6;
+    let backends = StackBuilder::default()
+        .enroll()
+        .backends_with_origin_config(|t| {
+            if let Some(groups) = t.get_mut("group").and_then(|g| g.as_array_mut()) {
+                for g in groups.iter_mut().filter_map(|g| g.as_table_mut()) {
+                    g.insert("cert_lifetime".into(), format!("{LIFETIME}s").into());
+                }
+            }
+        })?;
+    let d = &backends.deployment;
+    let token = token_file(d, "token", "1h")?;
+    let out = d.dir().join("enrolled");
+    let run = enroll(d, "edge-f", &token, &out)?;
+    ensure!(
+        run.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let enrolled_at = Instant::now();
+    // Renewal points at a port where nothing listens: every attempt fails.
+    let nowhere = keyless_tests::free_addr()?;
+    let keyserver = backends.keyserver.addr();
+    let s = backends.with_edge(|c| enrolled_group(c, keyserver, &out, Some(nowhere)))?;
+
+    // Before expiry, /healthz names the group's credential.
+    let (status, body) = loop {
+        let (status, body) = s.edge.healthz()?;
+        if status == 503 && body.contains("certificate for key-server group default") {
+            break (status, body);
+        }
+        ensure!(
+            enrolled_at.elapsed() < Duration::from_secs(LIFETIME),
+            "/healthz said {status} {body:?} until the certificate expired"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        enrolled_at.elapsed() < Duration::from_secs(LIFETIME),
+        "{status} {body}"
+    );
+    // Each failure is logged and retried (every second at first).
+    let retried = Instant::now();
+    while s
+        .edge
+        .log()
+        .lines()
+        .filter(|l| l.contains("edge certificate renewal failed"))
+        .count()
+        < 2
+    {
+        ensure!(
+            retried.elapsed() < Duration::from_secs(5),
+            "expected retried renewals in the log:\n{}",
+            s.edge.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = s.edge.metrics_text()?;
+    ensure!(
+        keyless_tests::metric_sum(
+            &metrics,
+            "keyless_edge_credential_renewals_total",
+            &[("result", "error")]
+        ) >= 2.0,
+        "failed renewals not counted:\n{metrics}"
+    );
+    ensure!(
+        metrics.contains("keyless_edge_credential_expiry_seconds{group=\"default\"}"),
+        "no expiry gauge:\n{metrics}"
+    );
+    Ok(())
+}
