@@ -100,6 +100,11 @@ pub async fn enroll(
     edge_id: &str,
     out: &Path,
 ) -> Result<Enrolled, EnrollFailure> {
+    // The directory first: a token spent on a certificate that cannot be written is lost.
+    std::fs::create_dir_all(out)
+        .map_err(|e| EnrollFailure::Local(format!("cannot create {}: {e}", out.display())))?;
+    write_file(&out.join(".write-test"), b"", 0o600)?;
+    let _ = std::fs::remove_file(out.join(".write-test"));
     let client = Client::new(server, None)?;
     let nonce: NonceResponse = client.post(&format!("{EST_PREFIX}/nonce"), &()).await?;
     let server_nonce = base64url_decode(&nonce.nonce)
@@ -132,8 +137,6 @@ pub async fn enroll(
         cert: out.join("edge.crt"),
         key: out.join("edge.key"),
     };
-    std::fs::create_dir_all(out)
-        .map_err(|e| EnrollFailure::Local(format!("cannot create {}: {e}", out.display())))?;
     write_credential(&credential, &key, &response)?;
     write_file(
         &out.join("edge-ca.crt"),
