@@ -20,6 +20,7 @@ pub mod process;
 mod protocol;
 pub mod serve;
 mod ski;
+pub mod tickets;
 
 pub use codec::{
     decode_message, encode_message, CodecError, KeylessCodec, Message, Operation, HEADER_LEN,

@@ -4,6 +4,7 @@
 
 mod certs;
 pub mod signer;
+pub mod tickets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
