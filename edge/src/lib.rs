@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod run;
 pub mod serve;
 pub mod sites;
+pub mod tickets;
 pub mod tls;
 pub mod upstream;
 

@@ -4,7 +4,6 @@
 
 mod certs;
 pub mod signer;
-pub mod tickets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
