@@ -177,7 +177,7 @@ fn rotate_at_start(rotation: &rotate::Rotation, status: &rotate::Status) -> Opti
     match rotation.rotate() {
         Ok(rotated) => {
             let next = rotation.due(now, &rotated.new);
-            watch::log_rotated(&rotated, "at start", Some(next));
+            watch::log_rotated(&rotated, "start", Some(next));
             Some(true)
         }
         Err(e) => {

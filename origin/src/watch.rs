@@ -152,7 +152,8 @@ pub(crate) fn count_start_rotation(shared: &Shared, ok: bool) {
         .inc();
 }
 
-/// Logs a completed rotation.
+/// Logs a completed rotation; `when` is `start` (before the listeners opened) or
+/// `scheduled`.
 pub(crate) fn log_rotated(rotated: &Rotated, when: &str, next: Option<SystemTime>) {
     use humantime_serde::re::humantime::format_rfc3339_seconds;
     tracing::info!(
