@@ -48,7 +48,7 @@ fn start(edit: impl FnOnce(&mut toml::Table)) -> Result<Setup> {
 }
 
 /// The `[[group]]` table named `name` of a config.
-fn group_mut<'a>(t: &'a mut toml::Table, name: &str) -> Option<&'a mut toml::Table> {
+pub(crate) fn group_mut<'a>(t: &'a mut toml::Table, name: &str) -> Option<&'a mut toml::Table> {
     t.get_mut("group")?
         .as_array_mut()?
         .iter_mut()
@@ -117,7 +117,7 @@ fn refused(attempt: &Attempt, status: u16, code: &str) -> Result<()> {
 }
 
 /// Whether the connection is refused: no handshake, or closed before any answer.
-async fn connection_refused(options: &ClientOptions) -> Result<bool> {
+pub(crate) async fn connection_refused(options: &ClientOptions) -> Result<bool> {
     match options.connect().await {
         Err(ClientError::Handshake(_)) => Ok(true),
         Err(e) => bail!("unexpected connect error: {e}"),
@@ -736,122 +736,5 @@ async fn the_edge_enrolls_and_renews_with_this_key_server() -> Result<()> {
         other => bail!("expected token-used, got {other:?}"),
     }
     s.server.assert_no_panic();
-    Ok(())
-}
-
-/// Whether the certificate PEM `cert` is signed by the CA certificate PEM `ca`.
-fn issued_by(cert: &str, ca: &str) -> Result<bool> {
-    let cert = openssl::x509::X509::from_pem(cert.as_bytes())?;
-    let ca = openssl::x509::X509::from_pem(ca.as_bytes())?;
-    let key = ca.public_key()?;
-    Ok(cert.verify(&key)?)
-}
-
-/// Group `default` in the middle of a CA rotation: its current CA is `new-edge-ca`,
-/// and the CA `keyless-certs init` made is still trusted as a previous CA while
-/// `keep_old`.
-fn rotating_group_ca(keep_old: bool) -> impl FnOnce(&mut toml::Table) {
-    move |t: &mut toml::Table| {
-        t.insert("tls_reload_interval".into(), "200ms".into());
-        if let Some(g) = group_mut(t, "default") {
-            g.insert("ca_cert".into(), "origin/new-edge-ca.crt".into());
-            g.insert("ca_key".into(), "origin/new-edge-ca.key".into());
-            let previous = if keep_old {
-                vec!["origin/edge-ca.crt".into()]
-            } else {
-                Vec::new()
-            };
-            g.insert("previous_ca_certs".into(), toml::Value::Array(previous));
-        }
-    }
-}
-
-#[tokio::test]
-async fn a_group_ca_rotation_keeps_old_edges_until_the_old_ca_is_dropped() -> Result<()> {
-    let d = Deployment::init_enroll(&[DOMAIN])?;
-    let old = TestCa::load(d.dir(), "edge-ca")?;
-    let new = TestCa::generate("new edge CA")?;
-    std::fs::write(d.dir().join("origin/new-edge-ca.crt"), &new.cert_pem)?;
-    std::fs::write(d.dir().join("origin/new-edge-ca.key"), &new.key_pem)?;
-    let config = d.write_config_variant("origin-ca-rotation.toml", rotating_group_ca(true))?;
-    let out = check_config(&config)?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success() && text.contains("(+1 previous)"),
-        "{text}"
-    );
-    let server = KeyServer::start_with_config(&d, &config)?;
-    let api = EnrollClient::new(
-        d.enroll_addr().context("no enrollment address")?,
-        &d.keyserver_ca(),
-    );
-
-    // An edge certificate of the previous CA, with the group URI the issuer writes: served.
-    let old_identity = old.issue_client(
-        &d.dir().join("old-ca-edges"),
-        "e-old",
-        "e-old",
-        Some("keyless://group/default/edge/e-old"),
-    )?;
-    let old_options = ClientOptions::new(&d).identity(Some(old_identity));
-    let mut old_open = old_options.connect().await?;
-    assert_ping(&mut old_open).await?;
-    let ecdsa = d.site_key(DOMAIN, KeyAlg::Ecdsa)?;
-    let (op, payload) = handshake_sign_request(Opcode::EcdsaSignSha256, ecdsa.ski)?;
-    let sig = ok_payload(&old_open.call(op).await?)?;
-    ensure!(ecdsa.verify(Opcode::EcdsaSignSha256, &payload, &sig)?);
-
-    // Enrollment now issues from the new CA, and hands out both CAs, new first.
-    let token = create_token(&config, "default", "1h", None)?;
-    let attempt = api.enroll(&token, "e-new", &Tamper::default()).await?;
-    let response = attempt.response()?;
-    ensure!(
-        issued_by(&response.certificate, &new.cert_pem)?,
-        "not issued by the new CA"
-    );
-    ensure!(
-        !issued_by(&response.certificate, &old.cert_pem)?,
-        "issued by the old CA"
-    );
-    ensure!(
-        response.ca_bundle == format!("{}{}", new.cert_pem, old.cert_pem),
-        "ca_bundle:\n{}",
-        response.ca_bundle
-    );
-    let new_identity = attempt.write_identity(&d.dir().join("enrolled"), "e-new")?;
-    let new_options = ClientOptions::new(&d).identity(Some(new_identity.clone()));
-    let mut new_open = new_options.connect().await?;
-    assert_ping(&mut new_open).await?;
-    let (op, _) = handshake_sign_request(Opcode::EcdsaSignSha256, ecdsa.ski)?;
-    ok_payload(&new_open.call(op).await?)?;
-
-    // The rotation ends: the old CA leaves previous_ca_certs, applied on SIGHUP.
-    d.write_config_variant("origin-ca-rotation.toml", rotating_group_ca(false))?;
-    server.signal(Signal::Hup)?;
-    server.wait_for_log(LOG_WAIT, |l| {
-        l.contains("TLS configuration reloaded") && !l.contains("files changed")
-    })?;
-    // The old CA's edge: its open connection is closed, a new one refused.
-    ensure!(
-        old_open.expect_closed().await.is_ok(),
-        "the old CA's edge kept its connection"
-    );
-    ensure!(
-        connection_refused(&old_options).await?,
-        "an edge of the dropped CA was served"
-    );
-    // The new CA's edges keep working: the open connection, a new one, renewal.
-    assert_ping(&mut new_open).await?;
-    let (op, _) = handshake_sign_request(Opcode::EcdsaSignSha256, ecdsa.ski)?;
-    ok_payload(&new_open.call(op).await?)?;
-    assert_ping(&mut new_options.connect().await?).await?;
-    let renewed = api
-        .reenroll(Some(&new_identity), "e-new", &Tamper::default())
-        .await?
-        .response()?;
-    ensure!(issued_by(&renewed.certificate, &new.cert_pem)?);
-    ensure!(renewed.ca_bundle == new.cert_pem, "{}", renewed.ca_bundle);
-    ensure!(api.cacerts("default").await?.text() == new.cert_pem);
-    server.assert_no_panic();
     Ok(())
 }
