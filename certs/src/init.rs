@@ -248,6 +248,11 @@ pub(crate) fn origin_toml(listen: SocketAddr, metrics_listen: SocketAddr) -> Str
          identity = \"san\"\n\
          # Revoked edge certificates (keyless-certs revoke writes it; re-read on SIGHUP):\n\
          # client_crl = \"origin/edge-ca.crl\"\n\
+         # Rotate this certificate on a schedule, signed by the key-server CA (whose key\n\
+         # the key server then holds; it writes cert and key itself and reloads them):\n\
+         # rotate_every = \"24h\"\n\
+         # ca_cert = \"ca/keyserver-ca.crt\"\n\
+         # ca_key = \"ca/keyserver-ca.key\"\n\
          \n\
          [keys]\n\
          dir = \"origin/keys\"\n\

@@ -515,6 +515,11 @@ client_ca = "origin/edge-ca.crt"
 identity = "san"
 # Revoked edge certificates (keyless-certs revoke writes it; re-read on SIGHUP):
 # client_crl = "origin/edge-ca.crl"
+# Rotate this certificate on a schedule, signed by the key-server CA (whose key
+# the key server then holds; it writes cert and key itself and reloads them):
+# rotate_every = "24h"
+# ca_cert = "ca/keyserver-ca.crt"
+# ca_key = "ca/keyserver-ca.key"
 
 [keys]
 dir = "origin/keys"

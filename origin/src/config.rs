@@ -213,6 +213,40 @@ pub(crate) struct TlsConfig {
     /// refused. Default `"san"`.
     #[serde(default)]
     pub(crate) identity: IdentitySource,
+    /// Self-rotation: every `rotate_every` the key server issues itself a new
+    /// certificate (new ECDSA P-256 key, same subject and SANs, valid for twice
+    /// `rotate_every`) signed by `ca_cert`/`ca_key`, writes it over `cert` and `key` and
+    /// reloads; also at start when the certificate has less than half of `rotate_every`
+    /// left. At least "1s"; needs `ca_cert` and `ca_key`. Default: none, no rotation.
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) rotate_every: Option<Duration>,
+    /// PEM certificate of the key-server CA (the CA edges trust for key servers), the
+    /// issuer of rotated certificates. Only with `rotate_every`. Default: none.
+    #[serde(default)]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// PEM private key of the key-server CA. Only with `rotate_every`. Default: none.
+    #[serde(default)]
+    pub(crate) ca_key: Option<PathBuf>,
+}
+
+/// `[tls]` self-rotation, when configured: the schedule and the CA that signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RotationConfig {
+    pub(crate) every: Duration,
+    pub(crate) ca_cert: PathBuf,
+    pub(crate) ca_key: PathBuf,
+}
+
+impl TlsConfig {
+    /// The self-rotation settings; `None` without `rotate_every`. [`Config::load`] has
+    /// checked that `ca_cert` and `ca_key` come with it.
+    pub(crate) fn rotation(&self) -> Option<RotationConfig> {
+        Some(RotationConfig {
+            every: self.rotate_every?,
+            ca_cert: self.ca_cert.clone()?,
+            ca_key: self.ca_key.clone()?,
+        })
+    }
 }
 
 /// The field of an edge certificate that names the edge.
@@ -362,6 +396,8 @@ impl Config {
         .into_iter()
         .chain(config.tls.client_ca.as_mut())
         .chain(config.tls.client_crl.as_mut())
+        .chain(config.tls.ca_cert.as_mut())
+        .chain(config.tls.ca_key.as_mut())
         .chain(groups)
         {
             if p.is_relative() {
@@ -389,6 +425,26 @@ impl Config {
             return Err(invalid(
                 "[tls] client_crl needs [tls] client_ca (the CA whose CRL it is)".into(),
             ));
+        }
+        match (
+            config.tls.rotate_every,
+            config.tls.ca_cert.is_some(),
+            config.tls.ca_key.is_some(),
+        ) {
+            (Some(every), true, true) if every < Duration::from_secs(1) => {
+                return Err(invalid("[tls] rotate_every must be at least 1s".into()));
+            }
+            (Some(_), true, true) | (None, false, false) => {}
+            (Some(_), _, _) => {
+                return Err(invalid(
+                    "[tls] rotate_every needs ca_cert and ca_key (the key-server CA that signs the rotated certificates)".into(),
+                ));
+            }
+            (None, _, _) => {
+                return Err(invalid(
+                    "[tls] ca_cert and ca_key are only used with rotate_every".into(),
+                ));
+            }
         }
         if config.tls_reload_interval < Duration::from_millis(100) {
             return Err(invalid("tls_reload_interval must be at least 100ms".into()));
@@ -479,6 +535,49 @@ mod tests {
         assert_eq!(c.queue_size.get(), 4096);
         assert_eq!(c.queue_deadline, Duration::from_secs(1));
         assert_eq!(c.stall_timeout, Duration::from_secs(10));
+        assert!(c.tls.rotation().is_none());
+    }
+
+    #[test]
+    fn rotation_needs_its_ca_and_a_sane_period() {
+        let tls = |extra: &str| MIN.replace("[keys]", &format!("{extra}\n[keys]"));
+        let path = write(
+            "rotate",
+            &tls("rotate_every = '24h'\nca_cert = 'ks-ca.crt'\nca_key = 'ks-ca.key'"),
+        );
+        let rotation = Config::load(&path).unwrap().tls.rotation().unwrap();
+        let dir = path.parent().unwrap();
+        assert_eq!(rotation.every, Duration::from_secs(24 * 3600));
+        assert_eq!(rotation.ca_cert, dir.join("ks-ca.crt"));
+        assert_eq!(rotation.ca_key, dir.join("ks-ca.key"));
+        for (name, extra, expect) in [
+            (
+                "rot-noca",
+                "rotate_every = '24h'",
+                "needs ca_cert and ca_key",
+            ),
+            (
+                "rot-nokey",
+                "rotate_every = '24h'\nca_cert = 'a.crt'",
+                "needs ca_cert and ca_key",
+            ),
+            (
+                "rot-short",
+                "rotate_every = '500ms'\nca_cert = 'a.crt'\nca_key = 'a.key'",
+                "at least 1s",
+            ),
+            (
+                "rot-unused",
+                "ca_cert = 'a.crt'\nca_key = 'a.key'",
+                "only used with rotate_every",
+            ),
+            ("rot-bad", "rotate_every = 'daily'", "rotate_every"),
+        ] {
+            let err = Config::load(&write(name, &tls(extra)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{name}: {err}");
+        }
     }
 
     #[test]

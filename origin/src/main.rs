@@ -9,6 +9,7 @@ mod keys;
 mod keystore;
 mod metrics;
 mod pool;
+mod rotate;
 mod server;
 mod state;
 mod tls;
@@ -16,6 +17,7 @@ mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::Parser;
@@ -68,11 +70,20 @@ fn main() {
 }
 
 fn run(cli: ServerArgs) -> anyhow::Result<()> {
-    let config = Config::load(&cli.config)?;
+    let config = Arc::new(Config::load(&cli.config)?);
     let state = state::StateDir::new(&config.state_dir);
     if !cli.test {
         state.ensure()?;
     }
+    let rotation = rotate::Rotation::new(&config.tls);
+    let rotation_status = match &rotation {
+        Some(r) => Some(r.check()?),
+        None => None,
+    };
+    let start_rotation = match (&rotation, &rotation_status) {
+        (Some(r), Some(status)) if !cli.test => rotate_at_start(r, status),
+        _ => None,
+    };
     let tls = tls::build(&config)?;
     let store = Keystore::load(&config.keys)?;
     let unmatched = unmatched_group_patterns(&config, &store);
@@ -103,6 +114,13 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
         for line in group_report(&config, &store) {
             println!("{line}");
         }
+        println!(
+            "{}",
+            rotation_report(rotation.as_ref().zip(rotation_status.as_ref()))
+        );
+        if rotation_status.as_ref().is_some_and(|s| !s.issued_by_ca) {
+            println!("WARNING: {}", not_issued_by_ca(&config));
+        }
         for (group, pattern) in &unmatched {
             println!("WARNING: group {group}: key pattern {pattern:?} matches no loaded key");
         }
@@ -126,6 +144,9 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
     if store.len() == 0 {
         tracing::warn!(dir = %config.keys.dir.display(), "no site keys loaded");
     }
+    if rotation_status.as_ref().is_some_and(|s| !s.issued_by_ca) {
+        tracing::warn!("{}", not_issued_by_ca(&config));
+    }
     for (group, pattern) in &unmatched {
         tracing::warn!(%group, %pattern, "group key pattern matches no loaded key");
     }
@@ -135,7 +156,70 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
         .thread_name("keyless-io")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, cli.config, tls, store))
+    runtime.block_on(serve(
+        config,
+        cli.config,
+        tls,
+        store,
+        rotation,
+        start_rotation,
+    ))
+}
+
+/// Rotates the key server's certificate before the listeners open when it has less than
+/// half of `rotate_every` left (or none). `Some(ok)` when a rotation was tried; a failed
+/// one is logged and the current certificate used, the watch task trying again.
+fn rotate_at_start(rotation: &rotate::Rotation, status: &rotate::Status) -> Option<bool> {
+    let now = SystemTime::now();
+    if rotation.due(now, &status.current) > now {
+        return None;
+    }
+    match rotation.rotate() {
+        Ok(rotated) => {
+            let next = rotation.due(now, &rotated.new);
+            watch::log_rotated(&rotated, "start", Some(next));
+            Some(true)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "key server certificate rotation at start failed; starting with the current certificate");
+            Some(false)
+        }
+    }
+}
+
+fn not_issued_by_ca(config: &Config) -> String {
+    format!(
+        "[tls] cert {} was not issued by [tls] ca_cert {}: from the first rotation on, edges must trust that CA for this key server",
+        config.tls.cert.display(),
+        config.tls.ca_cert.as_deref().unwrap_or(Path::new("-")).display()
+    )
+}
+
+/// The `--test` line on certificate rotation.
+fn rotation_report(rotation: Option<(&rotate::Rotation, &rotate::Status)>) -> String {
+    use humantime_serde::re::humantime::{format_duration, format_rfc3339_seconds};
+    let Some((rotation, status)) = rotation else {
+        return "certificate rotation: off ([tls] rotate_every not set)".to_owned();
+    };
+    let now = SystemTime::now();
+    let due = rotation.due(now, &status.current);
+    let next = if due <= now {
+        "at start (less than half of rotate_every left)".to_owned()
+    } else {
+        let secs = due.duration_since(now).map(|d| d.as_secs()).unwrap_or(0);
+        format!(
+            "{} (in {})",
+            format_rfc3339_seconds(due),
+            format_duration(std::time::Duration::from_secs(secs))
+        )
+    };
+    format!(
+        "certificate rotation: on, every {} by CA {}; current certificate serial {}, not after {}; next rotation due {next}",
+        format_duration(rotation.every()),
+        rotation.ca_cert().display(),
+        status.current.serial,
+        format_rfc3339_seconds(status.current.not_after),
+    )
 }
 
 /// `(group, pattern)` for every group key pattern that names no key of `store`.
@@ -193,13 +277,17 @@ fn group_report(config: &Config, store: &Keystore) -> Vec<String> {
 }
 
 async fn serve(
-    config: Config,
+    config: Arc<Config>,
     config_path: PathBuf,
     tls: tls::TlsState,
     store: Keystore,
+    rotation: Option<rotate::Rotation>,
+    start_rotation: Option<bool>,
 ) -> anyhow::Result<()> {
-    let config = Arc::new(config);
     let shared = Arc::new(shared_state(&config, tls, store)?);
+    if let Some(ok) = start_rotation {
+        watch::count_start_rotation(&shared, ok);
+    }
     // Before the port opens: whoever sees it open may signal, and a signal not yet
     // caught would kill the process.
     let mut signals = Signals::install()?;
@@ -221,11 +309,7 @@ async fn serve(
         ));
         tokio::spawn(enroll::serve(listener, service, stop_enroll.clone()));
     }
-    tokio::spawn(watch::watch(
-        shared.clone(),
-        config.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(watch::watch(shared.clone(), rotation, shutdown.clone()));
     tracing::info!(
         listen = %config.listen,
         metrics = %config.metrics_listen,
@@ -250,7 +334,7 @@ async fn serve(
     let stop = tokio::select! {
         // Only ends on `shutdown`, which is cancelled below.
         () = accept => Stop::Now,
-        stop = signals.next_stop(&shared, &config, &config_path) => stop,
+        stop = signals.next_stop(&shared, &config_path) => stop,
     };
     // The accept loop, and with it the listener, was dropped with the select: from here
     // on new connections are refused and a new key server may bind the port.
@@ -306,6 +390,7 @@ fn shared_state(config: &Config, tls: tls::TlsState, store: Keystore) -> anyhow:
         keystore: RwLock::new(Arc::new(store)),
         tls: RwLock::new(Arc::new(tls)),
         tls_generation: tokio::sync::watch::Sender::new(0),
+        rebuild_lock: tokio::sync::Mutex::new(()),
         metrics,
         pool,
         require_handshake_context: config.require_handshake_context,
@@ -352,7 +437,7 @@ async fn drain(
                 );
                 return;
             }
-            stop = signals.next_stop(shared, config, config_path) => match stop {
+            stop = signals.next_stop(shared, config_path) => match stop {
                 Stop::Now => {
                     tracing::info!(connections = tracker.len(), "drain: cut short by SIGINT");
                     return;
@@ -390,10 +475,10 @@ impl Signals {
     }
 
     /// Reloads on every SIGHUP; returns on SIGTERM or SIGINT.
-    async fn next_stop(&mut self, shared: &Shared, config: &Config, config_path: &Path) -> Stop {
+    async fn next_stop(&mut self, shared: &Shared, config_path: &Path) -> Stop {
         loop {
             tokio::select! {
-                _ = self.hup.recv() => reload(shared, config, config_path).await,
+                _ = self.hup.recv() => reload(shared, config_path).await,
                 _ = self.term.recv() => return Stop::Drain,
                 _ = self.int.recv() => {
                     tracing::info!("SIGINT: shutting down");
@@ -404,25 +489,20 @@ impl Signals {
     }
 }
 
-/// Re-reads the keys directory (with the ACL and policy of the running configuration)
-/// and rebuilds the TLS configuration (key server identity, client CA and CRL) for new
-/// connections; open connections re-check their certificate. A part that fails to load
-/// keeps its current state.
-async fn reload(shared: &Shared, config: &Config, config_path: &Path) {
-    let config = config.clone();
-    tracing::info!(config = %config_path.display(), dir = %config.keys.dir.display(), "SIGHUP: reloading keys, TLS configuration and revoked edges");
-    let loaded = tokio::task::spawn_blocking(move || {
-        let store = Keystore::load(&config.keys);
-        if let Ok(store) = &store {
-            for (group, pattern) in unmatched_group_patterns(&config, store) {
-                tracing::warn!(%group, %pattern, "group key pattern matches no loaded key");
-            }
-        }
-        (store, tls::build(&config))
-    })
-    .await;
+/// Re-reads the keys directory (with the ACL and policy of the running configuration),
+/// the `[[group]]`s of `origin.toml` and rebuilds the TLS configuration (key server
+/// identity, client CA and CRL, group CAs, revoked edges) for new connections; open
+/// connections re-check their certificate. Other settings of `origin.toml` need a
+/// restart. A part that fails to load keeps its current state.
+async fn reload(shared: &Shared, config_path: &Path) {
+    let current = shared.tls().config.clone();
+    tracing::info!(config = %config_path.display(), dir = %current.keys.dir.display(), "SIGHUP: reloading keys, groups, TLS configuration and revoked edges");
+    let path = config_path.to_owned();
+    let keys = current.keys.clone();
+    let loaded =
+        tokio::task::spawn_blocking(move || (Keystore::load(&keys), Config::load(&path))).await;
     let label = |result| crate::metrics::ResultLabel { result };
-    let (store, tls) = match loaded {
+    let (store, file) = match loaded {
         Ok(pair) => pair,
         Err(e) => {
             shared.metrics.reloads.get_or_create(&label("error")).inc();
@@ -431,8 +511,25 @@ async fn reload(shared: &Shared, config: &Config, config_path: &Path) {
         }
     };
     let mut ok = true;
+    // The groups of the file on the rest of the running configuration.
+    let next = match file {
+        Ok(file) => {
+            let mut next = (*current).clone();
+            next.groups = file.groups;
+            Some(next)
+        }
+        Err(e) => {
+            ok = false;
+            tracing::error!(error = %e, "origin.toml does not load; keeping the current groups");
+            None
+        }
+    };
+    let groups = next.as_ref().unwrap_or(current.as_ref());
     match store {
         Ok(store) => {
+            for (group, pattern) in unmatched_group_patterns(groups, &store) {
+                tracing::warn!(%group, %pattern, "group key pattern matches no loaded key");
+            }
             let n = store.len();
             shared.install(store);
             tracing::info!(keys = n, "keystore reloaded");
@@ -442,19 +539,19 @@ async fn reload(shared: &Shared, config: &Config, config_path: &Path) {
             tracing::error!(error = %e, "keystore reload failed; keeping the current keystore");
         }
     }
-    match tls {
-        Ok(tls) => {
-            let (crls, revoked) = (tls.crls, tls.revoked.len());
-            shared.install_tls(tls);
+    let group_names: Vec<String> = groups.groups.iter().map(|g| g.name.clone()).collect();
+    match watch::rebuild(shared, next).await {
+        Ok(rebuilt) => {
             tracing::info!(
-                client_crls = crls,
-                revoked_edges = revoked,
+                client_crls = rebuilt.crls,
+                revoked_edges = rebuilt.revoked,
+                groups = ?group_names,
                 "TLS configuration reloaded"
             );
         }
         Err(e) => {
             ok = false;
-            tracing::error!(error = %e, "TLS reload failed; keeping the current TLS configuration");
+            tracing::error!(error = %e, "TLS reload failed; keeping the current TLS configuration and groups");
         }
     }
     let result = if ok { "ok" } else { "error" };

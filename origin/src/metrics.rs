@@ -79,6 +79,7 @@ pub(crate) struct Metrics {
     pub(crate) draining: Gauge,
     pub(crate) enrollments: Family<EnrollLabels, Counter>,
     pub(crate) tls_reloads: Family<ResultLabel, Counter>,
+    pub(crate) tls_rotations: Family<ResultLabel, Counter>,
 }
 
 use std::sync::atomic::AtomicI64;
@@ -170,6 +171,12 @@ impl Metrics {
                 &mut r,
                 "keyless_tls_reloads",
                 "TLS configuration rebuilds after a file changed on disk, by result",
+                Family::<ResultLabel, Counter>::default(),
+            ),
+            tls_rotations: register(
+                &mut r,
+                "keyless_tls_rotations",
+                "Rotations of the key server's own certificate ([tls] rotate_every), by result",
                 Family::<ResultLabel, Counter>::default(),
             ),
             registry: r,

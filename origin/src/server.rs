@@ -59,6 +59,9 @@ pub(crate) struct Shared {
     pub(crate) tls: RwLock<Arc<TlsState>>,
     /// Bumped on every TLS reload; open connections re-check their certificate.
     pub(crate) tls_generation: watch::Sender<u64>,
+    /// Held by each TLS rebuild from reading its configuration to installing the result
+    /// (`watch::rebuild`), so rebuilds apply in order.
+    pub(crate) rebuild_lock: tokio::sync::Mutex<()>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) pool: Pool,
     pub(crate) require_handshake_context: bool,
@@ -234,7 +237,7 @@ async fn handshake(
 ) -> Option<(TlsStream<TcpStream>, Client, OwnedSemaphorePermit)> {
     let metrics = &shared.metrics;
     let tls_state = shared.tls();
-    let acceptor = TlsAcceptor::from(tls_state.config.clone());
+    let acceptor = TlsAcceptor::from(tls_state.keyless.clone());
     let accepted = tokio::select! {
         r = tokio::time::timeout(shared.handshake_timeout, acceptor.accept(tcp)) => r,
         () = slot.evicted.cancelled() => {

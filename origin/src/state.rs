@@ -57,6 +57,52 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Replaces `path` atomically with `contents`: written to `.<name>.tmp` beside it with
+/// `mode`, fsynced, renamed over `path`, then the directory fsynced. A reader sees the
+/// old file or the new one, never half of one, and a crash loses no completed write.
+/// The error names the file that failed.
+pub(crate) fn replace_file(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+) -> Result<(), (PathBuf, io::Error)> {
+    let fail = |p: &Path| {
+        let p = p.to_owned();
+        move |e| (p, e)
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        (
+            path.to_owned(),
+            io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        )
+    })?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    // A leftover from a crash is replaced: it was never renamed into place.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err((tmp, e)),
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(fail(&tmp))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(fail(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(fail(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail(dir))
+}
+
 /// A token's record: never the secret, only its SHA-256.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -248,32 +294,13 @@ impl StateDir {
         _lock: &StateLock,
     ) -> Result<(), StateError> {
         let path = self.path(name);
-        let tmp = self.path(&format!(".{name}.tmp"));
         let mut text = serde_json::to_vec_pretty(value).map_err(|e| StateError::Invalid {
             path: path.clone(),
             message: e.to_string(),
         })?;
         text.push(b'\n');
-        // A leftover from a crash is replaced: it was never renamed into place.
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&tmp)(e)),
-        }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        file.write_all(&text)
-            .and_then(|()| file.sync_all())
-            .map_err(io_err(&tmp))?;
-        drop(file);
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&self.dir))
+        replace_file(&path, &text, FILE_MODE)
+            .map_err(|(path, source)| StateError::Io { path, source })
     }
 
     pub(crate) fn tokens(&self) -> Result<Vec<TokenRecord>, StateError> {

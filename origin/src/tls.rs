@@ -56,7 +56,7 @@ fn file_err(path: &Path, message: impl std::fmt::Display) -> TlsError {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_err(path, format!("cannot read: {e}")))?
         .collect::<Result<Vec<_>, _>>()
@@ -88,8 +88,11 @@ pub(crate) struct GroupState {
 
 /// Both listeners' configurations, built together from the same files.
 pub(crate) struct TlsState {
+    /// The configuration this state was built from: `origin.toml` as loaded at start,
+    /// with the `[[group]]`s of the latest SIGHUP. Later rebuilds start from it.
+    pub(crate) config: Arc<Config>,
     /// The Keyless listener.
-    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) keyless: Arc<ServerConfig>,
     /// The enrollment listener.
     pub(crate) enroll_config: Arc<ServerConfig>,
     verifier: Arc<EdgeVerifier>,
@@ -303,9 +306,11 @@ fn roots(paths: &[&Path]) -> Result<(RootCertStore, Vec<CertificateDer<'static>>
     Ok((roots, all))
 }
 
-/// The CA key of a group, checked against its current CA certificate.
-fn load_issuer(
-    group: &GroupConfig,
+/// A CA's signing key, checked against its certificate `ca` (read from `ca_path`);
+/// `what` names the CA's owner in the error (`group eu`, `[tls]`).
+pub(crate) fn load_issuer(
+    what: &str,
+    ca_path: &Path,
     key_path: &Path,
     ca: &CertificateDer<'_>,
 ) -> Result<Issuer<'static, KeyPair>, TlsError> {
@@ -315,19 +320,18 @@ fn load_issuer(
     );
     let key = KeyPair::from_pem(&pem)
         .map_err(|e| file_err(key_path, format!("no usable PEM private key: {e}")))?;
-    let ca_spki = leaf_spki(&group.ca_cert, ca)?;
+    let ca_spki = leaf_spki(ca_path, ca)?;
     if key.subject_public_key_info() != ca_spki {
         return Err(file_err(
             key_path,
             format!(
-                "group {}: CA key does not match the CA certificate {}",
-                group.name,
-                group.ca_cert.display()
+                "{what}: CA key does not match the CA certificate {}",
+                ca_path.display()
             ),
         ));
     }
     Issuer::from_ca_cert_der(ca, key)
-        .map_err(|e| file_err(&group.ca_cert, format!("unusable CA certificate: {e}")))
+        .map_err(|e| file_err(ca_path, format!("unusable CA certificate: {e}")))
 }
 
 fn group_state(
@@ -346,7 +350,12 @@ fn group_state(
         })?;
     let current = read_certs(&group.ca_cert)?;
     let issuer = match &group.ca_key {
-        Some(key) => Some(load_issuer(group, key, &current[0])?),
+        Some(key) => Some(load_issuer(
+            &format!("group {}", group.name),
+            &group.ca_cert,
+            key,
+            &current[0],
+        )?),
         None => None,
     };
     let mut ca_pem = String::new();
@@ -430,7 +439,7 @@ fn implicit_verifier(
     Ok((Some(verifier), crls))
 }
 
-pub(crate) fn build(config: &Config) -> Result<TlsState, TlsError> {
+pub(crate) fn build(config: &Arc<Config>) -> Result<TlsState, TlsError> {
     let tls = &config.tls;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let (chain, key) = own_identity(tls, &provider)?;
@@ -484,7 +493,8 @@ pub(crate) fn build(config: &Config) -> Result<TlsState, TlsError> {
     enroll.ignore_client_order = true;
     enroll.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsState {
-        config: Arc::new(keyless),
+        config: config.clone(),
+        keyless: Arc::new(keyless),
         enroll_config: Arc::new(enroll),
         verifier,
         groups,

@@ -48,7 +48,7 @@ fn start(edit: impl FnOnce(&mut toml::Table)) -> Result<Setup> {
 }
 
 /// The `[[group]]` table named `name` of a config.
-fn group_mut<'a>(t: &'a mut toml::Table, name: &str) -> Option<&'a mut toml::Table> {
+pub(crate) fn group_mut<'a>(t: &'a mut toml::Table, name: &str) -> Option<&'a mut toml::Table> {
     t.get_mut("group")?
         .as_array_mut()?
         .iter_mut()
@@ -117,7 +117,7 @@ fn refused(attempt: &Attempt, status: u16, code: &str) -> Result<()> {
 }
 
 /// Whether the connection is refused: no handshake, or closed before any answer.
-async fn connection_refused(options: &ClientOptions) -> Result<bool> {
+pub(crate) async fn connection_refused(options: &ClientOptions) -> Result<bool> {
     match options.connect().await {
         Err(ClientError::Handshake(_)) => Ok(true),
         Err(e) => bail!("unexpected connect error: {e}"),

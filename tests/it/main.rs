@@ -25,6 +25,7 @@ mod errors;
 mod fleet;
 mod keyserver_drain;
 mod keyserver_hardening;
+mod keyserver_rotation;
 mod lifecycle;
 mod malformed;
 mod ops;

@@ -16,8 +16,8 @@ use x509_parser::prelude::*;
 
 use crate::tls::{group_uri, GroupState};
 
-/// Backdating of `notBefore`, for edges whose clock is a little behind.
-const BACKDATE: Duration = Duration::from_secs(60);
+/// Backdating of `notBefore`, for peers whose clock is a little behind.
+pub(crate) const BACKDATE: Duration = Duration::from_secs(60);
 
 /// An issued certificate.
 #[derive(Debug)]
@@ -106,19 +106,24 @@ pub(crate) fn issue(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.is_ca = IsCa::ExplicitNoCa;
     params.use_authority_key_identifier_extension = true;
-    let mut serial = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut serial)
-        .map_err(|_| IssueError::Random)?;
-    // Top bit clear: the DER INTEGER stays positive at 16 bytes.
-    serial[0] &= 0x7f;
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let (serial, serial_hex) = random_serial().ok_or(IssueError::Random)?;
+    params.serial_number = Some(serial);
     params.not_before = now - BACKDATE;
     params.not_after = now + group.config.cert_lifetime;
     let cert = params.signed_by(&csr.public_key, issuer)?;
     Ok(Issued {
         pem: cert.pem(),
-        serial: hex::encode(serial),
+        serial: serial_hex,
         not_after: u64::try_from(params.not_after.unix_timestamp()).unwrap_or(0),
     })
+}
+
+/// A random 16-byte certificate serial and its hex; `None` when the system random
+/// number generator fails.
+pub(crate) fn random_serial() -> Option<(SerialNumber, String)> {
+    let mut serial = [0u8; 16];
+    SystemRandom::new().fill(&mut serial).ok()?;
+    // Top bit clear: the DER INTEGER stays positive at 16 bytes.
+    serial[0] &= 0x7f;
+    Some((SerialNumber::from_slice(&serial), hex::encode(serial)))
 }

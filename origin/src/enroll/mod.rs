@@ -7,7 +7,7 @@
 //! within [`REQUEST_TIMEOUT`]; outstanding nonces bounded (see [`nonces`]). State
 //! changes run on blocking threads under the state directory's lock.
 
-mod issue;
+pub(crate) mod issue;
 mod nonces;
 
 use std::convert::Infallible;
