@@ -381,107 +381,116 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let groups = config.groups.iter_mut().flat_map(|g| {
+        config.make_absolute(path.parent().unwrap_or(Path::new(".")));
+        config.check().map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Relative paths are taken from `base`, the configuration file's directory.
+    fn make_absolute(&mut self, base: &Path) {
+        let groups = self.groups.iter_mut().flat_map(|g| {
             std::iter::once(&mut g.ca_cert)
                 .chain(g.ca_key.as_mut())
                 .chain(g.previous_ca_certs.iter_mut())
         });
         for p in [
-            &mut config.tls.cert,
-            &mut config.tls.key,
-            &mut config.keys.dir,
-            &mut config.state_dir,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.keys.dir,
+            &mut self.state_dir,
         ]
         .into_iter()
-        .chain(config.tls.client_ca.as_mut())
-        .chain(config.tls.client_crl.as_mut())
-        .chain(config.tls.ca_cert.as_mut())
-        .chain(config.tls.ca_key.as_mut())
+        .chain(self.tls.client_ca.as_mut())
+        .chain(self.tls.client_crl.as_mut())
+        .chain(self.tls.ca_cert.as_mut())
+        .chain(self.tls.ca_key.as_mut())
         .chain(groups)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        let invalid = |message: String| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        };
-        let one_of = |key: bool, ski: bool, section: &str| {
-            if key == ski {
-                return Err(invalid(format!(
-                    "each [[{section}]] entry needs exactly one of `key` or `ski`"
-                )));
-            }
-            Ok(())
-        };
-        if config.tls.client_ca.is_none() && config.groups.is_empty() {
-            return Err(invalid(
+    }
+
+    /// What serde cannot check: settings that only make sense together.
+    fn check(&self) -> Result<(), String> {
+        let tls = &self.tls;
+        if tls.client_ca.is_none() && self.groups.is_empty() {
+            return Err(
                 "no client CA: set [tls] client_ca or configure at least one [[group]]".into(),
-            ));
+            );
         }
-        if config.tls.client_crl.is_some() && config.tls.client_ca.is_none() {
-            return Err(invalid(
-                "[tls] client_crl needs [tls] client_ca (the CA whose CRL it is)".into(),
-            ));
+        if tls.client_crl.is_some() && tls.client_ca.is_none() {
+            return Err("[tls] client_crl needs [tls] client_ca (the CA whose CRL it is)".into());
         }
         match (
-            config.tls.rotate_every,
-            config.tls.ca_cert.is_some(),
-            config.tls.ca_key.is_some(),
+            tls.rotate_every,
+            tls.ca_cert.is_some(),
+            tls.ca_key.is_some(),
         ) {
             (Some(every), true, true) if every < Duration::from_secs(1) => {
-                return Err(invalid("[tls] rotate_every must be at least 1s".into()));
+                return Err("[tls] rotate_every must be at least 1s".into());
             }
             (Some(_), true, true) | (None, false, false) => {}
             (Some(_), _, _) => {
-                return Err(invalid(
-                    "[tls] rotate_every needs ca_cert and ca_key (the key-server CA that signs the rotated certificates)".into(),
-                ));
+                return Err("[tls] rotate_every needs ca_cert and ca_key (the key-server CA that signs the rotated certificates)".into());
             }
             (None, _, _) => {
-                return Err(invalid(
-                    "[tls] ca_cert and ca_key are only used with rotate_every".into(),
+                return Err("[tls] ca_cert and ca_key are only used with rotate_every".into());
+            }
+        }
+        if self.tls_reload_interval < Duration::from_millis(100) {
+            return Err("tls_reload_interval must be at least 100ms".into());
+        }
+        self.check_groups()?;
+        let one_of = |key: bool, ski: bool, section: &str| {
+            if key == ski {
+                return Err(format!(
+                    "each [[{section}]] entry needs exactly one of `key` or `ski`"
                 ));
             }
+            Ok(())
+        };
+        for entry in &self.keys.acl {
+            one_of(entry.key.is_some(), entry.ski.is_some(), "keys.acl")?;
         }
-        if config.tls_reload_interval < Duration::from_millis(100) {
-            return Err(invalid("tls_reload_interval must be at least 100ms".into()));
+        for entry in &self.keys.policy {
+            one_of(entry.key.is_some(), entry.ski.is_some(), "keys.policy")?;
         }
-        for (i, g) in config.groups.iter().enumerate() {
+        Ok(())
+    }
+
+    fn check_groups(&self) -> Result<(), String> {
+        for (i, g) in self.groups.iter().enumerate() {
             if !valid_group_name(&g.name) {
-                return Err(invalid(format!(
+                return Err(format!(
                     "[[group]] name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
                     g.name
-                )));
+                ));
             }
-            if config.groups[..i].iter().any(|o| o.name == g.name) {
-                return Err(invalid(format!("[[group]] {:?} is defined twice", g.name)));
+            if self.groups[..i].iter().any(|o| o.name == g.name) {
+                return Err(format!("[[group]] {:?} is defined twice", g.name));
             }
             if g.cert_lifetime < Duration::from_secs(1) {
-                return Err(invalid(format!(
+                return Err(format!(
                     "[[group]] {:?}: cert_lifetime must be at least 1s",
                     g.name
-                )));
+                ));
             }
             if g.keys
                 .as_ref()
                 .is_some_and(|k| k.iter().any(String::is_empty))
             {
-                return Err(invalid(format!(
+                return Err(format!(
                     "[[group]] {:?}: an empty key pattern matches no key",
                     g.name
-                )));
+                ));
             }
         }
-        for entry in &config.keys.acl {
-            one_of(entry.key.is_some(), entry.ski.is_some(), "keys.acl")?;
-        }
-        for entry in &config.keys.policy {
-            one_of(entry.key.is_some(), entry.ski.is_some(), "keys.policy")?;
-        }
-        Ok(config)
+        Ok(())
     }
 
     /// The group named `name`.

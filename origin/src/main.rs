@@ -86,12 +86,7 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
     };
     let tls = tls::build(&config)?;
     let store = Keystore::load(&config.keys)?;
-    let unmatched = unmatched_group_patterns(&config, &store);
-    let decrypt_keys: Vec<&str> = store
-        .entries()
-        .filter(|e| e.allow_rsa_decrypt)
-        .map(|e| e.name.as_str())
-        .collect();
+    let warnings = warnings(&config, &store, rotation_status.as_ref());
     if cli.test {
         println!(
             "configuration {} is valid: {} site key(s), require_handshake_context = {}, \
@@ -118,37 +113,16 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
             "{}",
             rotation_report(rotation.as_ref().zip(rotation_status.as_ref()))
         );
-        if rotation_status.as_ref().is_some_and(|s| !s.issued_by_ca) {
-            println!("WARNING: {}", not_issued_by_ca(&config));
-        }
-        for (group, pattern) in &unmatched {
-            println!("WARNING: group {group}: key pattern {pattern:?} matches no loaded key");
-        }
-        if !config.require_handshake_context {
-            println!("WARNING: {PERMISSIVE_WARNING}");
-        }
-        if !decrypt_keys.is_empty() {
-            println!(
-                "WARNING: raw RSA decrypt enabled for {}: {DECRYPT_WARNING}",
-                decrypt_keys.join(", ")
-            );
+        for w in &warnings {
+            println!("WARNING: {w}");
         }
         return Ok(());
     }
-    if !config.require_handshake_context {
-        tracing::warn!(require_handshake_context = false, "{PERMISSIVE_WARNING}");
-    }
-    for key in &decrypt_keys {
-        tracing::warn!(%key, "raw RSA decrypt enabled: {DECRYPT_WARNING}");
+    for w in &warnings {
+        tracing::warn!("{w}");
     }
     if store.len() == 0 {
         tracing::warn!(dir = %config.keys.dir.display(), "no site keys loaded");
-    }
-    if rotation_status.as_ref().is_some_and(|s| !s.issued_by_ca) {
-        tracing::warn!("{}", not_issued_by_ca(&config));
-    }
-    for (group, pattern) in &unmatched {
-        tracing::warn!(%group, %pattern, "group key pattern matches no loaded key");
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -164,6 +138,35 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
         rotation,
         start_rotation,
     ))
+}
+
+/// What `--test` prints and a starting key server logs as warnings: settings that
+/// weaken it, and configuration that does not do what it seems to.
+fn warnings(config: &Config, store: &Keystore, rotation: Option<&rotate::Status>) -> Vec<String> {
+    let mut out = Vec::new();
+    if rotation.is_some_and(|s| !s.issued_by_ca) {
+        out.push(not_issued_by_ca(config));
+    }
+    for (group, pattern) in unmatched_group_patterns(config, store) {
+        out.push(format!(
+            "group {group}: key pattern {pattern:?} matches no loaded key"
+        ));
+    }
+    if !config.require_handshake_context {
+        out.push(PERMISSIVE_WARNING.to_owned());
+    }
+    let decrypt_keys: Vec<&str> = store
+        .entries()
+        .filter(|e| e.allow_rsa_decrypt)
+        .map(|e| e.name.as_str())
+        .collect();
+    if !decrypt_keys.is_empty() {
+        out.push(format!(
+            "raw RSA decrypt enabled for {}: {DECRYPT_WARNING}",
+            decrypt_keys.join(", ")
+        ));
+    }
+    out
 }
 
 /// Rotates the key server's certificate before the listeners open when it has less than
