@@ -100,6 +100,9 @@ pub(crate) struct Config {
     pub(crate) tls: TlsConfig,
     /// The site keys.
     pub(crate) keys: KeysConfig,
+    /// Session-ticket keys handed to each group's edges (`get-ticket-keys`).
+    #[serde(default)]
+    pub(crate) tickets: TicketsConfig,
     /// Edge groups: each with its own CA, keys and certificate policy.
     #[serde(default, rename = "group")]
     pub(crate) groups: Vec<GroupConfig>,
@@ -247,6 +250,40 @@ impl TlsConfig {
             ca_key: self.ca_key.clone()?,
         })
     }
+}
+
+/// `[tickets]`: the session-ticket keys every edge of a group shares.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TicketsConfig {
+    /// A new key seals tickets every this long. Default "1h".
+    #[serde(default = "default_ticket_rotation", with = "humantime_serde")]
+    pub(crate) rotate_every: Duration,
+    /// Keys before the current one that still open tickets. Default 2.
+    #[serde(default = "default_ticket_previous")]
+    pub(crate) previous: u32,
+    /// Where each group's ticket secret is kept (`<group>.key`; copy it to the group's
+    /// other key servers). Default `<state_dir>/tickets`.
+    #[serde(default)]
+    pub(crate) secret_dir: Option<PathBuf>,
+}
+
+impl Default for TicketsConfig {
+    fn default() -> Self {
+        TicketsConfig {
+            rotate_every: default_ticket_rotation(),
+            previous: default_ticket_previous(),
+            secret_dir: None,
+        }
+    }
+}
+
+fn default_ticket_rotation() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_ticket_previous() -> u32 {
+    2
 }
 
 /// The field of an edge certificate that names the edge.
@@ -407,6 +444,7 @@ impl Config {
         .chain(self.tls.client_crl.as_mut())
         .chain(self.tls.ca_cert.as_mut())
         .chain(self.tls.ca_key.as_mut())
+        .chain(self.tickets.secret_dir.as_mut())
         .chain(groups)
         {
             if p.is_relative() {
@@ -441,6 +479,9 @@ impl Config {
             (None, _, _) => {
                 return Err("[tls] ca_cert and ca_key are only used with rotate_every".into());
             }
+        }
+        if self.tickets.rotate_every < Duration::from_secs(1) || self.tickets.previous > 8 {
+            return Err("[tickets] rotate_every is at least 1s and previous at most 8".into());
         }
         if self.tls_reload_interval < Duration::from_millis(100) {
             return Err("tls_reload_interval must be at least 100ms".into());

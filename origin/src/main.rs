@@ -12,6 +12,7 @@ mod pool;
 mod rotate;
 mod server;
 mod state;
+mod tickets;
 mod tls;
 mod watch;
 
@@ -403,6 +404,15 @@ fn shared_state(config: &Config, tls: tls::TlsState, store: Keystore) -> anyhow:
         idle_timeout: config.idle_timeout,
         stall_timeout: config.stall_timeout,
         drain: CancellationToken::new(),
+        tickets: tickets::TicketKeys::new(
+            config
+                .tickets
+                .secret_dir
+                .clone()
+                .unwrap_or_else(|| config.state_dir.join("tickets")),
+            config.tickets.rotate_every,
+            config.tickets.previous,
+        ),
     })
 }
 

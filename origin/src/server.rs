@@ -72,6 +72,8 @@ pub(crate) struct Shared {
     pub(crate) stall_timeout: Duration,
     /// Cancelled when the key server starts draining (SIGTERM).
     pub(crate) drain: CancellationToken,
+    /// Session-ticket keys of each group.
+    pub(crate) tickets: crate::tickets::TicketKeys,
 }
 
 fn read<T: ?Sized>(lock: &RwLock<Arc<T>>) -> Arc<T> {
@@ -592,6 +594,26 @@ fn handle(ctx: &Arc<ConnCtx>, msg: Message, permit: OwnedSemaphorePermit) {
             metrics.op(opcode.name(), "ok");
             let pong = pong(op.payload.unwrap_or_default(), ctx.shared.draining());
             ctx.reply(id, pong, permit);
+        }
+        Opcode::GetTicketKeys => {
+            // Only this client's group's keys; never in a log.
+            let group = ctx
+                .group
+                .as_ref()
+                .map_or(crate::tickets::IMPLICIT_GROUP, |g| g.config.name.as_str());
+            match ctx.shared.tickets.keys(group, std::time::SystemTime::now()) {
+                Ok(keys) => {
+                    audit.log("ok");
+                    metrics.op(opcode.name(), "ok");
+                    let payload = keyless_shared::tickets::encode_ticket_keys(&keys);
+                    let reply = Operation::new(Opcode::Response, payload.to_vec());
+                    ctx.reply(id, reply, permit);
+                }
+                Err(e) => {
+                    tracing::error!(group, error = %e, "ticket keys unavailable");
+                    refuse(ctx, &audit, ErrorCode::Internal, permit);
+                }
+            }
         }
         Opcode::GetCertificateChain => {
             let Some(sni) = op.sni.as_deref() else {

@@ -145,6 +145,9 @@ wire_enum! {
         /// Extension: sent unsolicited (request id 0) by a key server that starts
         /// draining: finish what is in flight, send nothing new on this connection.
         GoAway = 0x41 => "go-away",
+        /// Extension: the session-ticket keys of the client's group (payload:
+        /// [`crate::tickets`]).
+        GetTicketKeys = 0x42 => "get-ticket-keys",
         /// Successful response.
         Response = 0xF0 => "response",
         /// Ping: the payload is echoed back in a pong.
