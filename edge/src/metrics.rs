@@ -98,6 +98,8 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     /// Handshake duration (accept to established), successful handshakes.
     pub handshake_seconds: Histogram,
+    /// Handshakes that resumed a session (no key-server operation).
+    pub handshakes_resumed: Counter,
     /// Key-server operations.
     pub keyserver_ops: Family<KeyServerLabels, Counter>,
     /// Key-server operation latency.
@@ -161,6 +163,7 @@ impl Metrics {
             registry: Registry::default(),
             handshakes: Family::default(),
             handshake_seconds: latency(),
+            handshakes_resumed: Counter::default(),
             keyserver_ops: Family::default(),
             keyserver_seconds: Family::new_with_constructor(latency),
             requests: Family::default(),
@@ -203,6 +206,11 @@ impl Metrics {
             "keyless_edge_handshake_seconds",
             "Duration of successful client TLS handshakes",
             self.handshake_seconds.clone(),
+        );
+        r.register(
+            "keyless_edge_handshakes_resumed",
+            "Client handshakes that resumed a session (ticket or session id): no key-server operation",
+            self.handshakes_resumed.clone(),
         );
         r.register(
             "keyless_edge_keyserver_ops",

@@ -42,6 +42,12 @@ impl SharedTicketer {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(keys);
     }
 
+    /// Whether any key is held (installed and not yet past its window).
+    pub fn has_keys(&self) -> bool {
+        let now = SystemTime::now();
+        self.keys().iter().any(|k| now < k.decrypt_until)
+    }
+
     fn keys(&self) -> Arc<[TicketKey]> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

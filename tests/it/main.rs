@@ -30,4 +30,5 @@ mod lifecycle;
 mod malformed;
 mod ops;
 mod pipelining;
+mod resumption;
 mod support;

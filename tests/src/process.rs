@@ -174,11 +174,30 @@ impl Drop for LoggedChild {
 ///
 /// Output is collected by reader threads so a chatty process cannot block on a full
 /// pipe while we wait for it.
-pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
-    cmd.stdin(Stdio::null())
+pub fn run_with_timeout(cmd: Command, timeout: Duration) -> Result<Output> {
+    run_with_input(cmd, None, timeout)
+}
+
+/// [`run_with_timeout`] with `input` written to stdin (then closed), if given.
+pub(crate) fn run_with_input(
+    mut cmd: Command,
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Output> {
+    let stdin = match input {
+        Some(_) => Stdio::piped(),
+        None => Stdio::null(),
+    };
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    if let (Some(input), Some(mut pipe)) = (input, child.stdin.take()) {
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = pipe.write_all(&input);
+        });
+    }
     let stdout = child.stdout.take().map(reader_thread);
     let stderr = child.stderr.take().map(reader_thread);
     let deadline = Instant::now() + timeout;

@@ -191,6 +191,7 @@ pub struct SClient {
     sigalgs: Option<String>,
     args: Vec<OsString>,
     timeout: Duration,
+    input: Option<Vec<u8>>,
 }
 
 /// What `openssl s_client` printed.
@@ -264,7 +265,16 @@ impl SClient {
             sigalgs: None,
             args: Vec::new(),
             timeout: DEFAULT_TOOL_TIMEOUT,
+            input: None,
         }
+    }
+
+    /// Writes `text` once connected (e.g. an HTTP/1.0 request, so that the server
+    /// answers and closes, and s_client reads what follows the handshake, such as TLS
+    /// 1.3 session tickets).
+    pub fn input(mut self, text: &str) -> SClient {
+        self.input = Some(text.as_bytes().to_vec());
+        self
     }
 
     /// Sends this SNI (`-servername`).
@@ -336,7 +346,8 @@ impl SClient {
         }
         cmd.args(&self.args);
         let started = Instant::now();
-        let out = run_with_timeout(cmd, self.timeout).context("running openssl s_client")?;
+        let out = crate::process::run_with_input(cmd, self.input.clone(), self.timeout)
+            .context("running openssl s_client")?;
         Ok(SClientOutput {
             exit_code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

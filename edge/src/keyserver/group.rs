@@ -21,6 +21,8 @@ pub(super) struct Group {
     servers: RwLock<Arc<[Arc<Server>]>>,
     /// The edge's certificate towards this group, when it is renewed by the edge.
     credential: std::sync::Mutex<Option<CredentialTimes>>,
+    /// Session-ticket keys shared by the group's edges (filled by `ticket_keys`).
+    pub(super) ticketer: Arc<crate::tickets::SharedTicketer>,
 }
 
 impl Group {
@@ -38,6 +40,7 @@ impl Group {
             settings,
             servers: RwLock::new(Arc::from(Vec::new())),
             credential: std::sync::Mutex::new(None),
+            ticketer: Arc::default(),
         };
         group.set_servers(specs);
         group

@@ -24,6 +24,7 @@ mod identity;
 mod probe;
 mod renewal;
 mod server;
+mod ticket_keys;
 
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc};
@@ -274,6 +275,12 @@ impl KeyServerClient {
             }
             rt.handle
                 .spawn(probe::run(Arc::downgrade(&group), settings.probe_interval));
+            if spec.protocol == Protocol::Keyless {
+                rt.handle.spawn(ticket_keys::run(
+                    Arc::downgrade(&group),
+                    group.ticketer.clone(),
+                ));
+            }
             if let Some(renewal) = spec.renewal.clone() {
                 rt.handle
                     .spawn(renewal::run(Arc::downgrade(&group), renewal));
@@ -331,6 +338,11 @@ impl KeyGroup {
     /// The dialect its servers speak.
     pub fn protocol(&self) -> Protocol {
         self.group.protocol
+    }
+
+    /// The group's shared session-ticket keys, once the key servers handed some out.
+    pub fn ticketer(&self) -> Option<Arc<crate::tickets::SharedTicketer>> {
+        Some(self.group.ticketer.clone()).filter(|t| t.has_keys())
     }
 
     /// Whether any of its servers may take new requests.

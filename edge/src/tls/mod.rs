@@ -207,9 +207,10 @@ impl TlsFront {
             };
             let chain = self.chain_for(&name, source, prefs, &at).await?;
             let permit = self.remote_permit(&name, &at)?;
-            Ok::<_, Refusal>((name, site, chain, permit))
+            let ticketer = group.ticketer();
+            Ok::<_, Refusal>((name, site, chain, permit, ticketer))
         };
-        let (name, site, chain, permit) = match prepared.await {
+        let (name, site, chain, permit, ticketer) = match prepared.await {
             Ok(prepared) => prepared,
             Err(Refusal { label, alert: desc }) => {
                 self.count(label, "-");
@@ -217,7 +218,9 @@ impl TlsFront {
                 return Err(HandshakeFailed);
             }
         };
-        let stream = self.complete(start, &chain, permit, &name, &at).await?;
+        let stream = self
+            .complete(start, &chain, permit, ticketer, &name, &at)
+            .await?;
         Ok((stream, site))
     }
 
@@ -339,18 +342,23 @@ impl TlsFront {
     }
 
     /// Lets rustls finish the handshake with `chain`, signing remotely within the
-    /// deadline, and counts the result.
+    /// deadline, sealing and opening tickets with the group's shared keys when it has
+    /// some (else this edge's own), and counts the result.
     async fn complete(
         &self,
         start: StartHandshake<TcpStream>,
         chain: &SiteChain,
         permit: OwnedSemaphorePermit,
+        ticketer: Option<Arc<crate::tickets::SharedTicketer>>,
         name: &str,
         at: &Attempt,
     ) -> Result<TlsStream<TcpStream>, HandshakeFailed> {
         let budget = HandshakeBudget::new(at.deadline.into_std(), permit);
         let mut config = self.template.clone();
         config.cert_resolver = Arc::new(Fixed(chain.for_handshake(budget.clone())));
+        if let Some(t) = ticketer {
+            config.ticketer = t;
+        }
         // rustls signs inside `into_stream` (and, after a HelloRetryRequest, inside the
         // future); the signer waits at most until the deadline.
         let accept = start.into_stream(Arc::new(config));
@@ -366,6 +374,12 @@ impl TlsFront {
                 self.metrics
                     .handshake_seconds
                     .observe(at.started.elapsed().as_secs_f64());
+                let resumed =
+                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                if resumed {
+                    self.metrics.handshakes_resumed.inc();
+                }
+                tracing::debug!(peer = %at.peer, sni = %name, version, resumed, "handshake complete");
                 Ok(stream)
             }
             Ok(Err(e)) => {

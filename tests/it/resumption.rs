@@ -1,0 +1,94 @@
+//! Cluster-wide resumption with shared ticket keys: a session made on one edge resumes
+//! on another edge of the group (real `openssl s_client -sess_out` / `-sess_in`), with
+//! no key-server operation for the resumed handshake.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use keyless_tests::{Edge, EdgeConfig, TlsVersion};
+
+use crate::edge_support::{Stack, StackBuilder, ORIGIN_HOST, SITE};
+
+/// A second edge of the stack's deployment (same group, same key server).
+fn second_edge(s: &Stack) -> Result<Edge> {
+    let origin = format!("http://{ORIGIN_HOST}:{}", s.origin.port());
+    let config = EdgeConfig::new(&s.deployment)?
+        .nameserver(s.dns.addr())
+        .site(&[SITE], &origin);
+    Edge::start_with(&s.deployment, &config)
+}
+
+/// Waits until `edge` holds its group's ticket keys.
+fn wait_for_ticket_keys(edge: &Edge) -> Result<()> {
+    edge.wait_for_log(Duration::from_secs(10), |l| {
+        l.contains("session-ticket keys of the group in use")
+    })
+    .map(drop)
+}
+
+/// Private-key operations the key server has answered `ok` (signatures and RSA
+/// decryptions; not chain lookups, ticket keys or pings).
+fn key_ops(s: &Stack) -> Result<u64> {
+    let text = s.keyserver.metrics_text()?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("keyless_ops_total{") && l.contains("result=\"ok\""))
+        .filter(|l| l.contains("-sign") || l.contains("rsa-decrypt"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+const REQUEST: &str = "GET / HTTP/1.0\r\nHost: example.com\r\n\r\n";
+
+#[test]
+fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Result<()> {
+    let s = StackBuilder::default().start()?;
+    let b = second_edge(&s)?;
+    wait_for_ticket_keys(&s.edge)?;
+    wait_for_ticket_keys(&b)?;
+    for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
+        let session = s.deployment.dir().join(format!("session-{version:?}.pem"));
+        let full = s
+            .edge
+            .s_client(SITE)
+            .tls(version)
+            .input(REQUEST)
+            .arg("-ign_eof")
+            .arg("-sess_out")
+            .arg(&session)
+            .run()?;
+        full.expect_verified()
+            .with_context(|| format!("full handshake on edge A over {version:?}"))?;
+        ensure!(session.is_file(), "s_client wrote no session");
+        let ops_before = key_ops(&s)?;
+        let started = Instant::now();
+        let resumed = b
+            .s_client(SITE)
+            .tls(version)
+            .input(REQUEST)
+            .arg("-ign_eof")
+            .arg("-sess_in")
+            .arg(&session)
+            .run()?;
+        let text = resumed.text();
+        ensure!(
+            text.contains("Reused,"),
+            "edge B did not resume edge A's {version:?} session:\n{text}"
+        );
+        ensure!(
+            text.contains("hello from"),
+            "no answer over the resumed session:\n{text}"
+        );
+        ensure!(
+            key_ops(&s)? == ops_before,
+            "the resumed {version:?} handshake cost a key-server operation"
+        );
+        eprintln!("{version:?}: resumed on edge B in {:?}", started.elapsed());
+    }
+    let metrics = b.metrics_text()?;
+    ensure!(
+        keyless_tests::metric_sum(&metrics, "keyless_edge_handshakes_resumed_total", &[]) >= 2.0,
+        "resumptions not counted on edge B:\n{metrics}"
+    );
+    Ok(())
+}
