@@ -92,3 +92,88 @@ fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Re
     );
     Ok(())
 }
+
+/// Makes a TLS 1.3 session on `edge` and saves it as `name`.
+fn session_from(s: &Stack, edge: &Edge, name: &str) -> Result<std::path::PathBuf> {
+    let session = s.deployment.dir().join(name);
+    edge.s_client(SITE)
+        .tls(TlsVersion::Tls13)
+        .input(REQUEST)
+        .arg("-ign_eof")
+        .arg("-sess_out")
+        .arg(&session)
+        .run()?
+        .expect_verified()
+        .context("full handshake")?;
+    Ok(session)
+}
+
+/// Offers `session` to `edge`: whether it was resumed (the handshake must succeed).
+fn resumes(edge: &Edge, session: &std::path::Path) -> Result<bool> {
+    let out = edge
+        .s_client(SITE)
+        .tls(TlsVersion::Tls13)
+        .input(REQUEST)
+        .arg("-ign_eof")
+        .arg("-sess_in")
+        .arg(session)
+        .run()?;
+    out.expect_verified()
+        .context("handshake offering a session")?;
+    Ok(out.text().contains("Reused,"))
+}
+
+#[test]
+fn a_ticket_survives_the_restart_of_the_edge_that_made_it() -> Result<()> {
+    let s = StackBuilder::default().start()?;
+    wait_for_ticket_keys(&s.edge)?;
+    let session = session_from(&s, &s.edge, "session-a.pem")?;
+    // Edge A restarts (same configuration): its sessions live in the group's keys.
+    let config = std::fs::read_to_string(s.edge.config_path())?;
+    let mut s = s;
+    s.edge.signal(keyless_tests::Signal::Term)?;
+    s.edge.wait_exit(Duration::from_secs(15))?;
+    s.edge = Edge::start(&s.deployment, &config)?;
+    wait_for_ticket_keys(&s.edge)?;
+    let b = second_edge(&s)?;
+    wait_for_ticket_keys(&b)?;
+    ensure!(
+        resumes(&s.edge, &session)?,
+        "restarted edge A did not resume its own session"
+    );
+    ensure!(
+        resumes(&b, &session)?,
+        "edge B did not resume edge A's session"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_ticket_past_the_key_retention_window_gets_a_full_handshake() -> Result<()> {
+    // Keys rotate every 2 s and one is kept after its period: a ticket lives at least
+    // 2 s and less than 4 s, wherever in a period it was made.
+    let s = StackBuilder::default()
+        .backends_with_origin_config(|t| {
+            let mut tickets = toml::Table::new();
+            tickets.insert("rotate_every".into(), "2s".into());
+            tickets.insert("previous".into(), 1.into());
+            t.insert("tickets".into(), tickets.into());
+        })?
+        .with_edge(|c| c)?;
+    wait_for_ticket_keys(&s.edge)?;
+    let session = session_from(&s, &s.edge, "session-old.pem")?;
+    std::thread::sleep(Duration::from_millis(4500));
+    let before = key_ops(&s)?;
+    ensure!(
+        !resumes(&s.edge, &session)?,
+        "a ticket sealed with a retired key was accepted"
+    );
+    ensure!(
+        key_ops(&s)? > before,
+        "the full handshake made no private-key operation"
+    );
+    // The ticket from that full handshake is sealed with a current key and resumes.
+    let fresh = session_from(&s, &s.edge, "session-new.pem")?;
+    ensure!(resumes(&s.edge, &fresh)?, "a fresh ticket did not resume");
+    Ok(())
+}
