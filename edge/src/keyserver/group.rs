@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use keyless_shared::Operation;
 
-use super::renewal::CredentialTimes;
+use super::credential::CredentialTimes;
 use super::server::Server;
 use super::{budget, fails_over, ClientError, ServerSpec, Settings, TlsSource};
 use crate::config::Protocol;

@@ -18,6 +18,7 @@
 //! request to that runtime and waits on a channel with the deadline.
 
 mod conn;
+mod credential;
 mod discovery;
 mod group;
 mod identity;
