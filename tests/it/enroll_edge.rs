@@ -124,31 +124,40 @@ fn add_an_edge_with_three_commands() -> Result<()> {
     Ok(())
 }
 
-/// Certificates issued in the renewal test live this long.
-const LIFETIME_S: u64 = 9;
-
-#[test]
-fn renewal_under_load_costs_no_handshake_and_the_old_certificate_expires() -> Result<()> {
+/// A stack whose key server issues certificates living `lifetime` seconds, and an edge
+/// credential enrolled as `id` (in the returned directory); the edge not started yet.
+fn enrolled_backends(lifetime: u64, id: &str) -> Result<(crate::edge_support::Backends, PathBuf)> {
     let backends = StackBuilder::default()
         .enroll()
-        .backends_with_origin_config(|t| {
-            if let Some(groups) = t.get_mut("group").and_then(|g| g.as_array_mut()) {
-                for g in groups {
-                    if let Some(g) = g.as_table_mut() {
-                        g.insert("cert_lifetime".into(), format!("{LIFETIME_S}s").into());
-                    }
-                }
+        .backends_with_origin_config(move |t| {
+            let groups = t.get_mut("group").and_then(|g| g.as_array_mut());
+            for g in groups
+                .into_iter()
+                .flatten()
+                .filter_map(|g| g.as_table_mut())
+            {
+                g.insert("cert_lifetime".into(), format!("{lifetime}s").into());
             }
         })?;
     let d = &backends.deployment;
     let token = token_file(d, "token", "1h")?;
     let out = d.dir().join("enrolled");
-    let run = enroll(d, "edge-r", &token, &out)?;
+    let run = enroll(d, id, &token, &out)?;
     ensure!(
         run.status.success(),
         "enroll: {}",
         String::from_utf8_lossy(&run.stderr)
     );
+    Ok((backends, out))
+}
+
+/// Certificates issued in the renewal test live this long.
+const LIFETIME_S: u64 = 9;
+
+#[test]
+fn renewal_under_load_costs_no_handshake_and_the_old_certificate_expires() -> Result<()> {
+    let (backends, out) = enrolled_backends(LIFETIME_S, "edge-r")?;
+    let d = &backends.deployment;
     let enrolled_at = Instant::now();
     // Keep the first credential to try it after it has expired.
     let first = (d.dir().join("first.crt"), d.dir().join("first.key"));
@@ -307,24 +316,7 @@ fn key_server_certificate_replaced_under_edge_load_costs_no_handshake() -> Resul
 #[test]
 fn a_failing_renewal_is_retried_counted_and_reported_before_expiry() -> Result<()> {
     const LIFETIME: u64 = 6;
-    let backends = StackBuilder::default()
-        .enroll()
-        .backends_with_origin_config(|t| {
-            if let Some(groups) = t.get_mut("group").and_then(|g| g.as_array_mut()) {
-                for g in groups.iter_mut().filter_map(|g| g.as_table_mut()) {
-                    g.insert("cert_lifetime".into(), format!("{LIFETIME}s").into());
-                }
-            }
-        })?;
-    let d = &backends.deployment;
-    let token = token_file(d, "token", "1h")?;
-    let out = d.dir().join("enrolled");
-    let run = enroll(d, "edge-f", &token, &out)?;
-    ensure!(
-        run.status.success(),
-        "enroll: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let (backends, out) = enrolled_backends(LIFETIME, "edge-f")?;
     let enrolled_at = Instant::now();
     // Renewal points at a port where nothing listens: every attempt fails.
     let nowhere = keyless_tests::free_addr()?;
