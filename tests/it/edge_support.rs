@@ -182,6 +182,23 @@ impl Backends {
 }
 
 impl Stack {
+    /// New full TLS 1.3 handshakes with [`SITE`] on the edge from `workers` clients at
+    /// `rate` each per second, each given up after 5 s.
+    pub(crate) fn handshake_load(
+        &self,
+        workers: usize,
+        rate: f64,
+    ) -> Result<keyless_tests::HandshakeLoad> {
+        keyless_tests::HandshakeLoad::start(
+            self.edge.https_addr(),
+            SITE,
+            &self.edge.client_ca(),
+            workers,
+            rate,
+            Duration::from_secs(5),
+        )
+    }
+
     /// `https://HOST:PORT/PATH` on the edge.
     pub(crate) fn url(&self, host: &str, path: &str) -> String {
         self.edge.url(host, path)

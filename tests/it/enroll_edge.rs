@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use keyless_tests::enroll::create_token;
-use keyless_tests::{
-    edge_bin, per_phase, ClientOptions, Deployment, EdgeConfig, HandshakeEnd, HandshakeLoad,
-};
+use keyless_tests::{edge_bin, per_phase, ClientOptions, Deployment, EdgeConfig, HandshakeEnd};
 
 use crate::edge_support::{Stack, StackBuilder, SITE};
 
@@ -170,14 +168,7 @@ fn renewal_under_load_costs_no_handshake_and_the_old_certificate_expires() -> Re
         enrolled_group(c, keyserver, &out, enroll_addr).keyserver_option("timeout", "1s")
     })?;
     let d = &s.deployment;
-    let load = HandshakeLoad::start(
-        s.edge.https_addr(),
-        SITE,
-        &s.edge.client_ca(),
-        2,
-        25.0,
-        Duration::from_secs(5),
-    )?;
+    let load = s.handshake_load(2, 25.0)?;
     load.phase("renewing");
     let renewed = |s: &Stack| {
         s.edge
@@ -246,14 +237,7 @@ fn key_server_certificate_replaced_under_edge_load_costs_no_handshake() -> Resul
     use keyless_tests::enroll::{replace_file, TestCa};
     let s = StackBuilder::default().start()?;
     s.edge.s_client(SITE).run()?.expect_verified()?;
-    let load = HandshakeLoad::start(
-        s.edge.https_addr(),
-        SITE,
-        &s.edge.client_ca(),
-        2,
-        25.0,
-        Duration::from_secs(5),
-    )?;
+    let load = s.handshake_load(2, 25.0)?;
     load.phase("replaced");
     std::thread::sleep(Duration::from_millis(500));
 

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use keyless_tests::{
-    has_field, per_phase, Dns, HandshakeEnd, HandshakeLoad, KeyServer, LoadOutcome, Signal,
-    SrvRecord, TlsVersion,
+    has_field, per_phase, Dns, HandshakeEnd, KeyServer, LoadOutcome, Signal, SrvRecord, TlsVersion,
 };
 
 use crate::edge_support::{Stack, StackBuilder, ORIGIN_HOST, SITE};
@@ -27,19 +26,6 @@ fn fast(c: keyless_tests::EdgeConfig) -> keyless_tests::EdgeConfig {
         .keyserver_option("connect_timeout", "300ms")
         .keyserver_option("probe_interval", "250ms")
         .keyserver_option("probe_max_interval", "1s")
-}
-
-/// New full handshakes with [`SITE`] from `workers` clients at `rate` each per second.
-fn load(s: &Stack, workers: usize, rate: f64) -> Result<HandshakeLoad> {
-    let ca = s.edge.client_ca();
-    HandshakeLoad::start(
-        s.edge.https_addr(),
-        SITE,
-        &ca,
-        workers,
-        rate,
-        Duration::from_secs(5),
-    )
 }
 
 /// A stack whose group holds its key server at `first` `(priority, weight)` and one
@@ -126,7 +112,7 @@ fn three_key_servers_killed_hung_and_restarted_cost_no_handshake() -> Result<()>
         .try_into()
         .map_err(|_| anyhow::anyhow!("two extra key servers"))?;
 
-    let load = load(&s, 2, 40.0)?;
+    let load = s.handshake_load(2, 40.0)?;
     // Steady: both priority-10 servers sign, the priority-20 one does not.
     load.phase("steady");
     let ops = |k: &KeyServer| k.ops_ok();
@@ -267,7 +253,7 @@ fn weights_three_to_one_share_operations_three_to_one() -> Result<()> {
     // one. Under concurrency the least-loaded half of the choice moves some requests
     // to whichever server has fewer outstanding per weight, by design.
     const OPS: u64 = 2000;
-    let load = load(&s, 1, 1000.0)?;
+    let load = s.handshake_load(1, 1000.0)?;
     load.phase("weighted");
     wait_until(Duration::from_secs(120), "enough operations", || {
         Ok(s.keyserver.ops_ok()? - a0 + b.ops_ok()? - b0 >= OPS)
@@ -338,7 +324,7 @@ fn srv_records_move_new_requests_after_their_ttl() -> Result<()> {
     })?;
     s.edge.s_client(SITE).run()?.expect_verified()?;
 
-    let load = load(&s, 1, 30.0)?;
+    let load = s.handshake_load(1, 30.0)?;
     load.phase("first");
     let (a0, b0) = (s.keyserver.ops_ok()?, b.ops_ok()?);
     run_for(Duration::from_secs(1));
@@ -381,7 +367,7 @@ fn a_draining_key_server_finishes_in_flight_and_gets_nothing_new() -> Result<()>
     let (mut s, extra) = fleet((10, 1), &[(10, 1)])?;
     let b = &extra[0];
 
-    let load = load(&s, 4, 40.0)?;
+    let load = s.handshake_load(4, 40.0)?;
     load.phase("before");
     run_for(Duration::from_secs(1));
     load.phase("drain");
