@@ -54,7 +54,9 @@ pub use flood::{
 pub use https::{KeepAliveClient, KeepAliveResponse};
 pub use net::{free_addr, free_port, http_get, wait_for_port};
 pub use process::run_with_timeout;
-pub use server::{check_config, has_field, keyserver_ops_ok, strip_ansi, KeyServer, Signal};
+pub use server::{
+    check_config, check_config_text, has_field, keyserver_ops_ok, strip_ansi, KeyServer, Signal,
+};
 pub use test_origin::{
     http_date, parse_http_date, pattern_body, Scripted, SeenRequest, TestOrigin,
 };

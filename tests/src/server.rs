@@ -347,6 +347,17 @@ pub fn check_config(config: &Path) -> Result<Output> {
     Ok(out)
 }
 
+/// [`check_config`]: whether it succeeded and what it printed (stdout then stderr).
+pub fn check_config_text(config: &Path) -> Result<(bool, String)> {
+    let out = check_config(config)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
 /// Removes ANSI escape sequences (colours), in case the logger emits them anyway.
 pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
