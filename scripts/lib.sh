@@ -6,6 +6,8 @@ install_deps() {
     command -v openssl >/dev/null || need+=(openssl)
     command -v curl >/dev/null || need+=(curl)
     command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq)
+    # The shared session store of the resumption tests and the demo.
+    command -v redis-server >/dev/null || need+=(redis-server)
     if [ ${#need[@]} -gt 0 ]; then
         echo "installing: ${need[*]}"
         local sudo=""

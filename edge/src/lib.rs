@@ -25,6 +25,7 @@ pub mod keyserver;
 pub mod metrics;
 pub mod run;
 pub mod serve;
+pub mod sessions;
 pub mod sites;
 pub mod tickets;
 pub mod tls;

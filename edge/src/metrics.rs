@@ -79,6 +79,39 @@ pub struct GroupLabels {
     pub group: String,
 }
 
+/// How a handshake resumed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResumptionLabels {
+    /// `ticket`, `session-memory` (this edge's session cache) or `session-redis`.
+    pub kind: &'static str,
+}
+
+/// A session-store operation and its result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionStoreLabels {
+    /// `get`, `take`, `put` or `delete`.
+    pub op: &'static str,
+    /// `hit`, `miss`, `stored`, `timeout`, `error`, `busy`, `no-key`, or why an entry
+    /// was refused (`forged`, `unknown-key`, `expired`, `malformed`).
+    pub result: &'static str,
+}
+
+/// A session-store operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionOpLabels {
+    /// `get`, `take`, `put` or `delete`.
+    pub op: &'static str,
+}
+
+/// The session-ticket key a group's edges seal with.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TicketKeyLabels {
+    /// The key-server group.
+    pub group: String,
+    /// The key's id (hex).
+    pub id: String,
+}
+
 /// Cache tier.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
@@ -100,6 +133,18 @@ pub struct Metrics {
     pub handshake_seconds: Histogram,
     /// Handshakes that resumed a session (no key-server operation).
     pub handshakes_resumed: Counter,
+    /// Resumed handshakes by where the session came from.
+    pub resumptions: Family<ResumptionLabels, Counter>,
+    /// Handshakes that resumed nothing (each made a key-server operation).
+    pub handshakes_full: Counter,
+    /// Session-store operations against Redis, by result.
+    pub session_store_ops: Family<SessionStoreLabels, Counter>,
+    /// Session-store round trips to Redis (answered ones).
+    pub session_store_seconds: Family<SessionOpLabels, Histogram>,
+    /// Age of the ticket key each group seals with.
+    pub ticket_key_age: Family<GroupLabels, Gauge>,
+    /// 1 for the id of the ticket key each group seals with.
+    pub ticket_key: Family<TicketKeyLabels, Gauge>,
     /// Key-server operations.
     pub keyserver_ops: Family<KeyServerLabels, Counter>,
     /// Key-server operation latency.
@@ -164,6 +209,12 @@ impl Metrics {
             handshakes: Family::default(),
             handshake_seconds: latency(),
             handshakes_resumed: Counter::default(),
+            resumptions: Family::default(),
+            handshakes_full: Counter::default(),
+            session_store_ops: Family::default(),
+            session_store_seconds: Family::new_with_constructor(latency),
+            ticket_key_age: Family::default(),
+            ticket_key: Family::default(),
             keyserver_ops: Family::default(),
             keyserver_seconds: Family::new_with_constructor(latency),
             requests: Family::default(),
@@ -191,7 +242,50 @@ impl Metrics {
         m.register_http();
         m.register_cache();
         m.register_remote_ops();
+        m.register_sessions();
         m
+    }
+
+    /// Session resumption: its kinds, the session store and the ticket keys.
+    fn register_sessions(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "keyless_edge_resumptions",
+            "Resumed handshakes by kind: ticket, session-memory, session-redis",
+            self.resumptions.clone(),
+        );
+        r.register(
+            "keyless_edge_handshakes_full",
+            "Handshakes that resumed no session (each made a key-server operation)",
+            self.handshakes_full.clone(),
+        );
+        r.register(
+            "keyless_edge_session_store_ops",
+            "Session-store operations against Redis, by operation and result",
+            self.session_store_ops.clone(),
+        );
+        r.register(
+            "keyless_edge_session_store_seconds",
+            "Round trips to the session store's Redis",
+            self.session_store_seconds.clone(),
+        );
+        r.register(
+            "keyless_edge_ticket_key_age_seconds",
+            "Age of the session-ticket key each key-server group seals with",
+            self.ticket_key_age.clone(),
+        );
+        r.register(
+            "keyless_edge_ticket_key",
+            "1 for the id of the session-ticket key each key-server group seals with",
+            self.ticket_key.clone(),
+        );
+    }
+
+    /// Counts a session-store operation.
+    pub fn session_op(&self, op: &'static str, result: &'static str) {
+        self.session_store_ops
+            .get_or_create(&SessionStoreLabels { op, result })
+            .inc();
     }
 
     /// Handshakes and the key-server operations they make.

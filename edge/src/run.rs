@@ -21,6 +21,7 @@ use crate::config::{CacheConfig, Config, MAX_CONCURRENT_OPS_LIMIT};
 use crate::keyserver::{ClientConfig, KeyServerClient};
 use crate::metrics::Metrics;
 use crate::serve::{HttpFront, Listeners};
+use crate::sessions::SessionStore;
 use crate::sites::Sites;
 use crate::tls::{TlsFront, TlsFrontConfig};
 use crate::upstream::OriginClient;
@@ -129,10 +130,12 @@ impl Edge {
         ks.settings.metrics = Some(metrics.clone());
         let keyservers =
             Arc::new(KeyServerClient::new(ks).context("cannot start the key-server client")?);
+        let sessions = Arc::new(SessionStore::new(&config.sessions, metrics.clone())?);
         let tls = TlsFront::new(
             TlsFrontConfig::from_config(&config.tls, &config.keyserver),
             sites.clone(),
             keyservers.clone(),
+            sessions,
             metrics.clone(),
         )?;
         let cache = open_cache(&config.cache, &metrics)?;

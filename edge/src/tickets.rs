@@ -48,12 +48,14 @@ impl SharedTicketer {
         self.keys().iter().any(|k| now < k.decrypt_until)
     }
 
-    fn keys(&self) -> Arc<[TicketKey]> {
+    /// The keys held now (the session store seals its entries with keys derived from
+    /// them).
+    pub(crate) fn keys(&self) -> Arc<[TicketKey]> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The key new tickets are sealed with at `now`: the newest in its encrypt window.
-    fn sealing_key(keys: &[TicketKey], now: SystemTime) -> Option<&TicketKey> {
+    pub(crate) fn sealing_key(keys: &[TicketKey], now: SystemTime) -> Option<&TicketKey> {
         keys.iter()
             .filter(|k| k.not_before <= now && now < k.encrypt_until)
             .max_by_key(|k| k.not_before)

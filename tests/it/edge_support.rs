@@ -204,6 +204,28 @@ impl Stack {
         self.edge.url(host, path)
     }
 
+    /// Another edge of the stack's deployment (same group, same key server) serving
+    /// [`SITE`], after `edit` changed its config.
+    pub(crate) fn another_edge(&self, edit: impl FnOnce(EdgeConfig) -> EdgeConfig) -> Result<Edge> {
+        let origin = format!("http://{ORIGIN_HOST}:{}", self.origin.port());
+        let config = EdgeConfig::new(&self.deployment)?
+            .nameserver(self.dns.addr())
+            .site(&[SITE], &origin);
+        Edge::start_with(&self.deployment, &edit(config))
+    }
+
+    /// Private-key operations the key server has answered `ok` (signatures and RSA
+    /// decryptions; not chain lookups, ticket keys or pings).
+    pub(crate) fn key_ops(&self) -> Result<u64> {
+        let text = self.keyserver.metrics_text()?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("keyless_ops_total{") && l.contains("result=\"ok\""))
+            .filter(|l| l.contains("-sign") || l.contains("rsa-decrypt"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
+
     /// Audit lines of the key server for `op` with `result=ok` and `sni`.
     pub(crate) fn audit_lines(&self, op: &str, sni: &str) -> Vec<String> {
         self.keyserver

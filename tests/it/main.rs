@@ -31,4 +31,5 @@ mod malformed;
 mod ops;
 mod pipelining;
 mod resumption;
+mod session_store;
 mod support;

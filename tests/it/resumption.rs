@@ -5,37 +5,16 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use keyless_tests::{Edge, EdgeConfig, TlsVersion};
+use keyless_tests::{Edge, TlsVersion};
 
-use crate::edge_support::{Stack, StackBuilder, ORIGIN_HOST, SITE};
-
-/// A second edge of the stack's deployment (same group, same key server).
-fn second_edge(s: &Stack) -> Result<Edge> {
-    let origin = format!("http://{ORIGIN_HOST}:{}", s.origin.port());
-    let config = EdgeConfig::new(&s.deployment)?
-        .nameserver(s.dns.addr())
-        .site(&[SITE], &origin);
-    Edge::start_with(&s.deployment, &config)
-}
+use crate::edge_support::{Stack, StackBuilder, SITE};
 
 /// Waits until `edge` holds its group's ticket keys.
-fn wait_for_ticket_keys(edge: &Edge) -> Result<()> {
+pub(crate) fn wait_for_ticket_keys(edge: &Edge) -> Result<()> {
     edge.wait_for_log(Duration::from_secs(10), |l| {
         l.contains("session-ticket keys of the group in use")
     })
     .map(drop)
-}
-
-/// Private-key operations the key server has answered `ok` (signatures and RSA
-/// decryptions; not chain lookups, ticket keys or pings).
-fn key_ops(s: &Stack) -> Result<u64> {
-    let text = s.keyserver.metrics_text()?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("keyless_ops_total{") && l.contains("result=\"ok\""))
-        .filter(|l| l.contains("-sign") || l.contains("rsa-decrypt"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64)
 }
 
 const REQUEST: &str = "GET / HTTP/1.0\r\nHost: example.com\r\n\r\n";
@@ -43,7 +22,7 @@ const REQUEST: &str = "GET / HTTP/1.0\r\nHost: example.com\r\n\r\n";
 #[test]
 fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Result<()> {
     let s = StackBuilder::default().start()?;
-    let b = second_edge(&s)?;
+    let b = s.another_edge(|c| c)?;
     wait_for_ticket_keys(&s.edge)?;
     wait_for_ticket_keys(&b)?;
     for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
@@ -60,7 +39,7 @@ fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Re
         full.expect_verified()
             .with_context(|| format!("full handshake on edge A over {version:?}"))?;
         ensure!(session.is_file(), "s_client wrote no session");
-        let ops_before = key_ops(&s)?;
+        let ops_before = s.key_ops()?;
         let started = Instant::now();
         let resumed = b
             .s_client(SITE)
@@ -80,7 +59,7 @@ fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Re
             "no answer over the resumed session:\n{text}"
         );
         ensure!(
-            key_ops(&s)? == ops_before,
+            s.key_ops()? == ops_before,
             "the resumed {version:?} handshake cost a key-server operation"
         );
         eprintln!("{version:?}: resumed on edge B in {:?}", started.elapsed());
@@ -135,7 +114,7 @@ fn a_ticket_survives_the_restart_of_the_edge_that_made_it() -> Result<()> {
     s.edge.wait_exit(Duration::from_secs(15))?;
     s.edge = Edge::start(&s.deployment, &config)?;
     wait_for_ticket_keys(&s.edge)?;
-    let b = second_edge(&s)?;
+    let b = s.another_edge(|c| c)?;
     wait_for_ticket_keys(&b)?;
     ensure!(
         resumes(&s.edge, &session)?,
@@ -163,13 +142,13 @@ fn a_ticket_past_the_key_retention_window_gets_a_full_handshake() -> Result<()> 
     wait_for_ticket_keys(&s.edge)?;
     let session = session_from(&s, &s.edge, "session-old.pem")?;
     std::thread::sleep(Duration::from_millis(4500));
-    let before = key_ops(&s)?;
+    let before = s.key_ops()?;
     ensure!(
         !resumes(&s.edge, &session)?,
         "a ticket sealed with a retired key was accepted"
     );
     ensure!(
-        key_ops(&s)? > before,
+        s.key_ops()? > before,
         "the full handshake made no private-key operation"
     );
     // The ticket from that full handshake is sealed with a current key and resumes.

@@ -76,6 +76,8 @@ pub struct EdgeConfig {
     pub proxy: toml::Table,
     /// `[cache]` keys.
     pub cache: toml::Table,
+    /// `[sessions]` keys.
+    pub sessions: toml::Table,
     /// `[[site]]` entries.
     pub sites: Vec<SiteEntry>,
 }
@@ -97,6 +99,7 @@ impl EdgeConfig {
             tls: toml::Table::new(),
             proxy: toml::Table::new(),
             cache: toml::Table::new(),
+            sessions: toml::Table::new(),
             sites: Vec::new(),
         })
     }
@@ -201,6 +204,12 @@ impl EdgeConfig {
         self
     }
 
+    /// Sets a `[sessions]` key (`redis = [...]`, `tickets = false`, ...).
+    pub fn session_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        self.sessions.insert(key.into(), value.into());
+        self
+    }
+
     /// Sets a `[site.cache]` key of the last site added.
     ///
     /// # Panics
@@ -260,6 +269,9 @@ impl EdgeConfig {
         }
         if !self.cache.is_empty() {
             root.insert("cache".into(), self.cache.clone().into());
+        }
+        if !self.sessions.is_empty() {
+            root.insert("sessions".into(), self.sessions.clone().into());
         }
         let sites = self
             .sites

@@ -9,6 +9,8 @@
 //! - [`TestOrigin`], [`Dns`]: the content origin and a real DNS server (dnsmasq) behind
 //!   the edge; [`DelayProxy`]: a relay that slows the key server down.
 //! - [`Curl`], [`SClient`], [`KeepAliveClient`]: real clients of the edge.
+//! - [`Redis`]: a real Redis (or Redis Cluster node) for the edge's session store.
+//! - [`ResumeClient`]: a returning visitor that offers its TLS session to any edge.
 //! - [`memscan`]: looking for site key material in files and in process memory.
 //! - [`enroll`]: a client of the key server's enrollment API ([`EnrollClient`]) and
 //!   the operator's token and edges commands.
@@ -30,6 +32,8 @@ pub mod keys;
 pub mod memscan;
 mod net;
 mod process;
+mod redis;
+mod resume;
 mod server;
 mod test_origin;
 mod tools;
@@ -54,6 +58,8 @@ pub use flood::{
 pub use https::{KeepAliveClient, KeepAliveResponse};
 pub use net::{free_addr, free_port, http_get, wait_for_port};
 pub use process::run_with_timeout;
+pub use redis::Redis;
+pub use resume::{ResumeBy, ResumeClient};
 pub use server::{
     check_config, check_config_text, has_field, keyserver_ops_ok, strip_ansi, KeyServer, Signal,
 };

@@ -10,8 +10,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod keyserver;
+mod sessions;
 
 pub use keyserver::{GroupConfig, GroupServers, KeyServerConfig, Protocol, ServerEntry};
+pub use sessions::{RedisMode, SessionsConfig};
 
 /// Implements `Deserialize` through `FromStr` for a configuration value.
 macro_rules! deserialize_from_str {
@@ -61,6 +63,9 @@ pub struct Config {
     /// Client-facing TLS.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// TLS session resumption: tickets and the session store.
+    #[serde(default)]
+    pub sessions: SessionsConfig,
     /// Proxying to origins.
     #[serde(default)]
     pub proxy: ProxyConfig,
@@ -457,6 +462,9 @@ impl Config {
             return Err(invalid(
                 "[cache] memory_bytes and max_object_bytes must be positive".into(),
             ));
+        }
+        if let Some(problem) = config.sessions.problem() {
+            return Err(invalid(problem));
         }
         if config.sites.is_empty() {
             return Err(invalid("no [[site]] configured".into()));

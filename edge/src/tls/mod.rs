@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::server::{Acceptor, ClientHello, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
@@ -22,6 +22,7 @@ use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 use crate::config::{KeyServerConfig, TlsConfig};
 use crate::keyserver::{KeyGroup, KeyServerClient};
 use crate::metrics::{HandshakeLabels, Metrics};
+use crate::sessions::{HandshakeSessions, SessionStore};
 use crate::sites::{Site, Sites};
 use certs::{key_preference, CertStore, ChainSource, FetchError, Fixed, SiteChain};
 pub use signer::KeyType;
@@ -37,6 +38,26 @@ struct NoCertificate;
 
 impl ResolvesServerCert for NoCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}
+
+/// Issues no ticket and opens none (`[sessions] tickets = false`): TLS 1.2 resumes by
+/// session id, TLS 1.3 by tickets that name sessions in the store.
+#[derive(Debug)]
+struct NoTickets;
+
+impl ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
         None
     }
 }
@@ -72,6 +93,8 @@ pub struct TlsFront {
     sites: Arc<Sites>,
     /// Key-server groups by name.
     client: Arc<KeyServerClient>,
+    /// Session ids (and stateful TLS 1.3 sessions), in memory and Redis.
+    sessions: Arc<SessionStore>,
     default_site: Option<(String, Arc<Site>)>,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
@@ -126,6 +149,7 @@ impl TlsFront {
         config: TlsFrontConfig,
         sites: Arc<Sites>,
         client: Arc<KeyServerClient>,
+        sessions: Arc<SessionStore>,
         metrics: Arc<Metrics>,
     ) -> Result<TlsFront, TlsFrontError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -136,9 +160,13 @@ impl TlsFront {
             .with_cert_resolver(Arc::new(NoCertificate));
         template.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // Resumed handshakes need no signature: the cheapest key-server call is none.
-        template.session_storage = ServerSessionMemoryCache::new(100_000);
-        template.ticketer =
-            rustls::crypto::ring::Ticketer::new().map_err(TlsFrontError::Ticketer)?;
+        // Each handshake gets the session store and its group's ticket keys; this
+        // edge's own ticket key serves groups whose key servers hand out none.
+        template.ticketer = if sessions.tickets() {
+            rustls::crypto::ring::Ticketer::new().map_err(TlsFrontError::Ticketer)?
+        } else {
+            Arc::new(NoTickets)
+        };
         let default_site = match config.default_site {
             Some(name) => {
                 let site = sites
@@ -168,6 +196,7 @@ impl TlsFront {
             certs: CertStore::new(config.cert_ttl, ctx),
             sites,
             client,
+            sessions,
             default_site,
             metrics,
             handshake_timeout: config.handshake_timeout,
@@ -208,9 +237,13 @@ impl TlsFront {
             let chain = self.chain_for(&name, source, prefs, &at).await?;
             let permit = self.remote_permit(&name, &at)?;
             let ticketer = group.ticketer();
-            Ok::<_, Refusal>((name, site, chain, permit, ticketer))
+            let sessions =
+                self.sessions
+                    .for_handshake(group.name(), ticketer.clone(), at.deadline.into_std());
+            let ticketer = ticketer.filter(|_| self.sessions.tickets());
+            Ok::<_, Refusal>((name, site, chain, permit, (ticketer, sessions)))
         };
-        let (name, site, chain, permit, ticketer) = match prepared.await {
+        let (name, site, chain, permit, resumption) = match prepared.await {
             Ok(prepared) => prepared,
             Err(Refusal { label, alert: desc }) => {
                 self.count(label, "-");
@@ -219,7 +252,7 @@ impl TlsFront {
             }
         };
         let stream = self
-            .complete(start, &chain, permit, ticketer, &name, &at)
+            .complete(start, &chain, permit, resumption, &name, &at)
             .await?;
         Ok((stream, site))
     }
@@ -343,13 +376,17 @@ impl TlsFront {
 
     /// Lets rustls finish the handshake with `chain`, signing remotely within the
     /// deadline, sealing and opening tickets with the group's shared keys when it has
-    /// some (else this edge's own), and counts the result.
+    /// some (else this edge's own), resuming from the session store, and counts the
+    /// result.
     async fn complete(
         &self,
         start: StartHandshake<TcpStream>,
         chain: &SiteChain,
         permit: OwnedSemaphorePermit,
-        ticketer: Option<Arc<crate::tickets::SharedTicketer>>,
+        (ticketer, sessions): (
+            Option<Arc<crate::tickets::SharedTicketer>>,
+            Arc<HandshakeSessions>,
+        ),
         name: &str,
         at: &Attempt,
     ) -> Result<TlsStream<TcpStream>, HandshakeFailed> {
@@ -359,6 +396,7 @@ impl TlsFront {
         if let Some(t) = ticketer {
             config.ticketer = t;
         }
+        config.session_storage = sessions.clone();
         // rustls signs inside `into_stream` (and, after a HelloRetryRequest, inside the
         // future); the signer waits at most until the deadline.
         let accept = start.into_stream(Arc::new(config));
@@ -374,11 +412,11 @@ impl TlsFront {
                 self.metrics
                     .handshake_seconds
                     .observe(at.started.elapsed().as_secs_f64());
-                let resumed =
-                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-                if resumed {
-                    self.metrics.handshakes_resumed.inc();
-                }
+                let resumed = sessions.resumption(
+                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                );
+                self.sessions.count(resumed);
+                let resumed = resumed.map_or("no", |r| r.label());
                 tracing::debug!(peer = %at.peer, sni = %name, version, resumed, "handshake complete");
                 Ok(stream)
             }
