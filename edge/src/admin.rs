@@ -63,6 +63,7 @@ fn route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> (StatusCod
             if let Some(cache) = cache {
                 cache.maintain();
             }
+            state.keyservers.report_ticket_keys(metrics);
             (StatusCode::OK, metrics.render())
         }
         (&Method::GET, "/healthz") => health(&state.keyservers),

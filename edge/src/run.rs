@@ -65,11 +65,30 @@ pub fn check(config: &Config) -> anyhow::Result<String> {
         .filter(|g| matches!(g.servers, crate::keyserver::ServerSource::Srv { .. }))
         .count();
     Ok(format!(
-        "{} site(s), {} key-server group(s) ({} listed server(s), {srv} by SRV), {cache}",
+        "{} site(s), {} key-server group(s) ({} listed server(s), {srv} by SRV), {cache}, {}",
         config.sites.len(),
         ks.groups.len(),
         ks.static_servers(),
+        sessions_summary(&config.sessions),
     ))
+}
+
+/// How sessions resume, in a few words.
+fn sessions_summary(sessions: &crate::config::SessionsConfig) -> String {
+    let tickets = if sessions.tickets {
+        "tickets on"
+    } else {
+        "tickets off"
+    };
+    match (sessions.redis.len(), sessions.redis_mode) {
+        (0, _) => format!("sessions in memory, {tickets}"),
+        (n, crate::config::RedisMode::Hash) => {
+            format!("sessions in memory and {n} redis server(s) (hash), {tickets}")
+        }
+        (n, crate::config::RedisMode::Cluster) => {
+            format!("sessions in memory and a redis cluster ({n} seed(s)), {tickets}")
+        }
+    }
 }
 
 /// The cache's disk directory can be created and written; a summary.

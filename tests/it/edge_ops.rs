@@ -50,6 +50,18 @@ fn config_test_mode_accepts_the_generated_config_and_names_a_bad_file() -> Resul
             "\n[cache]\npurge_token = \"short\"\n".to_owned(),
             "purge_token",
         ),
+        (
+            "\n[sessions]\nredis = [\"http://127.0.0.1:6379\"]\n".to_owned(),
+            "is not a redis://host:port URL",
+        ),
+        (
+            "\n[sessions]\nwait = \"5s\"\n".to_owned(),
+            "[sessions] wait must be between 1ms and 1s",
+        ),
+        (
+            "\n[sessions]\nredis_mode = \"cluster\"\n".to_owned(),
+            "needs at least one redis server",
+        ),
     ] {
         let cache_bad = d.dir().join("edge-cache-bad.toml");
         std::fs::write(&cache_bad, format!("{text}{extra}"))?;
@@ -64,6 +76,20 @@ fn config_test_mode_accepts_the_generated_config_and_names_a_bad_file() -> Resul
     ensure!(
         stdout.contains("cache 256 MiB in memory"),
         "--test should summarize the cache: {stdout}"
+    );
+    ensure!(
+        stdout.contains("sessions in memory, tickets on"),
+        "--test should summarize the session store: {stdout}"
+    );
+    let shared = d.dir().join("edge-sessions.toml");
+    std::fs::write(
+        &shared,
+        format!("{text}\n[sessions]\ntickets = false\nredis = [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n"),
+    )?;
+    let stdout = String::from_utf8_lossy(&check_edge_config(&shared)?.stdout).into_owned();
+    ensure!(
+        stdout.contains("sessions in memory and 2 redis server(s) (hash), tickets off"),
+        "--test should summarize the shared session store: {stdout}"
     );
     Ok(())
 }

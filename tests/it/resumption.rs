@@ -69,6 +69,33 @@ fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Re
         keyless_tests::metric_sum(&metrics, "keyless_edge_handshakes_resumed_total", &[]) >= 2.0,
         "resumptions not counted on edge B:\n{metrics}"
     );
+    ensure!(
+        keyless_tests::metric_sum(
+            &metrics,
+            "keyless_edge_resumptions_total",
+            &[("kind", "ticket")]
+        ) >= 2.0,
+        "ticket resumptions not counted by kind on edge B:\n{metrics}"
+    );
+    // Both edges seal with the same group key, and say which.
+    let sealing_key = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("keyless_edge_ticket_key{") && l.ends_with(" 1"))
+            .map(str::to_owned)
+    };
+    let on_b = sealing_key(&metrics).context("edge B reports no ticket key")?;
+    ensure!(
+        on_b.contains("group=\"default\"") && on_b.contains("id=\""),
+        "{on_b}"
+    );
+    ensure!(
+        sealing_key(&s.edge.metrics_text()?) == Some(on_b.clone()),
+        "edges A and B seal with different keys"
+    );
+    ensure!(
+        metrics.contains("keyless_edge_ticket_key_age_seconds{group=\"default\"}"),
+        "no ticket key age:\n{metrics}"
+    );
     Ok(())
 }
 

@@ -308,6 +308,30 @@ impl KeyServerClient {
         self.order.iter().filter_map(|n| self.groups.get(n))
     }
 
+    /// Sets the ticket-key gauges: per group, the id and age of the key that seals new
+    /// tickets now (a group with none has no series).
+    pub fn report_ticket_keys(&self, metrics: &crate::metrics::Metrics) {
+        use crate::metrics::{GroupLabels, TicketKeyLabels};
+        metrics.ticket_key.clear();
+        metrics.ticket_key_age.clear();
+        for g in self.groups() {
+            if let Some((id, age)) = g.group.ticketer.current() {
+                let group = g.name().to_owned();
+                metrics
+                    .ticket_key
+                    .get_or_create(&TicketKeyLabels {
+                        group: group.clone(),
+                        id: hex::encode(id),
+                    })
+                    .set(1);
+                metrics
+                    .ticket_key_age
+                    .get_or_create(&GroupLabels { group })
+                    .set(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     /// What `/healthz` reports, one line each: groups with no server up (their sites
     /// fail closed) and edge certificates close to expiry without renewal.
     pub fn problems(&self) -> Vec<String> {
