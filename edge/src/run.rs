@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::admin::AdminState;
 use crate::cache::Cache;
-use crate::config::{CacheConfig, Config, MAX_CONCURRENT_OPS_LIMIT};
+use crate::config::{CacheConfig, Config, MAX_CONCURRENT_OPS_LIMIT, MAX_PENDING_SESSIONS_LIMIT};
 use crate::keyserver::{ClientConfig, KeyServerClient};
 use crate::metrics::Metrics;
 use crate::serve::{HttpFront, Listeners};
@@ -38,13 +38,14 @@ pub enum Stop {
     Now,
 }
 
-/// The runtime the edge serves on. Waiting remote signatures take blocking threads
-/// (`block_in_place`); the configuration bounds them to half of the pool.
+/// The runtime the edge serves on. Waiting remote signatures and session lookups take
+/// blocking threads (`block_in_place`); the configuration bounds them to half of the
+/// pool.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyless-edge")
-        .max_blocking_threads(2 * MAX_CONCURRENT_OPS_LIMIT)
+        .max_blocking_threads(2 * (MAX_CONCURRENT_OPS_LIMIT + MAX_PENDING_SESSIONS_LIMIT))
         .build()
 }
 

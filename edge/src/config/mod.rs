@@ -95,6 +95,9 @@ pub struct ListenConfig {
 /// Largest `[keyserver] max_concurrent_ops`: half of tokio's blocking pool (512
 /// threads), leaving the rest to the disk cache and DNS.
 pub const MAX_CONCURRENT_OPS_LIMIT: usize = 256;
+/// Largest `[sessions] max_pending`: each session lookup waiting for Redis holds a
+/// thread too (the runtime's blocking pool has room for both bounds and more).
+pub const MAX_PENDING_SESSIONS_LIMIT: usize = 256;
 
 /// `[dns]`.
 #[derive(Debug, Clone, Default, Deserialize)]

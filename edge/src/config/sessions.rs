@@ -78,6 +78,12 @@ impl SessionsConfig {
         if self.lifetime < Duration::from_secs(1) || self.lifetime > Duration::from_secs(86_400) {
             return Some("[sessions] lifetime must be between 1s and 24h".into());
         }
+        if self.max_pending.get() > super::MAX_PENDING_SESSIONS_LIMIT {
+            return Some(format!(
+                "[sessions] max_pending is at most {} (each waiting lookup holds a thread)",
+                super::MAX_PENDING_SESSIONS_LIMIT
+            ));
+        }
         if self.redis_mode == RedisMode::Cluster && self.redis.is_empty() {
             return Some(
                 "[sessions] redis_mode = \"cluster\" needs at least one redis server".into(),
