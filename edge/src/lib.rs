@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod run;
 pub mod serve;
 pub mod sessions;
+mod side_runtime;
 pub mod sites;
 pub mod tickets;
 pub mod tls;

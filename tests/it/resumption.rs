@@ -2,6 +2,7 @@
 //! on another edge of the group (real `openssl s_client -sess_out` / `-sess_in`), with
 //! no key-server operation for the resumed handshake.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -19,6 +20,47 @@ pub(crate) fn wait_for_ticket_keys(edge: &Edge) -> Result<()> {
 
 const REQUEST: &str = "GET / HTTP/1.0\r\nHost: example.com\r\n\r\n";
 
+/// A full handshake with [`SITE`] on `edge` over `version` (verified, answered), its
+/// session saved as `path` (`s_client -sess_out`).
+pub(crate) fn save_session(edge: &Edge, version: TlsVersion, path: &Path) -> Result<()> {
+    edge.s_client(SITE)
+        .tls(version)
+        .input(REQUEST)
+        .arg("-ign_eof")
+        .arg("-sess_out")
+        .arg(path)
+        .run()?
+        .expect_verified()
+        .with_context(|| format!("full handshake over {version:?}"))?;
+    ensure!(path.is_file(), "s_client wrote no session");
+    Ok(())
+}
+
+/// Offers the session saved as `path` to `edge` (`s_client -sess_in`); the handshake
+/// must succeed. Whether it resumed, and the output.
+pub(crate) fn offer_session(
+    edge: &Edge,
+    version: TlsVersion,
+    path: &Path,
+) -> Result<(bool, String)> {
+    let out = edge
+        .s_client(SITE)
+        .tls(version)
+        .input(REQUEST)
+        .arg("-ign_eof")
+        .arg("-sess_in")
+        .arg(path)
+        .run()?;
+    out.expect_verified()
+        .with_context(|| format!("handshake offering a {version:?} session"))?;
+    let text = out.text();
+    ensure!(
+        text.contains("hello from"),
+        "no answer over the connection:\n{text}"
+    );
+    Ok((text.contains("Reused,"), text))
+}
+
 #[test]
 fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Result<()> {
     let s = StackBuilder::default().start()?;
@@ -27,36 +69,13 @@ fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Re
     wait_for_ticket_keys(&b)?;
     for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
         let session = s.deployment.dir().join(format!("session-{version:?}.pem"));
-        let full = s
-            .edge
-            .s_client(SITE)
-            .tls(version)
-            .input(REQUEST)
-            .arg("-ign_eof")
-            .arg("-sess_out")
-            .arg(&session)
-            .run()?;
-        full.expect_verified()
-            .with_context(|| format!("full handshake on edge A over {version:?}"))?;
-        ensure!(session.is_file(), "s_client wrote no session");
+        save_session(&s.edge, version, &session).context("edge A")?;
         let ops_before = s.key_ops()?;
         let started = Instant::now();
-        let resumed = b
-            .s_client(SITE)
-            .tls(version)
-            .input(REQUEST)
-            .arg("-ign_eof")
-            .arg("-sess_in")
-            .arg(&session)
-            .run()?;
-        let text = resumed.text();
+        let (resumed, text) = offer_session(&b, version, &session)?;
         ensure!(
-            text.contains("Reused,"),
+            resumed,
             "edge B did not resume edge A's {version:?} session:\n{text}"
-        );
-        ensure!(
-            text.contains("hello from"),
-            "no answer over the resumed session:\n{text}"
         );
         ensure!(
             s.key_ops()? == ops_before,
@@ -100,33 +119,15 @@ fn a_ticket_from_edge_a_resumes_on_edge_b_without_a_key_server_operation() -> Re
 }
 
 /// Makes a TLS 1.3 session on `edge` and saves it as `name`.
-fn session_from(s: &Stack, edge: &Edge, name: &str) -> Result<std::path::PathBuf> {
+fn session_from(s: &Stack, edge: &Edge, name: &str) -> Result<PathBuf> {
     let session = s.deployment.dir().join(name);
-    edge.s_client(SITE)
-        .tls(TlsVersion::Tls13)
-        .input(REQUEST)
-        .arg("-ign_eof")
-        .arg("-sess_out")
-        .arg(&session)
-        .run()?
-        .expect_verified()
-        .context("full handshake")?;
+    save_session(edge, TlsVersion::Tls13, &session)?;
     Ok(session)
 }
 
-/// Offers `session` to `edge`: whether it was resumed (the handshake must succeed).
-fn resumes(edge: &Edge, session: &std::path::Path) -> Result<bool> {
-    let out = edge
-        .s_client(SITE)
-        .tls(TlsVersion::Tls13)
-        .input(REQUEST)
-        .arg("-ign_eof")
-        .arg("-sess_in")
-        .arg(session)
-        .run()?;
-    out.expect_verified()
-        .context("handshake offering a session")?;
-    Ok(out.text().contains("Reused,"))
+/// Offers a TLS 1.3 `session` to `edge`: whether it was resumed.
+fn resumes(edge: &Edge, session: &Path) -> Result<bool> {
+    Ok(offer_session(edge, TlsVersion::Tls13, session)?.0)
 }
 
 #[test]

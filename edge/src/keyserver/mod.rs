@@ -35,6 +35,7 @@ use keyless_shared::{ErrorCode, Operation};
 use rustls_pki_types::ServerName;
 
 use crate::config::{DnsConfig, Protocol};
+use crate::side_runtime::{wait_blocking, SideRuntime};
 use group::Group;
 
 pub use identity::IdentityError;
@@ -212,22 +213,6 @@ impl TlsSource {
     }
 }
 
-/// Owns the key-server runtime; every [`KeyGroup`] holds it.
-struct Runtime {
-    /// Always `Some` until drop.
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: tokio::runtime::Handle,
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        // `shutdown_background` may be called from async code, unlike dropping.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 /// The key-server groups, their probes and discovery, on their own runtime.
 pub struct KeyServerClient {
     groups: HashMap<String, KeyGroup>,
@@ -239,15 +224,7 @@ impl KeyServerClient {
     /// Creates the groups, starts the runtime, the probes and SRV discovery;
     /// connections are opened by the first probe or request.
     pub fn new(config: ClientConfig) -> std::io::Result<KeyServerClient> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.settings.io_threads.max(1))
-            .thread_name("keyless-ks")
-            .enable_all()
-            .build()?;
-        let rt = Arc::new(Runtime {
-            handle: runtime.handle().clone(),
-            runtime: Some(runtime),
-        });
+        let rt = Arc::new(SideRuntime::new("keyless-ks", config.settings.io_threads)?);
         let settings = Arc::new(config.settings);
         let mut groups = HashMap::new();
         let mut order = Vec::new();
@@ -343,7 +320,7 @@ impl KeyServerClient {
 #[derive(Clone)]
 pub struct KeyGroup {
     group: Arc<Group>,
-    rt: Arc<Runtime>,
+    rt: Arc<SideRuntime>,
 }
 
 impl std::fmt::Debug for KeyGroup {
@@ -423,16 +400,7 @@ impl KeyGroup {
         self.rt.handle.spawn(async move {
             let _ = tx.send(group.call(op, deadline).await);
         });
-        let wait = || rx.recv_timeout(budget(deadline));
-        let received = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            // Outside tokio, or on a current-thread runtime (where `block_in_place`
-            // panics): the key-server runtime is separate, so waiting here cannot
-            // deadlock it.
-            _ => wait(),
-        };
+        let received = wait_blocking(|| rx.recv_timeout(budget(deadline)));
         match received {
             Ok(result) => result,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ClientError::Timeout(allowed)),

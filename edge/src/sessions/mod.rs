@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::SessionsConfig;
 use crate::metrics::{Metrics, ResumptionLabels, SessionOpLabels};
+use crate::side_runtime::{wait_blocking, SideRuntime};
 use crate::tickets::SharedTicketer;
 use redis::Remote;
 use seal::Sealer;
@@ -69,25 +70,12 @@ impl std::fmt::Debug for SessionStore {
 /// Redis, its runtime and its bounds.
 struct RemoteStore {
     backend: Arc<Remote>,
-    runtime: StoreRuntime,
+    /// One thread: Redis I/O never waits for a handshake thread, and a hung Redis
+    /// never holds one past the wait.
+    runtime: SideRuntime,
     permits: Arc<Semaphore>,
     wait: Duration,
     prefix: String,
-}
-
-/// Owns the store's runtime (one thread): Redis I/O never waits for a handshake
-/// thread, and a hung Redis never holds one past the wait.
-struct StoreRuntime {
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: tokio::runtime::Handle,
-}
-
-impl Drop for StoreRuntime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
 }
 
 /// Why the store could not be set up.
@@ -111,22 +99,15 @@ impl SessionStore {
         let remote = if config.redis.is_empty() {
             None
         } else {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("keyless-sessions")
-                .enable_all()
-                .build()
-                .map_err(SessionStoreError::Runtime)?;
+            let runtime =
+                SideRuntime::new("keyless-sessions", 1).map_err(SessionStoreError::Runtime)?;
             let backend = {
-                let _enter = runtime.enter();
+                let _enter = runtime.handle.enter();
                 Remote::new(config).map_err(SessionStoreError::Redis)?
             };
             Some(RemoteStore {
                 backend: Arc::new(backend),
-                runtime: StoreRuntime {
-                    handle: runtime.handle().clone(),
-                    runtime: Some(runtime),
-                },
+                runtime,
                 permits: Arc::new(Semaphore::new(config.max_pending.get())),
                 wait: config.wait,
                 prefix: config.key_prefix.clone(),
@@ -290,13 +271,7 @@ impl HandshakeSessions {
             let _ = tx.send(answer);
         });
         // The task ends by itself at `wait`; a little more covers its scheduling.
-        let recv = || rx.recv_timeout(wait + Duration::from_millis(5));
-        let received = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(recv)
-            }
-            _ => recv(),
-        };
+        let received = wait_blocking(|| rx.recv_timeout(wait + Duration::from_millis(5)));
         match received {
             Ok(Ok(Ok(value))) => Some(value),
             Ok(Ok(Err(e))) => {
