@@ -29,8 +29,9 @@ const MONTHS: [&[u8]; 12] = [
 /// (`Sun, 06 Nov 1994 08:49:37 GMT`), the obsolete RFC 850 form
 /// (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime (`Sun Nov  6 08:49:37 1994`).
 ///
-/// Names are case-sensitive as in the grammar; the day name must be a valid one but is
-/// not checked against the date. A two-digit RFC 850 year more than 50 years in the
+/// Names (days, months, `GMT`) match case-insensitively, as RFC 9111 §4.2 asks of a
+/// cache (the grammar is case-sensitive, senders are not always); the day name must be
+/// a valid one but is not checked against the date. A two-digit RFC 850 year more than 50 years in the
 /// future is taken as the most recent past year with those digits (§5.6.7). Seconds
 /// `60` (leap second) and dates before 1970 are rejected.
 pub fn parse_http_date(v: &HeaderValue) -> Option<SystemTime> {
@@ -76,7 +77,7 @@ fn parse_imf_fixdate(s: &[u8]) -> Option<Civil> {
         return None;
     }
     let (day_name, rest) = s.split_at_checked(3)?;
-    if !DAYS.contains(&day_name) {
+    if !is_one_of(&DAYS, day_name) {
         return None;
     }
     let rest = rest.strip_prefix(b", ")?;
@@ -88,7 +89,7 @@ fn parse_rfc850(s: &[u8]) -> Option<Civil> {
     // "Sunday, 06-Nov-94 08:49:37 GMT"
     let comma = s.iter().position(|&b| b == b',')?;
     let (day_name, rest) = s.split_at_checked(comma)?;
-    if !LONG_DAYS.contains(&day_name) {
+    if !is_one_of(&LONG_DAYS, day_name) {
         return None;
     }
     let rest = rest.strip_prefix(b", ")?;
@@ -115,7 +116,8 @@ fn date_time_gmt(
     let (year, rest) = digits(rest, year_digits)?;
     let rest = rest.strip_prefix(b" ")?;
     let (h, m, sec, rest) = time_of_day(rest)?;
-    (rest == b" GMT").then_some((day, month, year, h, m, sec))
+    rest.eq_ignore_ascii_case(b" GMT")
+        .then_some((day, month, year, h, m, sec))
 }
 
 fn parse_asctime(s: &[u8]) -> Option<Civil> {
@@ -124,7 +126,7 @@ fn parse_asctime(s: &[u8]) -> Option<Civil> {
         return None;
     }
     let (day_name, rest) = s.split_at_checked(3)?;
-    if !DAYS.contains(&day_name) {
+    if !is_one_of(&DAYS, day_name) {
         return None;
     }
     let rest = rest.strip_prefix(b" ")?;
@@ -144,6 +146,11 @@ fn parse_asctime(s: &[u8]) -> Option<Civil> {
     Some((i64::from(year), month, day, h, m, sec))
 }
 
+/// Whether `name` is one of `names`, ignoring ASCII case.
+fn is_one_of(names: &[&[u8]], name: &[u8]) -> bool {
+    names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
 /// `n` ASCII digits at the start of `s`, as a number, and the rest.
 fn digits(s: &[u8], n: usize) -> Option<(u32, &[u8])> {
     let (d, rest) = s.split_at_checked(n)?;
@@ -159,7 +166,7 @@ fn digits(s: &[u8], n: usize) -> Option<(u32, &[u8])> {
 
 fn month(s: &[u8]) -> Option<(u32, &[u8])> {
     let (m, rest) = s.split_at_checked(3)?;
-    let idx = MONTHS.iter().position(|&x| x == m)?;
+    let idx = MONTHS.iter().position(|x| x.eq_ignore_ascii_case(m))?;
     Some((u32::try_from(idx).ok()? + 1, rest))
 }
 
@@ -246,6 +253,10 @@ mod tests {
             ("RFC 850", "Sunday, 06-Nov-94 08:49:37 GMT"),
             ("asctime", "Sun Nov  6 08:49:37 1994"),
             ("optional whitespace", "  Sun, 06 Nov 1994 08:49:37 GMT "),
+            // RFC 9111 §4.2: a cache matches the names case-insensitively.
+            ("lowercase names", "sun, 06 nov 1994 08:49:37 gmt"),
+            ("uppercase names", "SUNDAY, 06-NOV-94 08:49:37 GMT"),
+            ("mixed-case asctime", "sUN nOV  6 08:49:37 1994"),
         ] {
             assert_eq!(parse_http_date(&hv(s)), Some(want), "{name}: {s:?}");
         }
@@ -253,7 +264,7 @@ mod tests {
 
     #[test]
     fn http_date_rejects_invalid() {
-        let cases: [(&str, &[u8]); 20] = [
+        let cases: [(&str, &[u8]); 19] = [
             ("empty", b""),
             ("not a date", b"yesterday"),
             ("zone not GMT", b"Sun, 06 Nov 1994 08:49:37 UTC"),
@@ -265,7 +276,6 @@ mod tests {
             ("leap second", b"Sun, 06 Nov 1994 08:49:60 GMT"),
             ("before 1970", b"Sun, 06 Nov 1969 08:49:37 GMT"),
             ("unknown day name", b"Xyz, 06 Nov 1994 08:49:37 GMT"),
-            ("lowercase month", b"Sun, 06 nov 1994 08:49:37 GMT"),
             ("trailing garbage", b"Sun, 06 Nov 1994 08:49:37 GMTX"),
             ("non-digit day", b"Sun, 0a Nov 1994 08:49:37 GMT"),
             ("truncated", b"Sun, 06 Nov 1994 08:49:3"),

@@ -7,51 +7,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Result};
 use keyless_tests::{http_date, Scripted};
 
-use crate::cache_support::{cache_stack, default_stack, ok, sleep_ms, CacheStack, Resp};
+use crate::cache_support::{
+    assert_never_stored, assert_stored_then_hit, cache_stack, default_stack, expect_miss, ok,
+    sleep_ms,
+};
 
 const DAY: Duration = Duration::from_secs(86_400);
-
-/// Fails unless this is a forwarded miss (`fwd=miss` or `fwd=uri-miss`).
-fn expect_miss(r: &Resp) -> Result<()> {
-    let cs = r.cs();
-    ensure!(
-        !cs.hit() && matches!(cs.fwd(), Some("miss" | "uri-miss")),
-        "expected a miss, got {}",
-        r.show()
-    );
-    Ok(())
-}
-
-/// GETs `path` twice; both must reach the origin with `body`, neither stored.
-fn assert_never_stored(s: &CacheStack, path: &str, status: u16, body: &str) -> Result<()> {
-    for _ in 0..2 {
-        let r = s.get(path)?;
-        r.expect(status, body)?
-            .expect_forwarded()?
-            .expect_not_stored()?;
-    }
-    ensure!(
-        s.origin_count(path)? == 2,
-        "{path}: the origin saw {} requests, expected 2",
-        s.origin_count(path)?
-    );
-    Ok(())
-}
-
-/// GETs `path` twice: a stored miss, then a hit the origin never sees.
-fn assert_stored_then_hit(s: &CacheStack, path: &str, status: u16, body: &str) -> Result<Resp> {
-    let first = s.get(path)?;
-    first.expect(status, body)?.expect_stored()?;
-    expect_miss(&first)?;
-    let second = s.get(path)?;
-    second.expect(status, body)?.expect_hit()?;
-    ensure!(
-        s.origin_count(path)? == 1,
-        "{path}: the origin saw {} requests, expected 1",
-        s.origin_count(path)?
-    );
-    Ok(second)
-}
 
 #[test]
 fn no_store_response_is_never_stored() -> Result<()> {

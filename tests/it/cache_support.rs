@@ -481,6 +481,58 @@ impl CacheStatus {
     }
 }
 
+/// Fails unless this is a forwarded miss (`fwd=miss` or `fwd=uri-miss`).
+pub(crate) fn expect_miss(r: &Resp) -> Result<()> {
+    let cs = r.cs();
+    ensure!(
+        !cs.hit() && matches!(cs.fwd(), Some("miss" | "uri-miss")),
+        "expected a miss, got {}",
+        r.show()
+    );
+    Ok(())
+}
+
+/// GETs `path` twice; both must reach the origin with `body`, neither stored.
+pub(crate) fn assert_never_stored(
+    s: &CacheStack,
+    path: &str,
+    status: u16,
+    body: &str,
+) -> Result<()> {
+    for _ in 0..2 {
+        let r = s.get(path)?;
+        r.expect(status, body)?
+            .expect_forwarded()?
+            .expect_not_stored()?;
+    }
+    ensure!(
+        s.origin_count(path)? == 2,
+        "{path}: the origin saw {} requests, expected 2",
+        s.origin_count(path)?
+    );
+    Ok(())
+}
+
+/// GETs `path` twice: a stored miss, then a hit the origin never sees.
+pub(crate) fn assert_stored_then_hit(
+    s: &CacheStack,
+    path: &str,
+    status: u16,
+    body: &str,
+) -> Result<Resp> {
+    let first = s.get(path)?;
+    first.expect(status, body)?.expect_stored()?;
+    expect_miss(&first)?;
+    let second = s.get(path)?;
+    second.expect(status, body)?.expect_hit()?;
+    ensure!(
+        s.origin_count(path)? == 1,
+        "{path}: the origin saw {} requests, expected 1",
+        s.origin_count(path)?
+    );
+    Ok(second)
+}
+
 /// A `Scripted` 200 with `Cache-Control: CC` and `body`.
 pub(crate) fn ok(cc: &str, body: &str) -> Scripted {
     Scripted::new(200).header("Cache-Control", cc).body(body)

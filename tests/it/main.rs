@@ -4,6 +4,7 @@
 
 mod auth;
 mod cache_purge;
+mod cache_rfc;
 mod cache_safety;
 mod cache_semantics;
 mod cache_stale;

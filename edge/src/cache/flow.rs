@@ -494,7 +494,12 @@ fn not_storable(
         .not_storable(status, headers, &info.headers, &info.directives)
         .or_else(|| useless(&policy, headers))
         .or_else(|| {
-            (info.set_cookie == SetCookiePolicy::Never && sets_cookie(headers))
+            // A cookie named by a qualified `private` is left out of the stored copy.
+            let cookie_private = policy
+                .directives
+                .private_fields
+                .contains(&header::SET_COOKIE);
+            (info.set_cookie == SetCookiePolicy::Never && sets_cookie(headers) && !cookie_private)
                 .then_some("set-cookie")
         })
 }
@@ -639,9 +644,12 @@ fn store(
     let (parts, body) = response.into_parts();
     let mut stored_headers = parts.headers.clone();
     // `store_set_cookie = "strip"`: the client that fetched it keeps its cookie, the
-    // stored copy has none.
+    // stored copy has none. Likewise the fields a qualified `private` names.
     stored_headers.remove(header::SET_COOKIE);
     stored_headers.remove(&SET_COOKIE2);
+    for name in &policy.directives.private_fields {
+        stored_headers.remove(name);
+    }
     let template = CachedObject {
         key,
         status: parts.status,

@@ -13,9 +13,14 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName};
+use http::{header, HeaderMap, HeaderName};
 
 use crate::sites::Site;
+
+/// Request fields whose value is a list of preferences in which order, case and
+/// whitespace do not change what the client accepts (its q-values do): a `Vary` on them
+/// matches requests whose lists differ only so.
+static NEGOTIATION_LISTS: [HeaderName; 2] = [header::ACCEPT_ENCODING, header::ACCEPT_LANGUAGE];
 
 /// Separates `key_headers` values from the URL.
 const KEY_HEADER_SEP: char = '\n';
@@ -110,18 +115,25 @@ impl PrimaryKey {
             }
             key.push_str(name.as_str());
             // The request's value of the field: its lines combined, whitespace around
-            // commas normalized (RFC 9111 §4.1).
-            let mut first = true;
-            for v in headers.get_all(name) {
-                for part in v.as_bytes().split(|&b| b == b',') {
-                    if !first {
-                        ctx.update(b",");
-                    }
-                    first = false;
-                    ctx.update(part.trim_ascii());
+            // commas normalized (RFC 9111 §4.1); for the negotiation lists, members
+            // also compared without order, case or inner whitespace.
+            let mut members: Vec<Vec<u8>> = headers
+                .get_all(name)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .map(|part| part.trim_ascii().to_vec())
+                .collect();
+            if NEGOTIATION_LISTS.contains(name) {
+                for m in &mut members {
+                    m.retain(|b| !b.is_ascii_whitespace());
+                    m.make_ascii_lowercase();
                 }
+                members.retain(|m| !m.is_empty());
+                members.sort();
             }
-            ctx.update(if first { b"\x01" } else { b"\x00" });
+            ctx.update(&members.join(&b","[..]));
+            let present = headers.contains_key(name);
+            ctx.update(if present { b"\x00" } else { b"\x01" });
         }
         key.push(VARY_SEP);
         for b in ctx.finish().as_ref().iter().take(16) {
@@ -293,5 +305,46 @@ mod tests {
         assert!(unvaried.vary_names().is_empty());
         assert_eq!(CacheKey::from_stored(unvaried.as_str()), unvaried);
         assert_eq!(CacheKey::from_stored("https://x/ab").url(), "https://x/ab");
+    }
+
+    #[test]
+    fn negotiation_lists_match_in_any_order_case_or_spacing() {
+        let primary = PrimaryKey::new(&site(&[], false), "https", "x", "/a", &headers(&[]));
+        let lang = vec![HeaderName::from_static("accept-language")];
+        let key =
+            |name: &[HeaderName], pairs: &[(&str, &str)]| primary.variant(name, &headers(pairs));
+        let base = key(&lang, &[("accept-language", "en-US, fr;q=0.8")]);
+        for same in [
+            "fr;q=0.8, en-US",
+            "EN-us,FR; q=0.8",
+            " en-US ,  fr ; q=0.8 ",
+        ] {
+            assert_eq!(key(&lang, &[("accept-language", same)]), base, "{same:?}");
+        }
+        // Two field lines are one list.
+        assert_eq!(
+            key(
+                &lang,
+                &[
+                    ("accept-language", "fr;q=0.8"),
+                    ("accept-language", "en-us")
+                ]
+            ),
+            base
+        );
+        // Other q-values or languages are another variant.
+        assert_ne!(key(&lang, &[("accept-language", "en-US, fr;q=0.9")]), base);
+        assert_ne!(key(&lang, &[("accept-language", "en-US")]), base);
+        let enc = vec![HeaderName::from_static("accept-encoding")];
+        assert_eq!(
+            key(&enc, &[("accept-encoding", "gzip, br")]),
+            key(&enc, &[("accept-encoding", "BR,gzip")])
+        );
+        // Other fields keep their order and case.
+        let other = vec![HeaderName::from_static("x-flavour")];
+        assert_ne!(
+            key(&other, &[("x-flavour", "a, b")]),
+            key(&other, &[("x-flavour", "b, a")])
+        );
     }
 }

@@ -67,8 +67,15 @@ pub(crate) struct Directives {
     /// `no-cache` (qualified forms are treated as unqualified, which RFC 9111
     /// §5.2.2.4 allows).
     pub no_cache: bool,
-    /// `private` (qualified forms treated as unqualified: a shared cache stores none).
+    /// `private` without field names: a shared cache stores nothing.
     pub private: bool,
+    /// The field names of a qualified `private="..."`: a shared cache may store the
+    /// response without them (RFC 9111 §5.2.2.7).
+    pub private_fields: Vec<HeaderName>,
+    /// `must-understand`: store only statuses whose caching rules this cache knows.
+    pub must_understand: bool,
+    /// `immutable` (RFC 8246): the response will not change while fresh.
+    pub immutable: bool,
     /// `public`.
     pub public: bool,
     /// `must-revalidate`.
@@ -109,7 +116,12 @@ impl Directives {
         match name {
             "no-store" => self.no_store = true,
             "no-cache" => self.no_cache = true,
-            "private" => self.private = true,
+            "private" => match arg.map(field_names) {
+                Some(names) if !names.is_empty() => self.private_fields.extend(names),
+                _ => self.private = true,
+            },
+            "must-understand" => self.must_understand = true,
+            "immutable" => self.immutable = true,
             "public" => self.public = true,
             "must-revalidate" => self.must_revalidate = true,
             "proxy-revalidate" => self.proxy_revalidate = true,
@@ -126,6 +138,19 @@ impl Directives {
             _ => {}
         }
     }
+}
+
+/// The field names of a qualified directive (`"set-cookie, x-user"`); a name that is not
+/// a field name makes the whole list count as none (the directive then applies to the
+/// whole response, the safe reading).
+fn field_names(list: &str) -> Vec<HeaderName> {
+    let names: Option<Vec<HeaderName>> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    names.unwrap_or_default()
 }
 
 /// Splits `a, b=1, c="x, y"` into (lowercase name, unquoted argument) pairs. Malformed
@@ -214,7 +239,73 @@ pub(crate) fn cache_control(headers: &HeaderMap) -> Directives {
     d
 }
 
-/// Statuses this cache stores (it does not store 206 or 304, nor 1xx).
+/// `CDN-Cache-Control` (RFC 9213), a Structured Fields Dictionary: a field that does
+/// not parse is ignored as a whole, a directive this cache does not know or whose value
+/// has the wrong type alone. `None` — the field absent, unparsable, or with no directive
+/// left — lets `Cache-Control` govern.
+fn cdn_directives(headers: &HeaderMap) -> Option<Directives> {
+    let mut joined = Vec::new();
+    for (i, v) in headers.get_all(&CDN_CACHE_CONTROL).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if joined.is_empty() {
+        return None;
+    }
+    let dict: sfv::Dictionary = sfv::Parser::new(&joined).parse().ok()?;
+    let mut d = Directives::default();
+    let mut any = false;
+    for (key, entry) in &dict {
+        let sfv::ListEntry::Item(item) = entry else {
+            continue;
+        };
+        any |= d.apply_structured(key.as_str(), &item.bare_item);
+    }
+    any.then_some(d)
+}
+
+impl Directives {
+    /// Applies one `CDN-Cache-Control` member; whether it was understood.
+    fn apply_structured(&mut self, name: &str, value: &sfv::BareItem) -> bool {
+        let flag = match value {
+            sfv::BareItem::Boolean(b) => Some(*b),
+            _ => None,
+        };
+        let secs = match value {
+            sfv::BareItem::Integer(i) => u64::try_from(i64::from(*i))
+                .ok()
+                .map(|v| Delta::Secs(v.min(DELTA_MAX))),
+            _ => None,
+        };
+        let set = |field: &mut bool| flag.map(|f| *field = f).is_some();
+        let delta = |field: &mut Delta| secs.map(|v| *field = v).is_some();
+        match name {
+            "no-store" => set(&mut self.no_store),
+            "no-cache" => set(&mut self.no_cache),
+            "public" => set(&mut self.public),
+            "must-revalidate" => set(&mut self.must_revalidate),
+            "proxy-revalidate" => set(&mut self.proxy_revalidate),
+            "must-understand" => set(&mut self.must_understand),
+            "immutable" => set(&mut self.immutable),
+            "private" => match value {
+                sfv::BareItem::String(list) => {
+                    self.private_fields.extend(field_names(list.as_str()));
+                    true
+                }
+                _ => set(&mut self.private),
+            },
+            "max-age" => delta(&mut self.max_age),
+            "s-maxage" => delta(&mut self.s_maxage),
+            "stale-while-revalidate" => delta(&mut self.stale_while_revalidate),
+            "stale-if-error" => delta(&mut self.stale_if_error),
+            _ => false,
+        }
+    }
+}
+
+/// Statuses whose caching rules this cache implements (`must-understand`).
 fn understood(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
@@ -242,7 +333,7 @@ pub(crate) struct StaleDefaults {
 /// What this cache knows of a stored (or storable) response's caching rules.
 #[derive(Clone, Debug)]
 pub(crate) struct ResponsePolicy {
-    /// The governing directives: `CDN-Cache-Control` when present, else
+    /// The governing directives: `CDN-Cache-Control` when present and usable, else
     /// `Cache-Control` (+ `Pragma: no-cache` when it has none).
     pub directives: Directives,
     /// Whether `CDN-Cache-Control` governs (then `Expires` is ignored too).
@@ -270,13 +361,9 @@ impl ResponsePolicy {
         response_time: SystemTime,
         defaults: StaleDefaults,
     ) -> ResponsePolicy {
-        let cdn_values = headers.get_all(&CDN_CACHE_CONTROL);
-        let cdn = cdn_values.iter().next().is_some();
-        let directives = if cdn {
-            Directives::parse(cdn_values)
-        } else {
-            cache_control(headers)
-        };
+        let cdn_directives = cdn_directives(headers);
+        let cdn = cdn_directives.is_some();
+        let directives = cdn_directives.unwrap_or_else(|| cache_control(headers));
         let date = date_value(headers).unwrap_or(response_time);
         let (lifetime, heuristic) = freshness_lifetime(status, headers, &directives, cdn, date);
         let no_stale = directives.must_revalidate
@@ -322,7 +409,16 @@ impl ResponsePolicy {
         if request_directives.no_store {
             return Some("request no-store");
         }
-        if !understood(status) {
+        // RFC 9111 §3: any final status may be stored (206 and 304 are answers to
+        // this request, never stored); with `must-understand`, only those whose
+        // caching rules this cache knows.
+        if status.is_informational()
+            || matches!(
+                status,
+                StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
+            )
+            || (d.must_understand && !understood(status))
+        {
             return Some("status");
         }
         if d.no_store {
@@ -418,6 +514,14 @@ pub(crate) fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
     Some(names)
 }
 
+/// The `Age` a response arrived with (RFC 9111 §5.1): of a list (or several lines), the
+/// first member; a value that is not a non-negative integer (`3s`, `-1`, `1.5`) is
+/// ignored.
+pub(crate) fn age_value(headers: &HeaderMap) -> Option<u64> {
+    let first = headers.get(header::AGE)?.to_str().ok()?.split(',').next()?;
+    parse_delta(first.trim())
+}
+
 /// The current age of a stored response (RFC 9111 §4.2.3), whole seconds.
 pub(crate) fn current_age(
     headers: &HeaderMap,
@@ -426,11 +530,7 @@ pub(crate) fn current_age(
     now: SystemTime,
 ) -> Duration {
     let date = date_value(headers).unwrap_or(response_time);
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_delta(v.trim()))
-        .map_or(Duration::ZERO, Duration::from_secs);
+    let age_value = age_value(headers).map_or(Duration::ZERO, Duration::from_secs);
     let apparent_age = response_time.duration_since(date).unwrap_or(Duration::ZERO);
     let response_delay = response_time
         .duration_since(request_time)
@@ -465,8 +565,12 @@ pub(crate) fn usability(policy: &ResponsePolicy, age: Duration, req: &Directives
     let lifetime = policy.lifetime;
     let fresh = age < lifetime;
     if fresh {
-        let too_old = matches!(req.max_age, Delta::Secs(m) if age > Duration::from_secs(m))
-            || req.max_age == Delta::Invalid;
+        // RFC 8246: an `immutable` response does not change while it is fresh, so a
+        // browser reload's `max-age=0` is answered from the cache; a forced reload
+        // (`no-cache`, above) still revalidates.
+        let too_old = !policy.directives.immutable
+            && (matches!(req.max_age, Delta::Secs(m) if age > Duration::from_secs(m))
+                || req.max_age == Delta::Invalid);
         let not_fresh_enough = match req.min_fresh {
             Delta::Secs(m) => lifetime - age < Duration::from_secs(m),
             _ => false,
@@ -665,6 +769,8 @@ mod tests {
             p.not_storable(StatusCode::FOUND, &HeaderMap::new(), &req, &none),
             Some("no freshness")
         );
+        // Any final status with no freshness: not stored; with explicit freshness:
+        // stored, unless must-understand names a status this cache does not know.
         assert_eq!(
             p.not_storable(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -672,7 +778,55 @@ mod tests {
                 &req,
                 &none
             ),
+            Some("no freshness")
+        );
+        let explicit = policy(&[("cache-control", "max-age=60")]);
+        for status in [
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert_eq!(
+                explicit.not_storable(status, &HeaderMap::new(), &req, &none),
+                None
+            );
+        }
+        let must = policy(&[("cache-control", "max-age=60, must-understand")]);
+        assert_eq!(
+            must.not_storable(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &HeaderMap::new(),
+                &req,
+                &none
+            ),
             Some("status")
+        );
+        assert_eq!(
+            must.not_storable(StatusCode::OK, &HeaderMap::new(), &req, &none),
+            None
+        );
+        for status in [
+            StatusCode::PARTIAL_CONTENT,
+            StatusCode::NOT_MODIFIED,
+            StatusCode::CONTINUE,
+        ] {
+            assert_eq!(
+                explicit.not_storable(status, &HeaderMap::new(), &req, &none),
+                Some("status"),
+                "{status}"
+            );
+        }
+        // A qualified private names fields to leave out, not the whole response.
+        let fields = policy(&[(
+            "cache-control",
+            "private=\"set-cookie, x-user\", max-age=60",
+        )]);
+        assert_eq!(
+            fields.not_storable(StatusCode::OK, &HeaderMap::new(), &req, &none),
+            None
+        );
+        assert_eq!(
+            fields.directives.private_fields,
+            vec![header::SET_COOKIE, HeaderName::from_static("x-user")]
         );
         let vary_star = headers(&[("vary", "accept, *")]);
         assert_eq!(
@@ -764,5 +918,84 @@ mod tests {
         assert_eq!(names.len(), 2);
         assert_eq!(names[0].as_str(), "accept-encoding");
         assert!(vary_names(&headers(&[("vary", "*")])).is_none());
+    }
+
+    #[test]
+    fn cdn_cache_control_is_a_structured_dictionary() {
+        // Governs when it parses and has a directive this cache knows.
+        let p = policy(&[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "max-age=600, stale-if-error=30"),
+        ]);
+        assert!(p.cdn);
+        assert_eq!(p.lifetime, Duration::from_secs(600));
+        assert_eq!(p.stale_if_error, Duration::from_secs(30));
+        // A value of the wrong type, or an unknown directive, is ignored alone.
+        for cdn in [
+            "max-age=\"600\"",
+            "max-age=1.5",
+            "max-age=-1",
+            "foo=3",
+            "max-age=(1 2)",
+        ] {
+            let p = policy(&[("cache-control", "max-age=60"), ("cdn-cache-control", cdn)]);
+            assert!(!p.cdn, "{cdn}");
+            assert_eq!(p.lifetime, Duration::from_secs(60), "{cdn}");
+        }
+        let p = policy(&[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "max-age=abc, no-store"),
+        ]);
+        assert!(p.cdn, "max-age=abc is a token: ignored, no-store stays");
+        assert!(p.directives.no_store);
+        // A field that does not parse is ignored as a whole.
+        for cdn in [
+            "max-age=600,",
+            "Max-Age=600",
+            "max-age=600 no-store",
+            "max-age=\"x",
+        ] {
+            let p = policy(&[("cache-control", "max-age=60"), ("cdn-cache-control", cdn)]);
+            assert!(!p.cdn, "{cdn:?}");
+            assert_eq!(p.lifetime, Duration::from_secs(60), "{cdn:?}");
+        }
+        // Booleans: bare, ?1, ?0.
+        let p = policy(&[("cdn-cache-control", "no-store=?0, public, max-age=5")]);
+        assert!(!p.directives.no_store && p.directives.public);
+    }
+
+    #[test]
+    fn age_is_the_first_member_and_junk_is_ignored() {
+        let age = |v: &str| age_value(&headers(&[("age", v)]));
+        assert_eq!(age("30"), Some(30));
+        assert_eq!(age(" 30 "), Some(30));
+        assert_eq!(age("30, 7200"), Some(30));
+        assert_eq!(age("3s"), None);
+        assert_eq!(age("-1"), None);
+        assert_eq!(age("1.5"), None);
+        assert_eq!(age("99999999999999999999"), Some(DELTA_MAX));
+        let two_lines = headers(&[("age", "40"), ("age", "7200")]);
+        assert_eq!(age_value(&two_lines), Some(40));
+    }
+
+    #[test]
+    fn immutable_answers_a_reload_while_fresh() {
+        let p = policy(&[("cache-control", "max-age=100, immutable")]);
+        let req = |v: &str| cache_control(&headers(&[("cache-control", v)]));
+        let young = Duration::from_secs(50);
+        assert_eq!(usability(&p, young, &req("max-age=0")), Usability::Fresh);
+        assert_eq!(
+            usability(&p, young, &req("no-cache")),
+            Usability::Revalidate
+        );
+        assert_eq!(
+            usability(&p, Duration::from_secs(150), &req("max-age=0")),
+            Usability::Revalidate
+        );
+        let plain = policy(&[("cache-control", "max-age=100")]);
+        assert_eq!(
+            usability(&plain, young, &req("max-age=0")),
+            Usability::Revalidate
+        );
     }
 }
