@@ -242,7 +242,7 @@ impl Req<'_> {
                 out.stderr
             );
         }
-        let headers = parse_head(&head);
+        let (headers, informational) = parse_head(&head);
         let body = if self.method.as_deref() == Some("HEAD") {
             Vec::new()
         } else {
@@ -252,6 +252,7 @@ impl Req<'_> {
             status: out.status,
             http_version: out.http_version.clone(),
             headers,
+            informational,
             body,
             exit_code: out.exit_code,
             elapsed: out.elapsed,
@@ -260,9 +261,11 @@ impl Req<'_> {
     }
 }
 
-/// The header fields of the last non-1xx response in curl's `-D` output.
-fn parse_head(text: &str) -> Vec<(String, String)> {
+/// The header fields of the last non-1xx response in curl's `-D` output, and the
+/// statuses of the 1xx responses before it.
+fn parse_head(text: &str) -> (Vec<(String, String)>, Vec<u16>) {
     let mut blocks: Vec<Vec<(String, String)>> = Vec::new();
+    let mut interim = Vec::new();
     let mut current: Option<Vec<(String, String)>> = None;
     let mut informational = false;
     for line in text.lines() {
@@ -273,10 +276,11 @@ fn parse_head(text: &str) -> Vec<(String, String)> {
                     blocks.push(b);
                 }
             }
-            informational = line
-                .split_whitespace()
-                .nth(1)
-                .is_some_and(|s| s.starts_with('1'));
+            let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+            informational = status.is_some_and(|s: u16| (100..200).contains(&s));
+            if informational {
+                interim.extend(status);
+            }
             current = Some(Vec::new());
         } else if let (Some(b), Some((k, v))) = (current.as_mut(), line.split_once(':')) {
             b.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
@@ -287,7 +291,7 @@ fn parse_head(text: &str) -> Vec<(String, String)> {
             blocks.push(b);
         }
     }
-    blocks.pop().unwrap_or_default()
+    (blocks.pop().unwrap_or_default(), interim)
 }
 
 /// What the client got.
@@ -297,6 +301,8 @@ pub(crate) struct Resp {
     pub(crate) http_version: String,
     /// Names lowercase, in order.
     pub(crate) headers: Vec<(String, String)>,
+    /// Statuses of the informational (1xx) responses before the final one.
+    pub(crate) informational: Vec<u16>,
     pub(crate) body: Vec<u8>,
     pub(crate) exit_code: Option<i32>,
     pub(crate) elapsed: Duration,

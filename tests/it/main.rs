@@ -24,6 +24,7 @@ mod enroll_edge;
 mod enroll_keyserver;
 mod errors;
 mod fleet;
+mod interim;
 mod keyserver_drain;
 mod keyserver_hardening;
 mod keyserver_rotation;
