@@ -200,7 +200,7 @@ pub(crate) fn run(args: EdgeArgs) -> Result<bool> {
 
     // Every side must present the site's ECDSA P-256 certificate over TLS 1.3 and
     // answer with the origin's body, or the comparison means nothing.
-    let ecdsa_leaf = site_leaf(&setup.deployment, DOMAIN)?;
+    let ecdsa_leaf = site_leaf(&setup.deployment, DOMAIN, "ecdsa")?;
     for t in &setup.targets {
         let probe = runtime
             .block_on(client.probe(t.addr))
@@ -511,9 +511,10 @@ fn path_arg(path: &Path) -> Result<String> {
         .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
-/// DER of the ECDSA P-256 leaf certificate of `domain`, a site of the deployment.
-pub(crate) fn site_leaf(deployment: &Deployment, domain: &str) -> Result<Vec<u8>> {
-    let path = deployment.keys_dir().join(format!("{domain}-ecdsa.crt"));
+/// DER of the leaf certificate of `domain` (a site of the deployment) for its `key`
+/// (`ecdsa` or `rsa`, the stem of its files).
+pub(crate) fn site_leaf(deployment: &Deployment, domain: &str, key: &str) -> Result<Vec<u8>> {
+    let path = deployment.keys_dir().join(format!("{domain}-{key}.crt"));
     let cert = CertificateDer::pem_file_iter(&path)
         .ok()
         .and_then(|mut it| it.next())

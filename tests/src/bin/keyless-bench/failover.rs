@@ -187,7 +187,7 @@ pub(crate) fn run(args: FailoverArgs) -> Result<bool> {
     runtime
         .block_on(client.probe(edge_addr))
         .context("probing the edge")?
-        .check("edge", &site_leaf(&deployment, DOMAIN)?)?;
+        .check("edge", &site_leaf(&deployment, DOMAIN, "ecdsa")?)?;
     ensure!(
         edge_says_up(edge_admin, victim.addr)? == Some(true),
         "the edge does not export keyless_edge_keyserver_up = 1 for {}",

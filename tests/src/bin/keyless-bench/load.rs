@@ -19,11 +19,12 @@ use tokio_rustls::TlsConnector;
 use crate::{cpu_seconds, MEASURING, STOPPED, WARMING, WARMUP};
 
 /// The one request of each connection.
-const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n";
+pub(crate) const REQUEST: &[u8] =
+    b"GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n";
 /// What the test origin answers to `GET /`.
 pub(crate) const EXPECTED_BODY: &str = "hello from origin";
 /// Deadline of one connection (connect, handshake, request, response).
-const ITERATION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ITERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed iteration, so a dead server is not hammered in a hot loop.
 pub(crate) const ERROR_PAUSE: Duration = Duration::from_millis(10);
 
@@ -31,6 +32,19 @@ pub(crate) const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// site CA as the only root, and no resumption (every handshake is a full one, so the
 /// server signs each time).
 pub(crate) fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let roots = site_roots(ca)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// The certificates of the PEM file `ca` (the deployment's site CA) as trust anchors.
+pub(crate) fn site_roots(ca: &Path) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -40,14 +54,7 @@ pub(crate) fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
             .add(cert)
             .map_err(|e| anyhow!("{}: unusable CA certificate: {e}", ca.display()))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+    Ok(roots)
 }
 
 /// The client side of one benchmark target.
@@ -216,7 +223,7 @@ impl Client {
 
 /// Reads to the end of the stream. A close without `close_notify` after some data
 /// counts as the end (the response is checked separately).
-async fn read_response<S: AsyncReadExt + Unpin>(stream: &mut S) -> Result<Vec<u8>> {
+pub(crate) async fn read_response<S: AsyncReadExt + Unpin>(stream: &mut S) -> Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     match stream.read_to_end(&mut buf).await {
         Ok(_) => Ok(buf),
@@ -225,7 +232,7 @@ async fn read_response<S: AsyncReadExt + Unpin>(stream: &mut S) -> Result<Vec<u8
     }
 }
 
-fn check_response(response: &[u8]) -> Result<(), String> {
+pub(crate) fn check_response(response: &[u8]) -> Result<(), String> {
     let text = String::from_utf8_lossy(response);
     if text.starts_with("HTTP/1.1 200") && text.contains(EXPECTED_BODY) {
         return Ok(());

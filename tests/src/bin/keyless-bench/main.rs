@@ -10,7 +10,9 @@
 //!   servers, one of them killed (SIGKILL) halfway: failures, rate and p99 before and
 //!   after;
 //! - `cache`: HTTPS keep-alive requests/s for a cached object through the edge against
-//!   nginx with `proxy_cache`, both driven by wrk.
+//!   nginx with `proxy_cache`, both driven by wrk;
+//! - `resume`: resumed handshakes/s through the edge (TLS 1.3 tickets; TLS 1.2 session
+//!   ids found in Redis by a second edge) against full keyless handshakes.
 #![forbid(unsafe_code)]
 
 mod cache;
@@ -21,6 +23,7 @@ mod load;
 mod overload;
 mod procs;
 mod reference;
+mod resume;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -55,6 +58,10 @@ enum Command {
     /// HTTPS keep-alive requests/s for a cached 1 KiB and 1 MiB object through the
     /// edge vs nginx with proxy_cache (same certificate, origin, wrk and connections).
     Cache(cache::CacheArgs),
+    /// Resumed handshakes/s through the edge vs full keyless handshakes in the same run:
+    /// TLS 1.3 session tickets, and TLS 1.2 session ids made on one edge and resumed on
+    /// another through Redis; the two ratios against their targets.
+    Resume(resume::ResumeArgs),
     /// The local-key reference server of `edge` (started by `edge` itself).
     #[command(hide = true)]
     ReferenceServer(reference::ReferenceArgs),
@@ -75,6 +82,7 @@ fn main() -> ExitCode {
         Command::Edge(args) => edge::run(args),
         Command::Failover(args) => failover::run(args),
         Command::Cache(args) => cache::run(args),
+        Command::Resume(args) => resume::run(args),
         Command::ReferenceServer(args) => reference::run(args).map(|()| true),
     };
     match result {
