@@ -344,3 +344,36 @@ fn client_without_sni_gets_the_default_site_or_handshake_failure() -> Result<()>
     })?;
     Ok(())
 }
+
+#[test]
+fn the_edge_prefers_sha256_suites_over_the_clients_aes_256() -> Result<()> {
+    let s = stack()?;
+    // OpenSSL lists TLS_AES_256_GCM_SHA384 first; the edge's order wins.
+    for (version, want) in [
+        (TlsVersion::Tls13, "TLS_AES_128_GCM_SHA256"),
+        (TlsVersion::Tls12, "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ] {
+        let out = s.edge.s_client(SITE).tls(version).run()?;
+        out.expect_verified()?;
+        let text = out.text();
+        ensure!(
+            text.contains(&format!("Cipher is {want}")),
+            "{version:?}: expected {want}:\n{text}"
+        );
+    }
+    // A client that offers only AES-256-GCM still gets it.
+    let out = s
+        .edge
+        .s_client(SITE)
+        .tls(TlsVersion::Tls13)
+        .arg("-ciphersuites")
+        .arg("TLS_AES_256_GCM_SHA384")
+        .run()?;
+    out.expect_verified()?;
+    ensure!(
+        out.text().contains("Cipher is TLS_AES_256_GCM_SHA384"),
+        "{}",
+        out.text()
+    );
+    Ok(())
+}
