@@ -402,6 +402,33 @@ fn report(setup: &mut Setup, signs: u64, ops: &[u64], strict: bool) -> Result<bo
     Ok(pass || !strict)
 }
 
+/// For benchmarks whose client shares the machine's cores with the servers: refuses a
+/// debug build of keyless-bench (its client would take their CPU), then builds the
+/// release binaries.
+pub(crate) fn release_client_and_build() -> Result<()> {
+    ensure!(
+        !cfg!(debug_assertions),
+        "this is a debug build of keyless-bench, whose client would be slow; run it with \
+         --release"
+    );
+    eprintln!("building the release key server, edge and test origin (cargo build --release)...");
+    build_release()
+}
+
+/// Prints where a benchmark's deployment is and the processes it started.
+pub(crate) fn print_deployment(dir: &Path, procs: &[Proc], logs: &Path) {
+    let described: Vec<String> = procs
+        .iter()
+        .map(|p| format!("{} pid {}", p.name(), p.pid()))
+        .collect();
+    eprintln!(
+        "deployment {} ({}); logs in {}",
+        dir.display(),
+        described.join(", "),
+        logs.display()
+    );
+}
+
 /// Builds the release binaries this benchmark starts (a no-op when they are fresh).
 pub(crate) fn build_release() -> Result<()> {
     // keyless-origin and keyless-certs, honouring KEYLESS_TESTS_NO_BUILD.
@@ -491,17 +518,7 @@ fn start(args: &EdgeArgs) -> Result<Setup> {
         let side = vec![setup.pid_index(name)];
         setup.targets.push(Target::new(name, addr, side));
     }
-    let described: Vec<String> = setup
-        .procs
-        .iter()
-        .map(|p| format!("{} pid {}", p.name(), p.pid()))
-        .collect();
-    eprintln!(
-        "deployment {} ({}); logs in {}",
-        dir.display(),
-        described.join(", "),
-        logs.display()
-    );
+    print_deployment(&dir, &setup.procs, &logs);
     Ok(setup)
 }
 

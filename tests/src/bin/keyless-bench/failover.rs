@@ -22,7 +22,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use keyless_tests::{http_get, keyserver_ops_ok};
 
-use crate::edge::{build_release, site_leaf};
+use crate::edge::{release_client_and_build, site_leaf};
 use crate::load::{self, Client, ERROR_PAUSE};
 use crate::procs::{start_edge_stack, EdgeStack, StackKeyServer};
 use crate::{percentile, WARMUP};
@@ -141,13 +141,7 @@ pub(crate) fn run(args: FailoverArgs) -> Result<bool> {
             && args.probe_interval_ms > 0,
         "every option must be positive"
     );
-    ensure!(
-        !cfg!(debug_assertions),
-        "this is a debug build of keyless-bench, whose client would be slow; run it with \
-         --release"
-    );
-    eprintln!("building the release key server, edge and test origin (cargo build --release)...");
-    build_release()?;
+    release_client_and_build()?;
     let timeout = format!("{}ms", args.timeout_ms);
     let probe_interval = format!("{}ms", args.probe_interval_ms);
     let EdgeStack {

@@ -42,7 +42,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::edge::{build_release, site_leaf};
+use crate::edge::{print_deployment, release_client_and_build, site_leaf};
 use crate::load::{self, Client, Sample, ERROR_PAUSE};
 use crate::procs::{find_program, start_edge_stack, EdgeStack, Proc};
 use crate::{cpu_seconds, percentile, MEASURING, STOPPED, WARMING, WARMUP};
@@ -359,15 +359,7 @@ pub(crate) fn run(args: ResumeArgs) -> Result<bool> {
         args.seconds > 0 && args.concurrency > 0 && args.rounds > 0 && args.client_threads > 0,
         "--seconds, --concurrency, --rounds and --client-threads must be positive"
     );
-    // The client shares the machine's cores with the servers: a debug build of it
-    // would take their CPU.
-    ensure!(
-        !cfg!(debug_assertions),
-        "this is a debug build of keyless-bench, whose client would be slow; run it with \
-         --release"
-    );
-    eprintln!("building the release key server, edge and test origin (cargo build --release)...");
-    build_release()?;
+    release_client_and_build()?;
     let mut setup = start()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads)

@@ -244,16 +244,6 @@ pub(super) fn start() -> Result<Setup> {
         edge_a,
         edge_b,
     };
-    let described: Vec<String> = setup
-        .procs
-        .iter()
-        .map(|p| format!("{} pid {}", p.name(), p.pid()))
-        .collect();
-    eprintln!(
-        "deployment {} ({}); logs in {}",
-        dir.display(),
-        described.join(", "),
-        logs.display()
-    );
+    print_deployment(&dir, &setup.procs, &logs);
     Ok(setup)
 }
