@@ -259,27 +259,18 @@ impl HandshakeSessions {
         let (tx, rx) = mpsc::sync_channel(1);
         let timer = self.store.metrics.clone();
         remote.runtime.handle.spawn(async move {
-            let started = Instant::now();
-            let answer = tokio::time::timeout(wait, request).await;
-            if let Ok(Ok(_)) = &answer {
-                timer
-                    .session_store_seconds
-                    .get_or_create(&SessionOpLabels { op })
-                    .observe(started.elapsed().as_secs_f64());
-            }
+            let answer = timed(&timer, op, wait, request).await;
             drop(permit);
             let _ = tx.send(answer);
         });
         // The task ends by itself at `wait`; a little more covers its scheduling.
-        let received = wait_blocking(|| rx.recv_timeout(wait + Duration::from_millis(5)));
-        match received {
-            Ok(Ok(Ok(value))) => Some(value),
-            Ok(Ok(Err(e))) => {
-                tracing::debug!(op, error = %e, "session store: redis failed");
-                metrics.session_op(op, "error");
+        match wait_blocking(|| rx.recv_timeout(wait + Duration::from_millis(5))) {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(result)) => {
+                metrics.session_op(op, result);
                 None
             }
-            Ok(Err(_)) | Err(_) => {
+            Err(_) => {
                 metrics.session_op(op, "timeout");
                 None
             }
@@ -299,30 +290,43 @@ impl HandshakeSessions {
         let key = self.redis_key(remote, session);
         let backend = remote.backend.clone();
         remote.runtime.handle.spawn(async move {
-            let started = Instant::now();
             let request = async {
                 match entry {
                     Some((value, ttl)) => backend.put(&key, &value, ttl).await,
                     None => backend.delete(&key).await,
                 }
             };
-            let result = match tokio::time::timeout(RESPONSE_DEADLINE, request).await {
-                Ok(Ok(())) => {
-                    metrics
-                        .session_store_seconds
-                        .get_or_create(&SessionOpLabels { op })
-                        .observe(started.elapsed().as_secs_f64());
-                    "stored"
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(op, error = %e, "session store: redis failed");
-                    "error"
-                }
-                Err(_) => "timeout",
-            };
+            let result = timed(&metrics, op, RESPONSE_DEADLINE, request)
+                .await
+                .map_or_else(|failure| failure, |()| "stored");
             metrics.session_op(op, result);
             drop(permit);
         });
+    }
+}
+
+/// Runs `request` within `deadline`, recording its round trip when it succeeds; a
+/// failure is its result label (`error`, `timeout`).
+async fn timed<T>(
+    metrics: &Metrics,
+    op: &'static str,
+    deadline: Duration,
+    request: impl Future<Output = ::redis::RedisResult<T>>,
+) -> Result<T, &'static str> {
+    let started = Instant::now();
+    match tokio::time::timeout(deadline, request).await {
+        Ok(Ok(value)) => {
+            metrics
+                .session_store_seconds
+                .get_or_create(&SessionOpLabels { op })
+                .observe(started.elapsed().as_secs_f64());
+            Ok(value)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(op, error = %e, "session store: redis failed");
+            Err("error")
+        }
+        Err(_) => Err("timeout"),
     }
 }
 
@@ -332,13 +336,11 @@ const RESPONSE_DEADLINE: Duration = Duration::from_secs(1);
 impl StoresServerSessions for HandshakeSessions {
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
         if self.store.remote.is_some() {
-            match self.sealer() {
-                Some(sealer) => {
-                    match sealer.seal(&key, &value, self.store.lifetime, SystemTime::now()) {
-                        Some(entry) => self.send("put", &key, Some(entry)),
-                        None => self.store.metrics.session_op("put", "no-key"),
-                    }
-                }
+            let sealed = self.sealer().and_then(|sealer| {
+                sealer.seal(&key, &value, self.store.lifetime, SystemTime::now())
+            });
+            match sealed {
+                Some(entry) => self.send("put", &key, Some(entry)),
                 None => self.store.metrics.session_op("put", "no-key"),
             }
         }
