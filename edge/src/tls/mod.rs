@@ -67,8 +67,9 @@ impl ProducesTickets for NoTickets {
 /// TLS 1.3 and 1.2. Every client offers the first two; their SHA-256 key schedule has
 /// CPU instructions (SHA-NI, ARMv8) that the SHA-384 of AES-256-GCM lacks, and OpenSSL
 /// and rustls clients list AES-256-GCM first: every handshake, full or resumed, then
-/// costs less. All are AEADs with forward-secret key exchange.
-fn preferred_suites() -> Vec<rustls::SupportedCipherSuite> {
+/// costs less. All are AEADs with forward-secret key exchange. (Public so that the
+/// benchmarks' reference server uses the same order.)
+pub fn preferred_suites() -> Vec<rustls::SupportedCipherSuite> {
     use rustls::crypto::ring::cipher_suite as cs;
     vec![
         cs::TLS13_AES_128_GCM_SHA256,

@@ -82,7 +82,10 @@ pub(crate) fn run(args: ReferenceArgs) -> Result<()> {
     ensure!(!certs.is_empty(), "{}: no certificate", args.cert.display());
     let key = PrivateKeyDer::from_pem_file(&args.key)
         .map_err(|e| anyhow!("{}: {e}", args.key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The edge's cipher suites and order, so that both sides run the same key schedule.
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = keyless_edge::tls::preferred_suites();
+    let provider = Arc::new(provider);
     let mut signing_key = provider
         .key_provider
         .load_private_key(key)
@@ -99,6 +102,7 @@ pub(crate) fn run(args: ReferenceArgs) -> Result<()> {
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
     config.session_storage = ServerSessionMemoryCache::new(100_000);
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
 

@@ -207,6 +207,10 @@ pub(super) fn nginx_config(
          \x20       ssl_certificate {cert};\n\
          \x20       ssl_certificate_key {key};\n\
          \x20       ssl_protocols TLSv1.3 TLSv1.2;\n\
+         \x20       # The edge's cipher order, over the client's, as the edge does.\n\
+         \x20       ssl_prefer_server_ciphers on;\n\
+         \x20       ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384;\n\
+         \x20       ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384;\n\
          \x20       ssl_session_cache shared:SSL:10m;\n\
          \x20       location / {{\n\
          \x20           proxy_pass http://test_origin;\n\
