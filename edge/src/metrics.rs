@@ -187,6 +187,9 @@ pub struct Metrics {
     pub cache_stores: Counter,
     /// Objects removed through the purge API.
     pub cache_purged: Counter,
+    /// Reads of stored objects that found one, by tier (a disk read includes the file
+    /// read and its checksum).
+    pub cache_read_seconds: Family<TierLabels, Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -236,6 +239,7 @@ impl Metrics {
             cache_coalesced: Counter::default(),
             cache_stores: Counter::default(),
             cache_purged: Counter::default(),
+            cache_read_seconds: Family::new_with_constructor(latency),
         };
         // The exposition lists metrics in registration order: keep these calls in order.
         m.register_tls();
@@ -380,6 +384,11 @@ impl Metrics {
             "keyless_edge_cache_purged",
             "Objects removed through the purge API",
             self.cache_purged.clone(),
+        );
+        r.register(
+            "keyless_edge_cache_read_seconds",
+            "Time to read a stored object, by tier (disk: file read and checksum)",
+            self.cache_read_seconds.clone(),
         );
     }
 

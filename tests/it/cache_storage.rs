@@ -166,6 +166,10 @@ fn disk_tier_survives_a_restart() -> Result<()> {
         s.origin_count("/a")? == 1,
         "the restarted edge asked the origin"
     );
+    ensure!(
+        s.metric("keyless_edge_cache_read_seconds_count", &[("tier", "disk")])? == 1.0,
+        "the disk read was not timed"
+    );
     Ok(())
 }
 

@@ -279,9 +279,14 @@ impl Cache {
         };
         let key = primary.variant(&names, headers);
         for (i, tier) in self.tiers.iter().enumerate() {
+            let started = std::time::Instant::now();
             let Some(entry) = tier.get(key.as_str()).await else {
                 continue;
             };
+            self.metrics
+                .cache_read_seconds
+                .get_or_create(&TierLabels { tier: tier.tier() })
+                .observe(started.elapsed().as_secs_f64());
             if i > 0 && entry.obj.weight() <= self.max_object_bytes {
                 for faster in &self.tiers[..i] {
                     if let Some(write) = faster.clone().put(entry.clone()) {
