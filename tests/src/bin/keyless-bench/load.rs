@@ -14,13 +14,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::{cpu_seconds, MEASURING, STOPPED, WARMING, WARMUP};
 
 /// The one request of each connection.
-pub(crate) const REQUEST: &[u8] =
-    b"GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n";
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n";
 /// What the test origin answers to `GET /`.
 pub(crate) const EXPECTED_BODY: &str = "hello from origin";
 /// Deadline of one connection (connect, handshake, request, response).
@@ -196,29 +196,46 @@ impl Client {
 
     /// One connection; returns the handshake latency (connect start to handshake done).
     async fn once(&self, addr: SocketAddr) -> Result<Duration, String> {
-        let t0 = Instant::now();
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let mut tls = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        let handshake = t0.elapsed();
-        tls.write_all(REQUEST)
-            .await
-            .map_err(|e| format!("sending the request: {e}"))?;
-        tls.flush()
-            .await
-            .map_err(|e| format!("sending the request: {e}"))?;
+        let (mut tls, handshake) = handshake(&self.connector, &self.server_name, addr).await?;
+        send_request(&mut tls, addr).await?;
         let response = read_response(&mut tls)
             .await
             .map_err(|e| format!("{e:#}"))?;
         check_response(&response)?;
         Ok(handshake)
     }
+}
+
+/// A new TCP connection to `addr` (no Nagle) and its TLS handshake as `name`; the
+/// stream and the time from connect start to handshake done.
+pub(crate) async fn handshake(
+    connector: &TlsConnector,
+    name: &ServerName<'static>,
+    addr: SocketAddr,
+) -> Result<(TlsStream<TcpStream>, Duration), String> {
+    let t0 = Instant::now();
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = connector
+        .connect(name.clone(), tcp)
+        .await
+        .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+    Ok((tls, t0.elapsed()))
+}
+
+/// Sends [`REQUEST`] on `tls`.
+pub(crate) async fn send_request(
+    tls: &mut TlsStream<TcpStream>,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    let sent = async {
+        tls.write_all(REQUEST).await?;
+        tls.flush().await
+    };
+    sent.await
+        .map_err(|e| format!("sending the request to {addr}: {e}"))
 }
 
 /// Reads to the end of the stream. A close without `close_notify` after some data

@@ -39,7 +39,6 @@ use rustls::{
     DigitallySignedStruct, HandshakeKind, ProtocolVersion, RootCertStore, SignatureScheme,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::edge::{print_deployment, release_client_and_build, site_leaf};

@@ -41,27 +41,12 @@ impl Visitor {
     /// sends read to the end. Either way TLS 1.3 tickets reach the cache.
     pub(super) async fn visit(&self, addr: SocketAddr) -> Result<Visit, String> {
         let once = async {
-            let t0 = Instant::now();
-            let tcp = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("connect to {addr}: {e}"))?;
-            let _ = tcp.set_nodelay(true);
-            let mut tls = self
-                .connector
-                .connect(self.name.clone(), tcp)
-                .await
-                .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
-            let handshake = t0.elapsed();
+            let (mut tls, handshake) = load::handshake(&self.connector, &self.name, addr).await?;
             let (_, conn) = tls.get_ref();
             let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
             let version = conn.protocol_version();
             if self.request {
-                tls.write_all(load::REQUEST)
-                    .await
-                    .map_err(|e| format!("sending the request to {addr}: {e}"))?;
-                tls.flush()
-                    .await
-                    .map_err(|e| format!("sending the request to {addr}: {e}"))?;
+                load::send_request(&mut tls, addr).await?;
             } else {
                 tls.shutdown()
                     .await
