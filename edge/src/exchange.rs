@@ -21,7 +21,12 @@ use crate::sites::Site;
 
 /// Body of requests and responses on their way through the edge: streamed, never
 /// buffered whole.
-pub type EdgeBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type EdgeBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a body stopped before its end: the peer's transfer failed (hyper), or a stored
+/// body could not be read back (the disk tier). The connection carrying it is cut, so
+/// that the client sees a truncated transfer, never a short body taken for whole.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the edge knows about the client connection a request came on.
 #[derive(Clone, Copy, Debug)]

@@ -190,6 +190,22 @@ pub struct Metrics {
     /// Reads of stored objects that found one, by tier (a disk read includes the file
     /// read and its checksum).
     pub cache_read_seconds: Family<TierLabels, Histogram>,
+    /// Body bytes sent to clients from each tier (`memory`, `disk`) and received from
+    /// origins (`origin`).
+    pub cache_served_bytes: Family<SourceLabels, Counter>,
+    /// Reads of one block (1 MiB) of a large object's file, with its checksum.
+    pub cache_block_read_seconds: Histogram,
+    /// Large objects being written to the disk tier as they stream.
+    pub cache_disk_streams: Gauge,
+    /// Large objects written to the disk tier as they streamed, by result.
+    pub cache_disk_streamed: Family<CacheLabels, Counter>,
+}
+
+/// Where served bytes came from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `memory`, `disk` or `origin`.
+    pub source: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -240,6 +256,10 @@ impl Metrics {
             cache_stores: Counter::default(),
             cache_purged: Counter::default(),
             cache_read_seconds: Family::new_with_constructor(latency),
+            cache_served_bytes: Family::default(),
+            cache_block_read_seconds: latency(),
+            cache_disk_streams: Gauge::default(),
+            cache_disk_streamed: Family::default(),
         };
         // The exposition lists metrics in registration order: keep these calls in order.
         m.register_tls();
@@ -390,6 +410,33 @@ impl Metrics {
             "Time to read a stored object, by tier (disk: file read and checksum)",
             self.cache_read_seconds.clone(),
         );
+        r.register(
+            "keyless_edge_cache_served_bytes",
+            "Body bytes sent to clients from each cache tier (memory, disk) and received from origins (origin)",
+            self.cache_served_bytes.clone(),
+        );
+        r.register(
+            "keyless_edge_cache_disk_block_read_seconds",
+            "Time to read and check one block (1 MiB) of a large object on disk",
+            self.cache_block_read_seconds.clone(),
+        );
+        r.register(
+            "keyless_edge_cache_disk_streams",
+            "Large objects being written to the disk tier as they stream",
+            self.cache_disk_streams.clone(),
+        );
+        r.register(
+            "keyless_edge_cache_disk_streamed",
+            "Large objects streamed to the disk tier, by result (stored, dropped)",
+            self.cache_disk_streamed.clone(),
+        );
+    }
+
+    /// The counter of body bytes served from `source`.
+    pub fn served_bytes(&self, source: &'static str) -> Counter {
+        self.cache_served_bytes
+            .get_or_create(&SourceLabels { source })
+            .clone()
     }
 
     /// Back-pressure on remote private-key operations.

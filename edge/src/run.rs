@@ -108,9 +108,10 @@ fn check_cache(cache: &CacheConfig) -> anyhow::Result<String> {
                 .with_context(|| format!("cache disk_dir {} is not writable", dir.display()))?;
             let _ = std::fs::remove_file(&probe);
             format!(
-                "disk tier {} ({} MiB)",
+                "disk tier {} ({} MiB, objects up to {} MiB streamed)",
                 dir.display(),
-                mib(cache.disk_bytes)
+                mib(cache.disk_bytes),
+                mib(cache.disk_max_object_bytes)
             )
         }
     };
@@ -263,6 +264,7 @@ fn open_cache(config: &CacheConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Op
         memory_bytes = config.memory_bytes,
         disk_dir = ?config.disk_dir,
         disk_bytes = config.disk_dir.as_ref().map(|_| config.disk_bytes),
+        disk_max_object_bytes = config.disk_dir.as_ref().map(|_| config.disk_max_object_bytes),
         "cache ready"
     );
     Ok(Some(Arc::new(cache)))

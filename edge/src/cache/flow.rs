@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -17,14 +17,15 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::conditional::{self, Precondition};
 use super::key::{CacheKey, PrimaryKey};
-use super::object::CachedObject;
-use super::object::Entry;
+use super::object::{concat, CachedObject, Entry, StoredBody};
 use super::policy::{self, Directives, ResponsePolicy, Usability};
 use super::range::{self, RangeAnswer};
+use super::spool::{Growing, Spool};
 use super::{Cache, Flight, FlightGuard, Lookup};
 use crate::config::SetCookiePolicy;
-use crate::exchange::{empty, full, text_response, ClientCtx, EdgeBody, Fetch};
+use crate::exchange::{empty, text_response, BodyError, ClientCtx, EdgeBody, Fetch};
 use crate::sites::Site;
+use prometheus_client::metrics::counter::Counter;
 
 /// This cache's name in `Cache-Status`.
 const CACHE_NAME: &str = "keyless";
@@ -199,7 +200,7 @@ impl Cache {
             ctx,
         };
         match cache.lookup(&info.primary, &info.headers).await {
-            Lookup::Found(entry) => found(scope, req, &info, entry).await,
+            Lookup::Found(entry, tier) => found(scope, req, &info, entry, tier).await,
             Lookup::UriMiss => miss(scope, req, &info, "uri-miss", None).await,
             Lookup::VaryMiss(key) => miss(scope, req, &info, "vary-miss", Some(key)).await,
         }
@@ -246,8 +247,10 @@ async fn found<F: Fetch>(
     req: Held,
     info: &ReqInfo,
     entry: Arc<Entry>,
+    tier: &'static str,
 ) -> Response<EdgeBody> {
     let cache = scope.cache;
+    let served = served_from(cache, &entry, tier);
     let now = SystemTime::now();
     let age = entry.age(now);
     match policy::usability(&entry.policy, age, &info.directives) {
@@ -259,7 +262,7 @@ async fn found<F: Fetch>(
                 } else {
                     "stale"
                 });
-            serve_stored(info, &entry, now, CacheStatus::hit(entry.ttl(now)))
+            serve_stored(info, &entry, now, CacheStatus::hit(entry.ttl(now)), served)
         }
         Usability::StaleWhileRevalidate => {
             cache.metrics().cache_lookup("stale");
@@ -268,7 +271,7 @@ async fn found<F: Fetch>(
                 detail: Some("stale-while-revalidate"),
                 ..CacheStatus::hit(entry.ttl(now))
             };
-            serve_stored(info, &entry, now, status)
+            serve_stored(info, &entry, now, status, served)
         }
         // RFC 9111 §5.2.1.7: a stored response or a 504, never the origin.
         Usability::Revalidate if info.directives.only_if_cached => {
@@ -288,7 +291,7 @@ async fn found<F: Fetch>(
             } else {
                 "stale"
             };
-            revalidate(scope, req, info, entry, fwd).await
+            revalidate(scope, req, info, (entry, served), fwd).await
         }
     }
 }
@@ -407,8 +410,20 @@ async fn coalesce(cache: &Arc<Cache>, info: &ReqInfo, key: &CacheKey) -> Coalesc
             Flight::Leader(g) => return Coalesced::Lead(g),
             Flight::Follower(rx) => rx,
         };
-        let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
-        if let Lookup::Found(entry) = cache.lookup(&info.primary, &info.headers).await {
+        // Until the flight ends, or until its object turns out large and streams to
+        // disk: then this request reads the growing file, or (not usable for it)
+        // goes to the origin on its own.
+        let growing = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|g| g.clone()));
+        if let Some(growing) = growing {
+            return match serve_growing(cache, info, &growing) {
+                Some(response) => Coalesced::Served(response),
+                None => Coalesced::Alone,
+            };
+        }
+        if let Lookup::Found(entry, tier) = cache.lookup(&info.primary, &info.headers).await {
             let now = SystemTime::now();
             let age = entry.age(now);
             if matches!(
@@ -421,7 +436,8 @@ async fn coalesce(cache: &Arc<Cache>, info: &ReqInfo, key: &CacheKey) -> Coalesc
                     collapsed: true,
                     ..CacheStatus::hit(entry.ttl(now))
                 };
-                return Coalesced::Served(serve_stored(info, &entry, now, status));
+                let served = served_from(cache, &entry, tier);
+                return Coalesced::Served(serve_stored(info, &entry, now, status, served));
             }
         }
         if tokio::time::Instant::now() >= deadline {
@@ -429,6 +445,59 @@ async fn coalesce(cache: &Arc<Cache>, info: &ReqInfo, key: &CacheKey) -> Coalesc
         }
     }
     Coalesced::Alone
+}
+
+/// Answers a request coalesced on a large object from its file as it is written,
+/// when the object is usable for it (fresh enough, same `Vary` values).
+fn serve_growing(cache: &Cache, info: &ReqInfo, growing: &Growing) -> Option<Response<EdgeBody>> {
+    let entry = &growing.entry;
+    let names: Vec<HeaderName> = entry.obj.vary.iter().map(|(n, _)| n.clone()).collect();
+    if info.primary.variant(&names, &info.headers).as_str() != entry.obj.key.as_str() {
+        return None;
+    }
+    let now = SystemTime::now();
+    let usable = policy::usability(&entry.policy, entry.age(now), &info.directives);
+    if !matches!(usable, Usability::Fresh | Usability::StaleAccepted) {
+        return None;
+    }
+    cache.metrics().cache_lookup("hit");
+    cache.metrics().cache_coalesced.inc();
+    let status = CacheStatus {
+        collapsed: true,
+        ..CacheStatus::hit(entry.ttl(now))
+    };
+    let mut response = Response::new(counted(
+        growing.body(),
+        cache.metrics().served_bytes("disk"),
+    ));
+    *response.status_mut() = entry.obj.status;
+    *response.headers_mut() = entry.obj.headers.clone();
+    response
+        .headers_mut()
+        .insert(header::AGE, HeaderValue::from(entry.age(now).as_secs()));
+    Some(status.apply(response))
+}
+
+/// The counter of bytes served from `entry` found in `tier`: `disk` when its body is
+/// read from disk as it is served.
+fn served_from(cache: &Cache, entry: &Entry, tier: &'static str) -> Counter {
+    let source = if entry.obj.body.on_disk() {
+        "disk"
+    } else {
+        tier
+    };
+    cache.metrics().served_bytes(source)
+}
+
+/// `body`, its data bytes counted in `counter` as they are sent.
+fn counted(body: EdgeBody, counter: Counter) -> EdgeBody {
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            counter.inc_by(data.len() as u64);
+        }
+        frame
+    })
+    .boxed_unsync()
 }
 
 /// After a range miss answered `206` with `headers`: fetches the whole object in the
@@ -599,13 +668,13 @@ fn storing(
             too_large: false,
         };
     }
-    let too_large = response
+    let length = response
         .body()
         .size_hint()
         .exact()
-        .or_else(|| content_length(response.headers()))
-        .is_some_and(|n| n > cache.max_object_bytes);
-    if too_large {
+        .or_else(|| content_length(response.headers()));
+    let large = length.is_some_and(|n| n > cache.max_object_bytes);
+    if large && !cache.may_stream(length) {
         cache.refuse_fill(&info.primary);
         drop(guard);
         return Storing::Pass {
@@ -654,20 +723,29 @@ fn store(
         key,
         status: parts.status,
         headers: stored_headers,
-        body: Bytes::new(),
+        body: StoredBody::Memory(Bytes::new()),
         request_time,
         response_time,
         vary,
     };
-    let sink = Sink {
+    let mut sink = Sink {
         cache: cache.clone(),
         expected: content_length(&parts.headers),
         template,
         names,
         chunks: Vec::new(),
+        collected: 0,
         len: 0,
-        _flight: guard,
+        spool: None,
+        flight: guard,
     };
+    // Known to be large: streams to disk from its first byte.
+    if sink.expected.is_some_and(|n| n > cache.max_object_bytes) && !sink.spill(None) {
+        return Storing::Pass {
+            response: Response::from_parts(parts, body),
+            too_large: true,
+        };
+    }
     Storing::Store {
         parts,
         body,
@@ -681,7 +759,7 @@ async fn revalidate<F: Fetch>(
     scope: Scope<'_, F>,
     req: Held,
     info: &ReqInfo,
-    entry: Arc<Entry>,
+    (entry, served): (Arc<Entry>, Counter),
     fwd: &'static str,
 ) -> Response<EdgeBody> {
     let Scope {
@@ -709,7 +787,7 @@ async fn revalidate<F: Fetch>(
                 detail: Some("stale-if-error"),
                 ..CacheStatus::default()
             };
-            serve_stored(info, &entry, now, status)
+            serve_stored(info, &entry, now, status, served)
         }
         Err(e) => CacheStatus::fwd(fwd).apply(e.response(site, ctx)),
         Ok(response) if response.status() == StatusCode::NOT_MODIFIED => {
@@ -721,14 +799,14 @@ async fn revalidate<F: Fetch>(
                 ttl: Some(entry.ttl(now)),
                 ..CacheStatus::default()
             };
-            let mut served = serve_stored(info, &entry, now, status);
+            let mut answer = serve_stored(info, &entry, now, status, served);
             // Cookies the 304 set are this client's: passed on, never merged.
             for name in [&header::SET_COOKIE, &SET_COOKIE2] {
                 for v in response.headers().get_all(name) {
-                    served.headers_mut().append(name, v.clone());
+                    answer.headers_mut().append(name, v.clone());
                 }
             }
-            served
+            answer
         }
         Ok(response) if is_error_status(response.status()) && stale_ok => {
             tracing::warn!(key = %info.primary, status = response.status().as_u16(), "origin error; serving stale (stale-if-error)");
@@ -741,7 +819,7 @@ async fn revalidate<F: Fetch>(
                 ..CacheStatus::default()
             };
             drop(response);
-            serve_stored(info, &entry, now, status)
+            serve_stored(info, &entry, now, status, served)
         }
         Ok(response) => {
             let status = CacheStatus {
@@ -994,6 +1072,7 @@ fn serve_stored(
     entry: &Entry,
     now: SystemTime,
     status: CacheStatus,
+    served: Counter,
 ) -> Response<EdgeBody> {
     let obj = &entry.obj;
     let age = HeaderValue::from(entry.age(now).as_secs());
@@ -1020,7 +1099,7 @@ fn serve_stored(
                     let body = if info.method == Method::HEAD {
                         empty()
                     } else {
-                        full(obj.body.clone())
+                        counted(StoredBody::into_body(vec![obj.body.clone()]), served)
                     };
                     (obj.status, body)
                 }
@@ -1037,7 +1116,10 @@ fn serve_stored(
                         headers.insert(header::CONTENT_RANGE, cr);
                     }
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                    (StatusCode::PARTIAL_CONTENT, full(concat(body, len)))
+                    (
+                        StatusCode::PARTIAL_CONTENT,
+                        counted(StoredBody::into_body(body), served),
+                    )
                 }
                 RangeAnswer::Unsatisfiable { content_range } => {
                     headers.insert(header::CONTENT_RANGE, content_range);
@@ -1106,54 +1188,87 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// `parts` (of `len` bytes in all) as one buffer; copied only when there are several.
-fn concat(mut parts: Vec<Bytes>, len: u64) -> Bytes {
-    if parts.len() <= 1 {
-        return parts.pop().unwrap_or_default();
-    }
-    let mut all = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
-    for part in &parts {
-        all.extend_from_slice(part);
-    }
-    all.freeze()
-}
-
-/// Collects a streamed body for the cache and stores the object once it is whole.
+/// Collects a streamed body for the cache and stores the object once it is whole: in
+/// memory up to `max_object_bytes`, then (with a disk tier) streamed to disk.
 struct Sink {
     cache: Arc<Cache>,
     template: CachedObject,
     names: Arc<[HeaderName]>,
     expected: Option<u64>,
+    /// The body so far while it is small enough for memory.
     chunks: Vec<Bytes>,
+    /// Bytes in `chunks`, taken from the cache's collecting budget.
+    collected: u64,
+    /// Body bytes so far.
     len: u64,
+    /// The disk writer, once the body outgrew memory.
+    spool: Option<Spool>,
     /// Held until the object is stored (or given up), so that coalesced requests
-    /// wait for it.
-    _flight: Option<FlightGuard>,
+    /// wait for it; a spool takes it over.
+    flight: Option<FlightGuard>,
 }
 
 impl Sink {
-    /// Adds a chunk; false when the object grew past the size bound, or when the
-    /// bodies being collected by all requests together would exceed the memory tier's
-    /// size (then this one is not stored).
+    /// Ready for the next chunk: always in memory, when the disk writer has room on
+    /// disk. False when the writer is gone (the object will not be stored).
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        match &mut self.spool {
+            Some(spool) => spool.poll_ready(cx),
+            None => Poll::Ready(true),
+        }
+    }
+
+    /// Adds a chunk; false when the object cannot be stored: it grew past the size
+    /// bounds, or the bodies being collected in memory by all requests together would
+    /// exceed the memory tier's size.
     fn push(&mut self, data: &Bytes) -> bool {
         let n = data.len() as u64;
-        if self.len + n > self.cache.max_object_bytes || !self.cache.reserve_collecting(n) {
+        if let Some(spool) = &mut self.spool {
+            self.len += n;
+            return spool.push(data);
+        }
+        if self.len + n > self.cache.max_object_bytes {
+            return self.spill(Some(data));
+        }
+        if !self.cache.reserve_collecting(n) {
             return false;
         }
         self.len += n;
+        self.collected += n;
         self.chunks.push(data.clone());
         true
+    }
+
+    /// The body outgrew memory: what was collected (and `next`) goes to a disk writer
+    /// that takes the rest. False when it cannot (no disk tier, no free slot).
+    fn spill(&mut self, next: Option<&Bytes>) -> bool {
+        let mut first = std::mem::take(&mut self.chunks);
+        first.extend(next.cloned());
+        self.cache.release_collecting(self.collected);
+        self.collected = 0;
+        self.len = first.iter().map(|b| b.len() as u64).sum();
+        let flight = self.flight.take();
+        let names = self.names.clone();
+        self.spool = self
+            .cache
+            .begin_disk_stream(&self.template, names, first, flight);
+        self.spool.is_some()
     }
 
     fn complete(&self) -> bool {
         self.expected.is_some_and(|e| self.len >= e)
     }
 
-    /// Stores the object; false when its body was not whole.
+    /// Stores the object (a disk writer commits it once written); false when its body
+    /// was not whole.
     fn finish(mut self) -> bool {
         if self.expected.is_some_and(|e| e != self.len) {
             tracing::debug!(key = %self.template.key, "body length differs from Content-Length; not stored");
             return false;
+        }
+        if let Some(spool) = self.spool.take() {
+            spool.finish();
+            return true;
         }
         let body = concat(std::mem::take(&mut self.chunks), self.len);
         let mut obj = std::mem::replace(
@@ -1162,22 +1277,22 @@ impl Sink {
                 key: CacheKey::from_stored(""),
                 status: StatusCode::OK,
                 headers: HeaderMap::new(),
-                body: Bytes::new(),
+                body: StoredBody::Memory(Bytes::new()),
                 request_time: SystemTime::UNIX_EPOCH,
                 response_time: SystemTime::UNIX_EPOCH,
                 vary: Vec::new(),
             },
         );
-        obj.body = body;
+        obj.body = StoredBody::Memory(body);
         self.cache.store(obj, self.names.clone());
-        // `_flight` drops here, after the store: waiters find the object.
+        // `flight` drops here, after the store: waiters find the object.
         true
     }
 }
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        self.cache.release_collecting(self.len);
+        self.cache.release_collecting(self.collected);
     }
 }
 
@@ -1191,20 +1306,28 @@ struct StoringBody {
 
 impl Body for StoringBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(sink) = this.sink.as_mut() {
+            match sink.poll_ready(cx) {
+                // The disk lags: the origin's body waits for it.
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(false) => this.sink = None,
+                Poll::Ready(true) => {}
+            }
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     if let Some(sink) = this.sink.as_mut() {
                         if !sink.push(data) {
-                            tracing::debug!(key = %sink.template.key, "object larger than max_object_bytes; not stored");
+                            tracing::debug!(key = %sink.template.key, "object over its size bound; not stored");
                             this.sink = None;
                         }
                     }
@@ -1271,6 +1394,9 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// the transfer) as soon as the object cannot be stored.
 async fn drain_into(mut body: EdgeBody, mut sink: Sink) -> bool {
     loop {
+        if !std::future::poll_fn(|cx| sink.poll_ready(cx)).await {
+            return false;
+        }
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {

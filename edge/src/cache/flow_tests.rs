@@ -9,6 +9,9 @@
 #[path = "testkit.rs"]
 mod testkit;
 
+#[path = "large_tests.rs"]
+mod large_tests;
+
 use std::time::{Duration, Instant};
 
 use testkit::{connect_timeout, Harness, Reply};

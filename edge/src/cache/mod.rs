@@ -13,6 +13,7 @@
 //! [`crate::exchange::Fetch`]. The RFC rules are in
 //! [`policy`], [`conditional`] and [`range`].
 
+mod blocks;
 mod conditional;
 mod disk;
 mod flow;
@@ -20,6 +21,7 @@ mod key;
 mod object;
 mod policy;
 mod range;
+mod spool;
 mod storage;
 
 use std::collections::{HashMap, HashSet};
@@ -36,6 +38,7 @@ use disk::DiskTier;
 use key::{CacheKey, PrimaryKey};
 use object::{CachedObject, Entry};
 use policy::StaleDefaults;
+use spool::{Growing, OnDone, Spool};
 use storage::{DiskStore, MemoryTier, Purge, Storage};
 
 /// How long a "not cacheable" answer exempts its URL from request coalescing.
@@ -51,6 +54,11 @@ const NO_FILL_BYTES: u64 = 4 << 20;
 /// Background full fetches after range misses running at once; a range miss finding
 /// none free fills nothing (a later one will).
 pub const MAX_RANGE_FILLS: usize = 8;
+/// Large objects written to the disk tier at once as they stream; a large response
+/// finding none free passes through uncached. Bounds the disk space taken by objects
+/// not yet committed (and so not yet counted in `disk_bytes`) to this many times
+/// `disk_max_object_bytes`, and the memory of their writers to about 2 MiB each.
+pub const MAX_DISK_STREAMS: usize = 32;
 
 /// URL → the keys stored under it (every `Vary` and `key_headers` variant, in any
 /// tier), so that invalidation and purge by URL touch only that URL's objects. A key
@@ -68,8 +76,8 @@ struct UrlIndex {
 
 /// What a lookup found.
 pub(crate) enum Lookup {
-    /// A stored response for this request's variant.
-    Found(Arc<Entry>),
+    /// A stored response for this request's variant, and the tier that had it.
+    Found(Arc<Entry>, &'static str),
     /// Nothing stored under this URL (`fwd=uri-miss`).
     UriMiss,
     /// Responses stored under this URL, none for this request's `Vary` values
@@ -92,12 +100,16 @@ impl Drop for FlightGuard {
     }
 }
 
+/// What the requests following a fetch watch: nothing until the object turns out
+/// large and streams to disk, then the growing file they read behind the writer.
+pub(crate) type FlightState = Option<Arc<Growing>>;
+
 /// The outcome of [`Cache::join_flight`].
 pub(crate) enum Flight {
     /// This request fetches; others wait for it.
     Leader(FlightGuard),
     /// Another request is fetching: wait on this (it ends when the fetch does).
-    Follower(watch::Receiver<()>),
+    Follower(watch::Receiver<FlightState>),
 }
 
 /// The cache shared by every connection.
@@ -120,7 +132,13 @@ pub struct Cache {
     /// Free range-fill slots ([`MAX_RANGE_FILLS`]).
     fills: Arc<tokio::sync::Semaphore>,
     /// Keys being fetched → the channel their waiters watch.
-    inflight: Mutex<HashMap<Arc<str>, watch::Sender<()>>>,
+    inflight: Mutex<HashMap<Arc<str>, watch::Sender<FlightState>>>,
+    /// The disk tier (also in `tiers`), which large objects stream to.
+    disk: Option<Arc<DiskStore>>,
+    /// Largest object streamed to the disk tier.
+    disk_max_object_bytes: u64,
+    /// Free disk-stream slots ([`MAX_DISK_STREAMS`]).
+    disk_streams: Arc<tokio::sync::Semaphore>,
     /// Keys being refreshed in the background (stale-while-revalidate).
     refreshing: Mutex<HashSet<Arc<str>>>,
     max_object_bytes: u64,
@@ -152,11 +170,18 @@ impl Cache {
             if_error: config.stale_if_error.unwrap_or_default(),
         };
         let mut tiers: Vec<Arc<dyn Storage>> = vec![Arc::new(MemoryTier::new(config.memory_bytes))];
+        let mut disk_store = None;
         if let Some(dir) = &config.disk_dir {
             let disk = DiskTier::open(dir, config.disk_bytes).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cache disk_dir {}: {e}", dir.display()))
             })?;
-            tiers.push(Arc::new(DiskStore::new(disk, defaults)));
+            let store = Arc::new(DiskStore::new(
+                disk,
+                defaults,
+                metrics.cache_block_read_seconds.clone(),
+            ));
+            disk_store = Some(store.clone());
+            tiers.push(store);
         }
         let index_budget = index_budget(config);
         let cache = Cache {
@@ -183,6 +208,9 @@ impl Cache {
                 .build(),
             fills: Arc::new(tokio::sync::Semaphore::new(MAX_RANGE_FILLS)),
             inflight: Mutex::new(HashMap::new()),
+            disk: disk_store,
+            disk_max_object_bytes: config.disk_max_object_bytes,
+            disk_streams: Arc::new(tokio::sync::Semaphore::new(MAX_DISK_STREAMS)),
             refreshing: Mutex::new(HashSet::new()),
             max_object_bytes: config.max_object_bytes,
             collecting: AtomicU64::new(0),
@@ -287,14 +315,14 @@ impl Cache {
                 .cache_read_seconds
                 .get_or_create(&TierLabels { tier: tier.tier() })
                 .observe(started.elapsed().as_secs_f64());
-            if i > 0 && entry.obj.weight() <= self.max_object_bytes {
+            if i > 0 && !entry.obj.body.on_disk() && entry.obj.weight() <= self.max_object_bytes {
                 for faster in &self.tiers[..i] {
                     if let Some(write) = faster.clone().put(entry.clone()) {
                         tokio::spawn(write);
                     }
                 }
             }
-            return Lookup::Found(entry);
+            return Lookup::Found(entry, tier.tier());
         }
         if names.is_empty() {
             Lookup::UriMiss
@@ -414,12 +442,90 @@ impl Cache {
         if let Some(tx) = map.get(key.as_str()) {
             return Some(Flight::Follower(tx.subscribe()));
         }
-        let (tx, _rx) = watch::channel(());
+        let (tx, _rx) = watch::channel(None);
         map.insert(key.shared().clone(), tx);
         Some(Flight::Leader(FlightGuard {
             cache: self.clone(),
             key: key.shared().clone(),
         }))
+    }
+
+    /// Whether a body of `len` bytes (`None`: not known yet) can stream to the disk
+    /// tier.
+    pub(crate) fn may_stream(&self, len: Option<u64>) -> bool {
+        self.disk.is_some() && len.is_none_or(|n| n <= self.disk_max_object_bytes)
+    }
+
+    /// Starts writing a large object to the disk tier as its body streams: `template`
+    /// is the stored response without its body, `first` the body collected so far.
+    /// The flight (if this request leads one) is held until the object is committed,
+    /// and its followers read the growing file meanwhile. `None` (nothing started)
+    /// without a disk tier, with every disk-stream slot taken, or when the file
+    /// cannot be created.
+    pub(crate) fn begin_disk_stream(
+        self: &Arc<Self>,
+        template: &CachedObject,
+        names: Arc<[HeaderName]>,
+        first: Vec<bytes::Bytes>,
+        flight: Option<FlightGuard>,
+    ) -> Option<Spool> {
+        let disk = self.disk.as_ref()?;
+        let Ok(slot) = self.disk_streams.clone().try_acquire_owned() else {
+            tracing::debug!(key = %template.key, "every disk-stream slot taken; large object not stored");
+            return None;
+        };
+        let stream = disk.begin_stream(template)?;
+        let entry = Arc::new(Entry::new(template.clone(), self.defaults));
+        let cache = self.clone();
+        let key = template.key.clone();
+        let flight_key = flight.as_ref().map(|f| f.key.clone());
+        self.metrics.cache_disk_streams.inc();
+        let done: OnDone = Box::new(move |stored| {
+            let result = if stored { "stored" } else { "dropped" };
+            cache
+                .metrics
+                .cache_disk_streamed
+                .get_or_create(&crate::metrics::CacheLabels { result })
+                .inc();
+            cache.metrics.cache_disk_streams.dec();
+            if stored {
+                cache.stored_on_disk(&key, names);
+            }
+            tracing::debug!(%key, stored, "large object streamed to disk");
+            drop(slot);
+            // Last: followers looking up after the flight ends find the object.
+            drop(flight);
+        });
+        let (spool, growing) =
+            Spool::start(stream, first, self.disk_max_object_bytes, entry, done)?;
+        if let Some(flight_key) = flight_key {
+            if let Ok(map) = self.inflight.lock() {
+                if let Some(tx) = map.get(&flight_key) {
+                    tx.send_replace(Some(growing));
+                }
+            }
+        }
+        Some(spool)
+    }
+
+    /// Indexes an object the disk tier committed after it streamed there; a copy of
+    /// the key in a faster tier (an older, smaller version) goes.
+    fn stored_on_disk(&self, key: &CacheKey, names: Arc<[HeaderName]>) {
+        for tier in &self.tiers {
+            if tier.tier() != "disk" {
+                tier.remove(key.as_str());
+            }
+        }
+        if !self.index_add(key) {
+            if let Some(disk) = &self.disk {
+                disk.remove(key.as_str());
+            }
+            tracing::debug!(%key, "cache URL index full; response not stored");
+            return;
+        }
+        self.vary.insert(key.primary().into(), names);
+        self.metrics.cache_stores.inc();
+        self.update_gauges();
     }
 
     /// Marks `primary` as not cacheable for a while: requests for it skip coalescing.
@@ -589,7 +695,7 @@ mod tests {
             key,
             status: http::StatusCode::OK,
             headers: HeaderMap::new(),
-            body: bytes::Bytes::from_static(b"x"),
+            body: object::StoredBody::Memory(bytes::Bytes::from_static(b"x")),
             request_time: SystemTime::now(),
             response_time: SystemTime::now(),
             vary: Vec::new(),
@@ -626,7 +732,7 @@ mod tests {
         h.insert("x-tenant", HeaderValue::from_static("1"));
         assert!(matches!(
             cache.lookup(&primary("/a", &[("x-tenant", "1")]), &h).await,
-            Lookup::Found(_)
+            Lookup::Found(..)
         ));
         assert_eq!(cache.invalidate("https://x/a"), 3);
         assert_eq!(cache.invalidate("https://x/a"), 0);

@@ -15,9 +15,38 @@ use crate::httpdate::parse_http_date;
 /// §14.2 lets a server ignore many small or overlapping ranges).
 pub(crate) const MAX_RANGES: usize = 32;
 
+/// A body ranges are cut from: bytes in memory or a stored body.
+pub(crate) trait Slice: Sized {
+    /// Length in bytes.
+    fn total(&self) -> u64;
+    /// Bytes `first..=last` (within the length).
+    fn part(&self, first: u64, last: u64) -> Self;
+    /// A piece of multipart framing.
+    fn text(b: Bytes) -> Self;
+}
+
+impl Slice for Bytes {
+    fn total(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn part(&self, first: u64, last: u64) -> Bytes {
+        // Resolved ranges satisfy first <= last < total, so these fit in usize and the
+        // slice is in bounds; try_from only guards 32-bit targets.
+        match (usize::try_from(first), usize::try_from(last)) {
+            (Ok(s), Ok(e)) if s <= e && e < self.len() => self.slice(s..=e),
+            _ => Bytes::new(),
+        }
+    }
+
+    fn text(b: Bytes) -> Bytes {
+        b
+    }
+}
+
 /// How to answer a request with respect to its `Range` field.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum RangeAnswer {
+pub(crate) enum RangeAnswer<B = Bytes> {
     /// Serve the full representation (no `Range`, or `Range` ignored: malformed, not
     /// the `bytes` unit, too many ranges, `If-Range` mismatch, method not GET).
     Full,
@@ -32,7 +61,7 @@ pub(crate) enum RangeAnswer {
         content_range: Option<HeaderValue>,
         /// The body, in order: slices of the stored body and, for multipart, the
         /// part headers and the closing delimiter.
-        body: Vec<Bytes>,
+        body: Vec<B>,
         /// Total length of `body` in bytes (the `Content-Length`).
         len: u64,
     },
@@ -63,12 +92,12 @@ enum Spec {
 /// stored `Last-Modified` *and* that `Last-Modified` is a strong validator, i.e. at
 /// least 60 seconds before the stored `Date` (§8.8.2.2). Otherwise, or if `If-Range`
 /// is malformed or repeated, the full representation is served.
-pub(crate) fn answer(
+pub(crate) fn answer<B: Slice>(
     method: &Method,
     req: &HeaderMap,
     stored: &HeaderMap,
-    body: &Bytes,
-) -> RangeAnswer {
+    body: &B,
+) -> RangeAnswer<B> {
     if method != Method::GET {
         return RangeAnswer::Full;
     }
@@ -85,7 +114,7 @@ pub(crate) fn answer(
     let Some(specs) = parse_range(range.as_bytes()) else {
         return RangeAnswer::Full;
     };
-    let total = body.len() as u64;
+    let total = body.total();
     let Some(resolved) = resolve(&specs, total) else {
         return RangeAnswer::Full;
     };
@@ -231,15 +260,13 @@ fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-fn build(ranges: &[(u64, u64)], stored: &HeaderMap, body: &Bytes, total: u64) -> RangeAnswer {
-    let slice = |(s, e): (u64, u64)| -> Bytes {
-        // Resolved ranges satisfy s <= e < total = body.len(), so these fit in usize
-        // and the slice is in bounds; try_from only guards 32-bit targets.
-        match (usize::try_from(s), usize::try_from(e)) {
-            (Ok(s), Ok(e)) if s <= e && e < body.len() => body.slice(s..=e),
-            _ => Bytes::new(),
-        }
-    };
+fn build<B: Slice>(
+    ranges: &[(u64, u64)],
+    stored: &HeaderMap,
+    body: &B,
+    total: u64,
+) -> RangeAnswer<B> {
+    let slice = |(s, e): (u64, u64)| -> B { body.part(s, e) };
     if let [single] = ranges {
         let part = slice(*single);
         return RangeAnswer::Partial {
@@ -248,7 +275,7 @@ fn build(ranges: &[(u64, u64)], stored: &HeaderMap, body: &Bytes, total: u64) ->
                 "bytes {}-{}/{total}",
                 single.0, single.1
             ))),
-            len: part.len() as u64,
+            len: part.total(),
             body: vec![part],
         };
     }
@@ -271,13 +298,13 @@ fn build(ranges: &[(u64, u64)], stored: &HeaderMap, body: &Bytes, total: u64) ->
         }
         head.extend_from_slice(format!("Content-Range: bytes {s}-{e}/{total}\r\n\r\n").as_bytes());
         let data = slice((s, e));
-        len += (head.len() + data.len()) as u64;
-        body_parts.push(Bytes::from(head));
+        len += head.len() as u64 + data.total();
+        body_parts.push(B::text(Bytes::from(head)));
         body_parts.push(data);
     }
     let tail = format!("\r\n--{boundary}--\r\n");
     len += tail.len() as u64;
-    body_parts.push(Bytes::from(tail));
+    body_parts.push(B::text(Bytes::from(tail)));
     RangeAnswer::Partial {
         content_type: Some(header_value(format!(
             "multipart/byteranges; boundary={boundary}"

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use moka::notification::RemovalCause;
 
-use super::disk::DiskTier;
-use super::object::Entry;
+use super::disk::{DiskStream, DiskTier};
+use super::object::{CachedObject, Entry};
 use super::policy::StaleDefaults;
 
 /// A tier's future (a disk read or write).
@@ -104,7 +104,10 @@ impl Storage for MemoryTier {
     }
 
     fn put(self: Arc<Self>, entry: Arc<Entry>) -> Option<StorageFuture<'static, ()>> {
-        self.objects.insert(entry.obj.key.shared().clone(), entry);
+        // A body read from disk when served stays there.
+        if !entry.obj.body.on_disk() {
+            self.objects.insert(entry.obj.key.shared().clone(), entry);
+        }
         None
     }
 
@@ -159,8 +162,22 @@ pub(crate) struct DiskStore {
 }
 
 impl DiskStore {
-    pub(crate) fn new(disk: DiskTier, defaults: StaleDefaults) -> DiskStore {
-        DiskStore { disk, defaults }
+    /// The store of `disk`; block reads of large objects are timed in `block_seconds`.
+    pub(crate) fn new(
+        disk: DiskTier,
+        defaults: StaleDefaults,
+        block_seconds: prometheus_client::metrics::histogram::Histogram,
+    ) -> DiskStore {
+        DiskStore {
+            disk: disk.with_block_timer(block_seconds),
+            defaults,
+        }
+    }
+
+    /// Starts a put of a large object whose body will stream in (blocking: creates
+    /// its file).
+    pub(crate) fn begin_stream(&self, template: &CachedObject) -> Option<DiskStream> {
+        self.disk.begin_stream(template)
     }
 }
 

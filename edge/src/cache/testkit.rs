@@ -36,6 +36,9 @@ pub(crate) struct Reply {
     delay: Duration,
     fail: Option<fn() -> FetchError>,
     ranges: bool,
+    /// Sends the body in chunks of this size, this long apart, without a
+    /// `Content-Length` unless the script sets one.
+    chunked: Option<(usize, Duration)>,
 }
 
 impl Reply {
@@ -48,6 +51,7 @@ impl Reply {
             delay: Duration::ZERO,
             fail: None,
             ranges: false,
+            chunked: None,
         }
     }
 
@@ -84,6 +88,13 @@ impl Reply {
         self
     }
 
+    /// Sends the body in chunks of `size` bytes, `ms` milliseconds apart (the first
+    /// at once), without adding a `Content-Length`.
+    pub(crate) fn chunked(mut self, size: usize, ms: u64) -> Reply {
+        self.chunked = Some((size.max(1), Duration::from_millis(ms)));
+        self
+    }
+
     /// Answers a single `Range: bytes=a-b` with a `206` of that part, as origins do.
     pub(crate) fn ranges(mut self) -> Reply {
         self.ranges = true;
@@ -103,13 +114,13 @@ impl Reply {
             None => (self.status, self.body.clone()),
         };
         let bodiless = matches!(status.as_u16(), 204 | 304);
-        if !bodiless && !headers.contains_key(header::CONTENT_LENGTH) {
+        if !bodiless && !headers.contains_key(header::CONTENT_LENGTH) && self.chunked.is_none() {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        let body = if *method == Method::HEAD || bodiless {
-            empty()
-        } else {
-            full(body)
+        let body = match self.chunked {
+            _ if *method == Method::HEAD || bodiless => empty(),
+            Some((size, gap)) => chunks(body, size, gap),
+            None => full(body),
         };
         let mut response = Response::new(body);
         *response.status_mut() = status;
@@ -128,6 +139,23 @@ impl Reply {
         let last = last.min(self.body.len().checked_sub(1)?);
         (first <= last).then_some((first, last))
     }
+}
+
+/// `body` in pieces of `size` bytes, `gap` apart.
+fn chunks(body: Bytes, size: usize, gap: Duration) -> EdgeBody {
+    let frames = futures_util::stream::unfold((body, true), move |(rest, first)| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        if !first {
+            tokio::time::sleep(gap).await;
+        }
+        let mut rest = rest;
+        let piece = rest.split_to(size.min(rest.len()));
+        let frame: Result<_, crate::exchange::BodyError> = Ok(hyper::body::Frame::data(piece));
+        Some((frame, (rest, false)))
+    });
+    http_body_util::StreamBody::new(frames).boxed_unsync()
 }
 
 /// `FetchError::ConnectTimeout` for the site's origin (a [`Reply::fail`] argument).
@@ -262,12 +290,49 @@ pub(crate) struct Harness {
     pub(crate) origin: Arc<FakeOrigin>,
     pub(crate) site: Arc<Site>,
     ctx: ClientCtx,
+    /// The disk tier's directory, removed with the last clone.
+    pub(crate) disk: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Harness {
     /// Default `[cache]` and site settings.
     pub(crate) fn new() -> Harness {
         Harness::with(|_| {}, |_| {})
+    }
+
+    /// A cache with a disk tier in a temporary directory, `[cache]` changed by
+    /// `cache`.
+    pub(crate) fn with_disk(cache: impl FnOnce(&mut CacheConfig)) -> Harness {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let path = dir.path().to_owned();
+        let mut harness = Harness::with(
+            |c| {
+                c.disk_dir = Some(path);
+                cache(c);
+            },
+            |_| {},
+        );
+        harness.disk = Some(dir);
+        harness
+    }
+
+    /// Files in the disk tier (committed objects and temp files).
+    pub(crate) fn disk_files(&self) -> Vec<std::path::PathBuf> {
+        let Some(dir) = &self.disk else {
+            return Vec::new();
+        };
+        let mut files = Vec::new();
+        for sub in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            if sub.path().is_dir() {
+                files.extend(
+                    std::fs::read_dir(sub.path())
+                        .unwrap()
+                        .flatten()
+                        .map(|f| f.path()),
+                );
+            }
+        }
+        files
     }
 
     /// `[cache]` and `[site.cache]` settings changed by `cache` and `site`.
@@ -300,6 +365,7 @@ impl Harness {
                 scheme: "https",
                 local_addr: loopback(443),
             },
+            disk: None,
         }
     }
 

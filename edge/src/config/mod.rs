@@ -271,10 +271,15 @@ pub struct CacheConfig {
     /// Memory tier size, bytes (bodies + headers). Default 256 MiB.
     #[serde(default = "default_memory_bytes")]
     pub memory_bytes: u64,
-    /// Largest response body stored, bytes; larger ones are streamed through
-    /// uncached. Default 64 MiB.
+    /// Largest response body kept in memory (collected whole, stored in both tiers),
+    /// bytes. Larger ones stream to the disk tier when there is one (up to
+    /// `disk_max_object_bytes`), else pass through uncached. Default 64 MiB.
     #[serde(default = "default_max_object_bytes")]
     pub max_object_bytes: u64,
+    /// Largest response body stored in the disk tier, streamed to disk as it arrives
+    /// and served from disk block by block. Default 4 GiB.
+    #[serde(default = "default_disk_max_object_bytes")]
+    pub disk_max_object_bytes: u64,
     /// Directory of the disk tier, which survives restarts; none = memory only.
     #[serde(default)]
     pub disk_dir: Option<PathBuf>,
@@ -307,6 +312,7 @@ impl Default for CacheConfig {
             enabled: true,
             memory_bytes: default_memory_bytes(),
             max_object_bytes: default_max_object_bytes(),
+            disk_max_object_bytes: default_disk_max_object_bytes(),
             disk_dir: None,
             disk_bytes: default_disk_bytes(),
             stale_while_revalidate: None,
@@ -368,6 +374,9 @@ fn default_memory_bytes() -> u64 {
 }
 fn default_max_object_bytes() -> u64 {
     64 << 20
+}
+fn default_disk_max_object_bytes() -> u64 {
+    4 << 30
 }
 fn default_max_url_bytes() -> usize {
     8 << 10
@@ -461,9 +470,13 @@ impl Config {
                 "[cache] purge_token must be at least 16 characters".into(),
             ));
         }
-        if config.cache.max_object_bytes == 0 || config.cache.memory_bytes == 0 {
+        if config.cache.max_object_bytes == 0
+            || config.cache.memory_bytes == 0
+            || config.cache.disk_max_object_bytes == 0
+        {
             return Err(invalid(
-                "[cache] memory_bytes and max_object_bytes must be positive".into(),
+                "[cache] memory_bytes, max_object_bytes and disk_max_object_bytes must be positive"
+                    .into(),
             ));
         }
         if let Some(problem) = config.sessions.problem() {

@@ -87,7 +87,11 @@ impl HttpFront {
         site: &Arc<Site>,
         ctx: &ClientCtx,
     ) -> Response<EdgeBody> {
-        let req = match self.upstream_request(req.map(BodyExt::boxed_unsync), host, ctx) {
+        let req = match self.upstream_request(
+            req.map(|b| b.map_err(crate::exchange::BodyError::from).boxed_unsync()),
+            host,
+            ctx,
+        ) {
             Ok(req) => req,
             Err(e) => return e.response(site, ctx),
         };

@@ -167,6 +167,15 @@ impl OriginClient {
         headers::prepare_response(&mut parts.headers, parts.version);
         // The client side writes its own protocol version.
         parts.version = Version::HTTP_11;
+        let received = self.metrics.served_bytes("origin");
+        let body = body
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    received.inc_by(data.len() as u64);
+                }
+                frame
+            })
+            .map_err(crate::exchange::BodyError::from);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 }
