@@ -64,6 +64,7 @@ pub use server::{
     check_config, check_config_text, has_field, keyserver_ops_ok, strip_ansi, KeyServer, Signal,
 };
 pub use test_origin::{
-    http_date, parse_http_date, pattern_body, Scripted, SeenRequest, TestOrigin,
+    blob_range, http_date, parse_http_date, pattern_body, Scripted, SeenRequest, TestOrigin,
+    BLOB_PAGE,
 };
 pub use tools::{Curl, CurlOutput, HttpVersion, SClient, SClientOutput};

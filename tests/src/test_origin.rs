@@ -428,6 +428,32 @@ pub fn pattern_body(n: usize) -> Vec<u8> {
     out
 }
 
+/// Bytes of one page of [`blob_range`].
+pub const BLOB_PAGE: u64 = 4096;
+
+/// Bytes `start..start + len` of the test origin's `/blob` object, of any size: 4 KiB
+/// pages, each starting with a 16-byte line holding its own offset
+/// (`000000000004096\n`) and filled with a fixed byte pattern, so that any page out of
+/// place changes the object's hash. Cheap to make (a copy per page), so that a
+/// gigabyte can be generated in a test's time.
+pub fn blob_range(start: u64, len: usize) -> Vec<u8> {
+    const PAGE: usize = BLOB_PAGE as usize;
+    let fill: Vec<u8> = (0..PAGE).map(|i| b'a' + (i * 7 % 26) as u8).collect();
+    let mut out = Vec::with_capacity(len);
+    let mut page = vec![0u8; PAGE];
+    let mut at = start;
+    while out.len() < len {
+        let base = at - at % BLOB_PAGE;
+        page[..16].copy_from_slice(format!("{base:015}\n").as_bytes());
+        page[16..].copy_from_slice(&fill[16..]);
+        let from = (at - base) as usize;
+        let take = (PAGE - from).min(len - out.len());
+        out.extend_from_slice(&page[from..from + take]);
+        at += take as u64;
+    }
+    out
+}
+
 /// `t` as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the HTTP date format.
 pub fn http_date(t: SystemTime) -> String {
     keyless_edge::httpdate::fmt_http_date(t)

@@ -5,6 +5,9 @@
 //! - `/echo` — the request line and headers as text, for header assertions;
 //! - `/slow?ms=N` — answers after N milliseconds;
 //! - `/bytes?n=N` — N bytes (streamed in 64 KiB chunks);
+//! - `/blob?n=N&etag=E` — N bytes of [`keyless_tests::blob_range`] (any size, made as
+//!   they stream, 256 KiB at a time) with `ETag: "E"` (default `"blob-N"`), a fixed
+//!   `Last-Modified` and `Accept-Ranges`; a single `Range` gets a `206` of that part;
 //! - `/status/N` — an empty response with status N;
 //! - `/upload` — reads the body, answers its length and SHA-256;
 //! - `/__count` — how many requests this origin has answered;
@@ -298,6 +301,7 @@ async fn handle(
             r.headers_mut().insert("content-length", n.into());
             r
         }
+        "/blob" => blob(&req, &get),
         "/upload" => {
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             let mut len = 0usize;
@@ -426,6 +430,43 @@ async fn scripted(req: &Request<Incoming>, spec: Scripted, count: u64) -> Respon
         resp.headers_mut().insert("content-length", len.into());
     }
     resp
+}
+
+/// `/blob`: the object of `n` bytes, or the one range asked for.
+fn blob(req: &Request<Incoming>, get: &dyn Fn(&str) -> Option<String>) -> Response<Body> {
+    const CHUNK: u64 = 256 * 1024;
+    let n: u64 = get("n").and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let etag = get("etag").unwrap_or_else(|| format!("blob-{n}"));
+    let range = usize::try_from(n)
+        .ok()
+        .and_then(|len| single_range(req, len));
+    let (start, end) = range.map_or((0, n), |(a, b)| (a as u64, b as u64 + 1));
+    let chunks = futures_util::stream::unfold(start, move |at| async move {
+        if at >= end {
+            return None;
+        }
+        let len = (end - at).min(CHUNK);
+        let data = Bytes::from(keyless_tests::blob_range(at, len as usize));
+        Some((Ok::<_, std::io::Error>(Frame::data(data)), at + len))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
+    let h = r.headers_mut();
+    h.insert("content-length", (end - start).into());
+    h.insert("accept-ranges", HeaderValue::from_static("bytes"));
+    h.insert(
+        "last-modified",
+        HeaderValue::from_static("Mon, 02 Nov 2026 10:00:00 GMT"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{etag}\"")) {
+        h.insert("etag", v);
+    }
+    if range.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{n}", end - 1)) {
+            h.insert("content-range", v);
+        }
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    r
 }
 
 /// The one satisfiable range of a `Range: bytes=A-B` / `A-` / `-N` request header for a
