@@ -199,6 +199,8 @@ pub struct Metrics {
     pub cache_disk_streams: Gauge,
     /// Large objects written to the disk tier as they streamed, by result.
     pub cache_disk_streamed: Family<CacheLabels, Counter>,
+    /// Slice fetches from origins and slicing outcomes, by result.
+    pub cache_slice_fetches: Family<CacheLabels, Counter>,
 }
 
 /// Where served bytes came from.
@@ -260,6 +262,7 @@ impl Metrics {
             cache_block_read_seconds: latency(),
             cache_disk_streams: Gauge::default(),
             cache_disk_streamed: Family::default(),
+            cache_slice_fetches: Family::default(),
         };
         // The exposition lists metrics in registration order: keep these calls in order.
         m.register_tls();
@@ -430,6 +433,18 @@ impl Metrics {
             "Large objects streamed to the disk tier, by result (stored, dropped)",
             self.cache_disk_streamed.clone(),
         );
+        r.register(
+            "keyless_edge_cache_slice_fetches",
+            "Slices fetched from origins (stored, not-stored, error) and slicing outcomes (mismatch: an object changed between slices; unsliceable: a URL answered whole)",
+            self.cache_slice_fetches.clone(),
+        );
+    }
+
+    /// Counts a slice fetch or slicing outcome.
+    pub fn slice_fetch(&self, result: &'static str) {
+        self.cache_slice_fetches
+            .get_or_create(&CacheLabels { result })
+            .inc();
     }
 
     /// The counter of body bytes served from `source`.

@@ -25,6 +25,8 @@ pub struct Site {
     pub cache_key_headers: Vec<http::HeaderName>,
     /// Whether responses with `Set-Cookie` are stored (stripped) or not at all.
     pub cache_set_cookie: crate::config::SetCookiePolicy,
+    /// Slice size for GETs (0: not sliced).
+    pub cache_slice: u64,
     /// The key-server group that holds the site's keys.
     pub keyserver_group: String,
     /// The certificate chain from the site's `chain` file (leaf first), served instead
@@ -78,6 +80,7 @@ impl Sites {
                 cache_ignore_query: c.cache.ignore_query,
                 cache_key_headers: c.cache.key_headers.clone(),
                 cache_set_cookie: c.cache.store_set_cookie,
+                cache_slice: c.cache.slice_bytes,
                 keyserver_group: c.keyserver_group.clone().unwrap_or_default(),
                 chain: c.chain.as_deref().map(|p| load_chain(c, p)).transpose()?,
             });

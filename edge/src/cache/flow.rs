@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -129,6 +129,7 @@ impl CacheStatus {
 
 /// What the cache needs of the client request after the request itself has gone to
 /// the origin.
+#[derive(Clone)]
 struct ReqInfo {
     method: Method,
     /// The request's header fields as the origin gets them ([`crate::serve::HttpFront`] has
@@ -199,6 +200,9 @@ impl Cache {
             site,
             ctx,
         };
+        if slice::applies(cache, site, &info) {
+            return slice::sliced(scope, req, &info).await;
+        }
         match cache.lookup(&info.primary, &info.headers).await {
             Lookup::Found(entry, tier) => found(scope, req, &info, entry, tier).await,
             Lookup::UriMiss => miss(scope, req, &info, "uri-miss", None).await,
@@ -1430,6 +1434,9 @@ mod tests {
         assert_eq!(complete_length(""), None);
     }
 }
+
+#[path = "slice.rs"]
+mod slice;
 
 #[cfg(test)]
 #[path = "flow_tests.rs"]

@@ -12,6 +12,9 @@ mod testkit;
 #[path = "large_tests.rs"]
 mod large_tests;
 
+#[path = "slice_tests.rs"]
+mod slice_tests;
+
 use std::time::{Duration, Instant};
 
 use testkit::{connect_timeout, Harness, Reply};

@@ -90,6 +90,16 @@ impl PrimaryKey {
         self.text.len()
     }
 
+    /// The primary key of slice `index` of this request's object: the same URL
+    /// (invalidation and purge by URL reach every slice), set apart by a part no
+    /// key-header name can take.
+    pub(crate) fn slice(&self, index: u64) -> PrimaryKey {
+        PrimaryKey {
+            text: format!("{}{KEY_HEADER_SEP}#slice={index}", self.text).into(),
+            url_len: self.url_len,
+        }
+    }
+
     /// The key of a response without `Vary` for this request.
     pub(crate) fn unvaried(&self) -> CacheKey {
         self.variant(&[], &HeaderMap::new())

@@ -67,6 +67,21 @@ impl StoredBody {
         }
     }
 
+    /// The whole body in one buffer (a disk body read block by block): for small
+    /// parts, such as a slice's.
+    pub(crate) async fn read(&self) -> Result<Bytes, BodyError> {
+        let mut parts = VecDeque::from([self.clone()]);
+        let mut all = Vec::new();
+        while let Some(chunk) = next_chunk(&mut parts).await {
+            let chunk = chunk?;
+            if parts.is_empty() && all.is_empty() {
+                return Ok(chunk);
+            }
+            all.push(chunk);
+        }
+        Ok(concat(all, self.len()))
+    }
+
     /// Whether the body is read from disk when served.
     pub(crate) fn on_disk(&self) -> bool {
         matches!(self, StoredBody::Disk { .. })

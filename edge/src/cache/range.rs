@@ -127,6 +127,60 @@ pub(crate) fn answer<B: Slice>(
     build(&merged, stored, body, total)
 }
 
+/// Where the one range a GET asks for starts, as far as it is known before the
+/// representation's length: what a sliced fetch starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RangeStart {
+    /// No usable `Range` (none, not `bytes`, several ranges, malformed): the whole.
+    Whole,
+    /// `bytes=a-` or `bytes=a-b`.
+    At(u64),
+    /// `bytes=-n`: depends on the length.
+    Suffix,
+}
+
+/// [`RangeStart`] of the request fields `req` (a single range only).
+pub(crate) fn range_start(req: &HeaderMap) -> RangeStart {
+    let mut all = req.get_all(RANGE).iter();
+    let (Some(range), None) = (all.next(), all.next()) else {
+        return RangeStart::Whole;
+    };
+    match parse_range(range.as_bytes()).as_deref() {
+        Some([Spec::Int { first, .. }]) => RangeStart::At(*first),
+        Some([Spec::Suffix(_)]) => RangeStart::Suffix,
+        _ => RangeStart::Whole,
+    }
+}
+
+/// What a GET with fields `req` asks of a representation of `total` bytes whose
+/// stored fields are `stored`: with [`answer`]'s rules, for a single range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wanted {
+    /// The whole representation.
+    Whole,
+    /// Bytes `first..=last`.
+    Part(u64, u64),
+    /// Nothing satisfiable: a 416.
+    Unsatisfiable,
+}
+
+/// [`Wanted`] for a GET with fields `req`; several ranges, or an `If-Range` that does
+/// not hold, ask for the whole.
+pub(crate) fn wanted(req: &HeaderMap, stored: &HeaderMap, total: u64) -> Wanted {
+    if range_start(req) == RangeStart::Whole || !if_range_holds(req, stored) {
+        return Wanted::Whole;
+    }
+    let specs = req
+        .get(RANGE)
+        .and_then(|r| parse_range(r.as_bytes()))
+        .unwrap_or_default();
+    match resolve(&specs, total).as_deref() {
+        Some([(first, last)]) => Wanted::Part(*first, *last),
+        Some([]) => Wanted::Unsatisfiable,
+        _ => Wanted::Whole,
+    }
+}
+
 /// Whether `If-Range` is absent or holds for the stored response.
 fn if_range_holds(req: &HeaderMap, stored: &HeaderMap) -> bool {
     let mut all = req.get_all(IF_RANGE).iter();

@@ -396,17 +396,22 @@ impl Harness {
     /// Sends `req` through the cache and reads the whole answer (which is what lets
     /// a response being stored complete).
     pub(crate) async fn send(&self, req: Request<EdgeBody>) -> Got {
+        self.try_send(req).await.expect("a whole body")
+    }
+
+    /// [`Harness::send`], with the error that cut the body if one did.
+    pub(crate) async fn try_send(&self, req: Request<EdgeBody>) -> Result<Got, String> {
         let response = self
             .cache
             .handle(&self.origin, req, HOST, &self.site, &self.ctx)
             .await;
         let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("a whole body").to_bytes();
-        Got {
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Got {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
-        }
+        })
     }
 
     /// `method path` with `headers`, answered whole.

@@ -342,6 +342,12 @@ pub struct SiteCacheConfig {
     /// gets its cookie).
     #[serde(default)]
     pub store_set_cookie: SetCookiePolicy,
+    /// Slice size, bytes: GETs are fetched from the origin and stored as aligned
+    /// ranges of this size (e.g. 4 MiB), so that a range request fetches only the
+    /// slices it covers. 0 (default) = off. Between 64 KiB and 64 MiB, and within
+    /// `[cache] max_object_bytes`.
+    #[serde(default)]
+    pub slice_bytes: u64,
 }
 
 /// What the cache does with a response that sets a cookie.
@@ -362,6 +368,7 @@ impl Default for SiteCacheConfig {
             ignore_query: false,
             key_headers: Vec::new(),
             store_set_cookie: SetCookiePolicy::Never,
+            slice_bytes: 0,
         }
     }
 }
@@ -492,10 +499,26 @@ impl Config {
                     site.origin
                 )));
             }
+            let slice = site.cache.slice_bytes;
+            if slice != 0
+                && (!(MIN_SLICE..=MAX_SLICE).contains(&slice)
+                    || slice > config.cache.max_object_bytes)
+            {
+                return Err(invalid(format!(
+                    "site {}: cache slice_bytes {slice} must be 0 (off) or between {MIN_SLICE} and {MAX_SLICE}, and at most [cache] max_object_bytes",
+                    site.domains[0]
+                )));
+            }
         }
         Ok(config)
     }
 }
+
+/// Smallest slice size (`[site.cache] slice_bytes`): smaller slices cost more origin
+/// requests than they save.
+const MIN_SLICE: u64 = 64 << 10;
+/// Largest slice size: a slice is fetched whole before it is served.
+const MAX_SLICE: u64 = 64 << 20;
 
 /// Deserializes a list of header names, refusing what is not one.
 fn header_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<http::HeaderName>, D::Error> {
