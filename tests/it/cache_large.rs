@@ -209,3 +209,145 @@ fn a_1_gib_object_streams_through_the_disk_tier_in_bounded_memory() -> Result<()
     eprintln!("edge peak RSS {} MiB", peak >> 20);
     Ok(())
 }
+
+const MIB: u64 = 1 << 20;
+/// The slice size of the slicing tests.
+const SLICE: u64 = 4 * MIB;
+
+/// The `Range` of each request to `/blob` the origin got, after the first `skip`.
+fn origin_ranges(s: &CacheStack, skip: usize) -> Result<Vec<(String, String)>> {
+    Ok(s.origin_requests("/blob")?
+        .iter()
+        .skip(skip)
+        .map(|r| {
+            (
+                r.method.clone(),
+                r.header("range").unwrap_or("-").to_owned(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn a_range_of_a_1_gib_object_fetches_only_its_slice_then_the_rest_fills_in() -> Result<()> {
+    let s = cache_stack(|c| {
+        c.cache_option("disk_dir", "cache-disk")
+            .cache_option("disk_bytes", 3 * GIB as i64)
+            .site_cache_option("slice_bytes", SLICE as i64)
+    })?;
+    let path = format!("/blob?n={GIB}&cc=max-age%3D3600");
+    // The last MiB, on a cold cache: the length from a HEAD, then the one slice.
+    let tail = s.req(&path).header("Range: bytes=-1048576").send()?;
+    ensure!(tail.status == 206, "{}", tail.show());
+    let want_tail = blob_range(GIB - MIB, MIB as usize);
+    ensure!(
+        tail.body == want_tail,
+        "the last MiB differs ({} bytes)",
+        tail.body.len()
+    );
+    ensure!(
+        tail.header("content-range").as_deref() == Some("bytes 1072693248-1073741823/1073741824"),
+        "{}",
+        tail.show()
+    );
+    let last_slice = format!("bytes={}-{}", GIB - SLICE, GIB - 1);
+    let seen = origin_ranges(&s, 0)?;
+    ensure!(
+        seen == [
+            ("HEAD".into(), "-".into()),
+            ("GET".into(), last_slice.clone())
+        ],
+        "the origin got {seen:?}, expected a HEAD and {last_slice}"
+    );
+    // The whole object: the stored slice plus the 255 missing ones, never the whole
+    // object in one request.
+    let whole = fetch(&s, &path, true, "whole")?;
+    ensure!(
+        whole.status == 200 && whole.len == GIB && whole.sha256 == blob_sha256(0, GIB),
+        "whole object: status {}, {} bytes",
+        whole.status,
+        whole.len
+    );
+    let fills = origin_ranges(&s, 2)?;
+    ensure!(
+        fills.len() == 255,
+        "{} more origin requests, expected 255",
+        fills.len()
+    );
+    ensure!(
+        fills
+            .iter()
+            .all(|(m, r)| m == "GET" && r != "-" && *r != last_slice),
+        "not only the missing slices: {:?}",
+        &fills[..3.min(fills.len())]
+    );
+    let fetched = s.metric(
+        "keyless_edge_cache_slice_fetches_total",
+        &[("result", "stored")],
+    )?;
+    ensure!(fetched == 256.0, "slice fetches counted: {fetched}");
+    Ok(())
+}
+
+#[test]
+fn an_origin_changing_the_etag_between_slices_never_yields_a_mixed_body() -> Result<()> {
+    let s = cache_stack(|c| c.site_cache_option("slice_bytes", 256 << 10))?;
+    let old = keyless_tests::pattern_body(MIB as usize);
+    let new: Vec<u8> = old
+        .iter()
+        .map(|&b| if b == b'\n' { b'#' } else { b })
+        .collect();
+    let version = |etag: &str, body: &[u8]| {
+        keyless_tests::Scripted::new(200)
+            .header("Cache-Control", "max-age=600")
+            .header("ETag", etag)
+            .body(body)
+            .ranges()
+    };
+    // The first slice of the old version, every later answer of the new one.
+    s.script(
+        "/changing",
+        &[version("\"old\"", &old), version("\"new\"", &new)],
+    )?;
+    let cut = s.get("/changing")?;
+    ensure!(
+        cut.exit_code != Some(0) && cut.body.len() < old.len(),
+        "a transfer spanning two versions completed: {} bytes, exit {:?}",
+        cut.body.len(),
+        cut.exit_code
+    );
+    ensure!(
+        old.starts_with(&cut.body),
+        "the cut answer holds bytes of the new version"
+    );
+    let ranges: Vec<String> = s
+        .origin_requests("/changing")?
+        .iter()
+        .map(|r| r.header("range").unwrap_or("-").to_owned())
+        .collect();
+    ensure!(
+        ranges.starts_with(&[
+            "bytes=0-262143".to_owned(),
+            "bytes=262144-524287".to_owned()
+        ]),
+        "slice requests: {ranges:?}"
+    );
+    let clean = s.get("/changing")?;
+    ensure!(
+        clean.exit_code == Some(0) && clean.body == new,
+        "after the cut: {} bytes, exit {:?}",
+        clean.body.len(),
+        clean.exit_code
+    );
+    ensure!(
+        clean.header("etag").as_deref() == Some("\"new\""),
+        "{}",
+        clean.show()
+    );
+    let mismatches = s.metric(
+        "keyless_edge_cache_slice_fetches_total",
+        &[("result", "mismatch")],
+    )?;
+    ensure!(mismatches == 1.0, "mismatches counted: {mismatches}");
+    Ok(())
+}

@@ -425,7 +425,9 @@ impl<F: Fetch> Slicer<F> {
                 self.cache.store(obj, Arc::from(Vec::new()))
             }
             Some(reason) => {
-                tracing::debug!(key = %self.info.primary, reason, "slice not stored");
+                // Not stored, so not worth slicing: the URL goes the ordinary way.
+                tracing::debug!(key = %self.info.primary, reason, "slice not stored; URL not sliced");
+                self.cache.refuse_fill(&self.info.primary);
                 self.cache.metrics().slice_fetch("not-stored");
                 Arc::new(Entry::new(obj, self.cache.defaults))
             }

@@ -25,8 +25,9 @@ use super::disk::DiskStream;
 use super::object::Entry;
 use crate::exchange::{BodyError, EdgeBody};
 
-/// Chunks queued between a body and its writer task.
-const QUEUE: usize = 64;
+/// Chunks queued between a body and its writer task (with hyper's reads of at most a
+/// few hundred KiB, a few MiB at worst).
+const QUEUE: usize = 16;
 
 /// How far the writer of a growing object is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
