@@ -5,9 +5,13 @@
 //! (edge, nginx, then nginx, edge, ...) and each side's rounds are pooled.
 //!
 //! Targets: the edge reaches ≥ 1.0× nginx's requests/s for a 1 KiB object and ≥ 1.0×
-//! its throughput for a 1 MiB object. nginx holds the site key itself (it is the
-//! reference); the edge's handshakes are signed by the key server, but with keep-alive
-//! there are only `--connections` of them per run.
+//! its throughput for a 1 MiB object and for a 256 MiB object, which the edge streams
+//! from its disk tier (it is above `[cache] max_object_bytes`) and nginx from its cache
+//! files; the large object's throughput counts every byte read (wrk's byte count), so
+//! responses cut at the end of a round count too, and each side's server CPU is
+//! reported per MiB served. nginx holds the site key itself (it is the reference); the
+//! edge's handshakes are signed by the key server, but with keep-alive there are only
+//! `--connections` of them per run.
 //!
 //! nginx and wrk are installed with `apt-get` when missing.
 
@@ -39,15 +43,24 @@ const DOMAIN: &str = "example.com";
 const LOG_FILTER: &str = "warn";
 /// `[cache] memory_bytes` of the benchmark edge.
 const EDGE_CACHE_BYTES: i64 = 512 << 20;
+/// `[cache] disk_bytes` of the benchmark edge (its disk tier holds the large object).
+const EDGE_DISK_BYTES: i64 = 1 << 30;
 /// The cached objects: the test origin's `/bytes` with an hour of freshness.
-const OBJECTS: [Object; 2] = [
+const OBJECTS: [Object; 3] = [
     Object {
         label: "1 KiB",
         bytes: 1 << 10,
+        large: false,
     },
     Object {
         label: "1 MiB",
         bytes: 1 << 20,
+        large: false,
+    },
+    Object {
+        label: "256 MiB",
+        bytes: 256 << 20,
+        large: true,
     },
 ];
 /// Unmeasured wrk run before the first round of each side and object.
@@ -64,6 +77,9 @@ pub(crate) struct CacheArgs {
     /// wrk threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// wrk connections for the 256 MiB object (each response takes a while).
+    #[arg(long, default_value_t = 4)]
+    large_connections: usize,
     /// Alternate edge and nginx this many times per object (edge first in odd rounds);
     /// more rounds even out the drift of a shared 2-core machine.
     #[arg(long, default_value_t = 4)]
@@ -81,6 +97,9 @@ pub(crate) struct CacheArgs {
 struct Object {
     label: &'static str,
     bytes: u64,
+    /// Above the edge's `max_object_bytes`: served from its disk tier, measured in
+    /// bytes per second with `--large-connections`.
+    large: bool,
 }
 
 impl Object {
@@ -179,9 +198,11 @@ pub(crate) fn run(args: CacheArgs) -> Result<bool> {
         "--seconds, --connections, --threads and --rounds must be positive"
     );
     ensure!(
-        args.connections >= args.threads,
-        "wrk needs at least one connection per thread: --connections {} < --threads {}",
+        args.connections >= args.threads && args.large_connections >= args.threads,
+        "wrk needs at least one connection per thread: --connections {} / \
+         --large-connections {} < --threads {}",
         args.connections,
+        args.large_connections,
         args.threads
     );
     let tools = ensure_tools()?;
@@ -206,16 +227,19 @@ pub(crate) fn run(args: CacheArgs) -> Result<bool> {
 
     println!(
         "keyless-bench cache: HTTPS keep-alive GETs of a cached object, edge ([cache] \
-         memory_bytes = {EDGE_CACHE_BYTES}) vs nginx {} (proxy_cache), same test origin",
+         memory_bytes = {EDGE_CACHE_BYTES}, disk tier of {EDGE_DISK_BYTES} bytes, \
+         max_object_bytes default) vs nginx {} (proxy_cache), same test origin",
         version_text(tools.nginx_version)
     );
     println!(
-        "  load: {}, {} threads, {} connections kept alive, HTTP/1.1 (wrk offers no ALPN); \
-         {} s per side and object in {} round(s) of {per_round} s, order alternating, after \
-         a {WARMUP_SECS} s unmeasured run; rounds pooled",
+        "  load: {}, {} threads, {} connections kept alive ({} for the large object), \
+         HTTP/1.1 (wrk offers no ALPN); {} s per side and object in {} round(s) of \
+         {per_round} s, order alternating, after a {WARMUP_SECS} s unmeasured run; rounds \
+         pooled",
         tools.wrk_version,
         args.threads,
         args.connections,
+        args.large_connections,
         per_round * args.rounds,
         args.rounds,
     );
@@ -277,12 +301,16 @@ pub(crate) fn run(args: CacheArgs) -> Result<bool> {
                     &tools, &mut setup, &script, side, object, &args, per_round, &label,
                 )?;
                 if let (Some(p), Some(r)) = (pooled.get_mut(i), rates.get_mut(i)) {
-                    *r = run.rate();
+                    *r = if object.large {
+                        mib_per_s(&run, object)
+                    } else {
+                        run.rate()
+                    };
                     p.add(&run);
                 }
             }
             eprintln!(
-                "{} round {}: edge {:.0}/s, nginx {:.0}/s",
+                "{} round {}: edge {:.0}, nginx {:.0} (requests/s; MiB/s for the large object)",
                 object.label,
                 round + 1,
                 rates[0],
@@ -299,6 +327,17 @@ pub(crate) fn run(args: CacheArgs) -> Result<bool> {
     report(&setup, &results, rss_start, args.strict)
 }
 
+/// MiB/s of `run`: every byte read for the large object (partial responses at the end
+/// of a round included), whole responses for the others.
+fn mib_per_s(run: &Run, object: &Object) -> f64 {
+    let bytes = if object.large {
+        run.bytes as f64
+    } else {
+        run.requests as f64 * object.bytes as f64
+    };
+    bytes / run.secs.max(f64::MIN_POSITIVE) / f64::from(1 << 20)
+}
+
 /// Prints the tables and notes; returns the verdict (`true` unless strict and failed).
 fn report(setup: &Setup, results: &Results, rss_start: Option<u64>, strict: bool) -> Result<bool> {
     let mut pass_all = true;
@@ -311,7 +350,7 @@ fn report(setup: &Setup, results: &Results, rss_start: Option<u64>, strict: bool
         println!();
         println!("{} object ({})", object.label, object.path());
         println!(
-            "{:<6} {:>11} {:>9} {:>8} {:>8} {:>7} {:>12} {:>12} {:>13} {:>9} {:>11}",
+            "{:<6} {:>11} {:>9} {:>8} {:>8} {:>7} {:>12} {:>12} {:>13} {:>14} {:>9} {:>11}",
             "target",
             "requests/s",
             "MiB/s",
@@ -321,21 +360,23 @@ fn report(setup: &Setup, results: &Results, rss_start: Option<u64>, strict: bool
             "origin reqs",
             "server cores",
             "server µs/req",
+            "server ms/MiB",
             "wrk cores",
             "other cores"
         );
         for (side, run) in Side::BOTH.iter().zip(pooled) {
             println!(
-                "{:<6} {:>11.0} {:>9.1} {:>8.3} {:>8.3} {:>7} {:>12} {:>12.2} {:>13.1} {:>9.2} {:>11.2}",
+                "{:<6} {:>11.1} {:>9.1} {:>8.3} {:>8.3} {:>7} {:>12} {:>12.2} {:>13.1} {:>14.3} {:>9.2} {:>11.2}",
                 side.name(),
                 run.rate(),
-                run.rate() * object.bytes as f64 / f64::from(1 << 20),
+                mib_per_s(run, object),
                 run.latency_ms(0.50),
                 run.latency_ms(0.99),
                 run.errors(),
                 run.origin_requests,
                 run.cores(run.server_cpu),
                 run.server_cpu * 1e6 / (run.requests.max(1) as f64),
+                run.server_cpu * 1e3 / (run.bytes.max(1) as f64 / f64::from(1 << 20)),
                 run.cores(run.wrk_cpu),
                 run.other_cores(),
             );
@@ -352,14 +393,19 @@ fn report(setup: &Setup, results: &Results, rss_start: Option<u64>, strict: bool
                 );
             }
         }
+        let unit = if object.large { "MiB/s" } else { "/s" };
         for (i, (e, n)) in rounds.iter().enumerate() {
             println!(
-                "  round {}: edge {e:.0}/s, nginx {n:.0}/s, ratio {:.2}",
+                "  round {}: edge {e:.0}{unit}, nginx {n:.0}{unit}, ratio {:.2}",
                 i + 1,
                 e / n.max(f64::MIN_POSITIVE)
             );
         }
-        let ratio = edge.rate() / nginx.rate().max(f64::MIN_POSITIVE);
+        let ratio = if object.large {
+            mib_per_s(edge, object) / mib_per_s(nginx, object).max(f64::MIN_POSITIVE)
+        } else {
+            edge.rate() / nginx.rate().max(f64::MIN_POSITIVE)
+        };
         let pass = ratio >= TARGET && edge.errors() == 0 && nginx.errors() == 0;
         pass_all &= pass;
         let what = if object.bytes >= 1 << 20 {
@@ -420,7 +466,7 @@ fn report(setup: &Setup, results: &Results, rss_start: Option<u64>, strict: bool
     );
     crate::print_verdict(
         busiest,
-        &format!("edge vs nginx, target >= {TARGET:.2} for both objects"),
+        &format!("edge vs nginx, target >= {TARGET:.2} for every object"),
         pass_all,
         &setup.deployment.logs_dir(),
     );
@@ -449,7 +495,12 @@ fn wrk(
     cmd.arg("-t")
         .arg(args.threads.to_string())
         .arg("-c")
-        .arg(args.connections.to_string())
+        .arg(if object.large {
+            args.large_connections
+        } else {
+            args.connections
+        }
+        .to_string())
         .arg("-d")
         .arg(format!("{secs}s"))
         .arg("--latency")
@@ -527,6 +578,8 @@ fn start(tools: &Tools) -> Result<Setup> {
         // wrk connects to an IP, so its SNI names no site.
         c.tls_option("default_site", DOMAIN)
             .cache_option("memory_bytes", EDGE_CACHE_BYTES)
+            .cache_option("disk_dir", "cache-bench-disk")
+            .cache_option("disk_bytes", EDGE_DISK_BYTES)
     })?;
     let keyserver = keyservers
         .into_iter()
