@@ -506,7 +506,8 @@ fn counted(body: EdgeBody, counter: Counter) -> EdgeBody {
 
 /// After a range miss answered `206` with `headers`: fetches the whole object in the
 /// background, once (a coalesced flight), when it will be stored: its complete length
-/// is known from `Content-Range` and within `max_object_bytes`, the response is
+/// is known from `Content-Range` and within `max_object_bytes` (or, with a disk tier,
+/// `disk_max_object_bytes`: the fill streams to disk), the response is
 /// storable, and one of the `MAX_RANGE_FILLS` fill slots is free. A URL that fails
 /// these (or whose fill is not stored) is remembered for a while and not filled again,
 /// so small ranges of a large object cost one small origin request each, never a full
@@ -523,8 +524,9 @@ fn fill_after_range<F: Fetch>(
         .get(header::CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(complete_length);
-    let storable = size.is_some_and(|n| n <= cache.max_object_bytes)
-        && not_storable(cache, info, StatusCode::OK, headers, SystemTime::now()).is_none();
+    let fits = size.is_some_and(|n| n <= cache.max_object_bytes || cache.may_stream(Some(n)));
+    let storable =
+        fits && not_storable(cache, info, StatusCode::OK, headers, SystemTime::now()).is_none();
     if !storable {
         tracing::debug!(key = %info.primary, ?size, "range miss: whole object not fetched");
         cache.refuse_fill(&info.primary);
@@ -1056,7 +1058,9 @@ fn fetch_in_background<F: Fetch>(
                     // Dropping the response cancels its transfer.
                     Storing::Pass { .. } => false,
                     Storing::Store { body, sink, .. } => {
-                        tokio::time::timeout(DRAIN_TIMEOUT, drain_into(body, *sink))
+                        // A fill may be a large object streaming to disk.
+                        let limit = if filling { FILL_TIMEOUT } else { DRAIN_TIMEOUT };
+                        tokio::time::timeout(limit, drain_into(body, *sink))
                             .await
                             .unwrap_or(false)
                     }
@@ -1392,6 +1396,9 @@ impl Drop for StoringBody {
 
 /// Longest time the rest of a body is read for the cache after its client left.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Longest background fill of a whole object after a range miss (it may be gigabytes
+/// streaming to the disk tier).
+const FILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Reads `body` to its end into `sink`, then stores the object (if whole and within
 /// the size bound); whether it was stored. Reading stops (and dropping `body` cancels

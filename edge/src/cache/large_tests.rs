@@ -216,3 +216,23 @@ async fn a_large_object_refreshed_by_304_keeps_its_body() {
     assert!(hit.cs().contains("hit"), "{}", hit.cs());
     assert_eq!(h.calls("/v"), 2);
 }
+
+#[tokio::test]
+async fn a_range_miss_fills_a_large_object_to_disk_in_the_background() {
+    let h = large_harness();
+    let data = body(300_000);
+    h.script(
+        "/video",
+        vec![Reply::ok("max-age=600", "").body(data.clone()).ranges()],
+    );
+    let part = h.call("GET", "/video", &[("range", "bytes=0-99")]).await;
+    assert_eq!(part.status, 206);
+    same(&part.body, &data.slice(..100));
+    // The whole object, fetched once in the background, streamed to disk.
+    assert!(h.eventually(|| async { streamed(&h, "stored") == 1 }).await);
+    let tail = h.call("GET", "/video", &[("range", "bytes=-10")]).await;
+    assert_eq!(tail.status, 206);
+    same(&tail.body, &data.slice(300_000 - 10..));
+    assert!(tail.cs().contains("hit"), "{}", tail.cs());
+    assert_eq!(h.calls("/video"), 2, "the range, then one fill");
+}

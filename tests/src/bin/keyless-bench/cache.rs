@@ -495,15 +495,20 @@ fn wrk(
     cmd.arg("-t")
         .arg(args.threads.to_string())
         .arg("-c")
-        .arg(if object.large {
-            args.large_connections
-        } else {
-            args.connections
-        }
-        .to_string())
+        .arg(
+            if object.large {
+                args.large_connections
+            } else {
+                args.connections
+            }
+            .to_string(),
+        )
         .arg("-d")
         .arg(format!("{secs}s"))
         .arg("--latency")
+        // wrk's default 2 s would count a slow 256 MiB response as a timeout.
+        .arg("--timeout")
+        .arg(if object.large { "60s" } else { "2s" })
         .arg("-s")
         .arg(script)
         .arg("-H")
