@@ -32,7 +32,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::histogram::Histogram;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::disk::{decode_meta, FormatError, Meta, FILE_MODE, MAX_META};
+use super::disk::{decode_meta, eof_truncated, FormatError, Meta, FILE_MODE, MAX_META};
 
 /// Magic of the block format.
 pub(crate) const MAGIC: &[u8; 4] = b"KLC2";
@@ -318,14 +318,6 @@ pub(crate) fn read_head(file: &File, size: u64) -> Result<(Meta, u64, u64), Form
         });
     }
     Ok((decode_meta(meta)?, meta_len, body_len))
-}
-
-fn eof_truncated(e: io::Error) -> FormatError {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        FormatError::Truncated
-    } else {
-        FormatError::Io(e)
-    }
 }
 
 #[cfg(test)]

@@ -1035,7 +1035,8 @@ fn scan_file(path: &Path) -> Result<(Meta, u64, SystemTime), FormatError> {
     Ok((meta, size, mtime))
 }
 
-fn eof_truncated(e: io::Error) -> FormatError {
+/// An early end of file read as a truncated cache file.
+pub(super) fn eof_truncated(e: io::Error) -> FormatError {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         FormatError::Truncated
     } else {
