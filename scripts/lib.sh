@@ -8,6 +8,8 @@ install_deps() {
     command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq)
     # The shared session store of the resumption tests and the demo.
     command -v redis-server >/dev/null || need+=(redis-server)
+    # The PKCS#11 key-store tests: a SoftHSM2 token per test.
+    command -v softhsm2-util >/dev/null || need+=(softhsm2)
     if [ ${#need[@]} -gt 0 ]; then
         echo "installing: ${need[*]}"
         local sudo=""

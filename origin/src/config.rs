@@ -324,6 +324,53 @@ pub(crate) struct KeysConfig {
     /// Per-key operation policy. Default: no entry, so no key does raw RSA decrypt.
     #[serde(default)]
     pub(crate) policy: Vec<PolicyEntry>,
+    /// Key stores besides `dir`: PKCS#11 tokens.
+    #[serde(default)]
+    pub(crate) store: Vec<StoreConfig>,
+}
+
+/// One `[[keys.store]]`: a PKCS#11 token whose private keys the key server uses
+/// without ever holding them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoreConfig {
+    /// The store's kind; only `"pkcs11"`.
+    #[serde(rename = "type")]
+    pub(crate) kind: StoreKind,
+    /// RFC 7512 URI: token, optional object/id, module-path and pin-source.
+    pub(crate) uri: String,
+    /// Sessions (and worker threads) on the token: operations run in parallel up to
+    /// this many. Default 4.
+    #[serde(default = "default_sessions")]
+    pub(crate) sessions: usize,
+    /// Longest a private-key operation may take on the token. Default "2s".
+    #[serde(default = "default_sign_timeout", with = "humantime_serde")]
+    pub(crate) sign_timeout: Duration,
+    /// Retries of an operation on a new session after a session or token failure.
+    /// Default 1.
+    #[serde(default = "default_sign_retry_count")]
+    pub(crate) sign_retry_count: u32,
+    /// Accept private keys marked extractable or not sensitive. Default false.
+    #[serde(default)]
+    pub(crate) allow_extractable: bool,
+}
+
+/// The kinds of `[[keys.store]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StoreKind {
+    /// A PKCS#11 token.
+    Pkcs11,
+}
+
+fn default_sessions() -> usize {
+    4
+}
+fn default_sign_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_sign_retry_count() -> u32 {
+    1
 }
 
 /// One `[[keys.policy]]` entry: a key, by file stem or SKI, and what it may do beyond

@@ -63,9 +63,20 @@ enum RingKey {
     Ed25519(Ed25519KeyPair),
 }
 
+/// Where a key's private operations happen.
+enum Backend {
+    /// A key read from a file: `ring` and OpenSSL in this process.
+    File {
+        ring: Box<RingKey>,
+        openssl: PKey<Private>,
+    },
+    /// A key on a PKCS#11 token: the token does them.
+    Token(crate::pkcs11::TokenKey),
+}
+
 /// A loaded site private key.
 ///
-/// Key hygiene: the file bytes, base64 text, DER and PKCS#8 it was decoded from are
+/// Key hygiene (file keys): the file bytes, base64 text, DER and PKCS#8 it was decoded from are
 /// `Zeroizing` buffers (see `keystore::read_pem_file`), and OpenSSL clears the private
 /// components of `openssl` when it is freed (`BN_clear_free`, secure heap for Ed25519).
 /// `ring`'s key pairs offer no way to wipe them and the workspace forbids `unsafe`, so
@@ -74,8 +85,7 @@ enum RingKey {
 pub(crate) struct SiteKey {
     pub(crate) ski: Ski,
     pub(crate) algorithm: Algorithm,
-    ring: RingKey,
-    openssl: PKey<Private>,
+    backend: Backend,
 }
 
 impl std::fmt::Debug for SiteKey {
@@ -156,9 +166,28 @@ impl SiteKey {
         Ok(SiteKey {
             ski,
             algorithm,
-            ring,
-            openssl: pkey,
+            backend: Backend::File {
+                ring: Box::new(ring),
+                openssl: pkey,
+            },
         })
+    }
+
+    /// The key `found` on a PKCS#11 token.
+    pub(crate) fn on_token(found: crate::pkcs11::FoundKey) -> SiteKey {
+        SiteKey {
+            ski: found.ski,
+            algorithm: found.algorithm,
+            backend: Backend::Token(found.key),
+        }
+    }
+
+    /// The token holding the key, for a key on a token.
+    pub(crate) fn token(&self) -> Option<&std::sync::Arc<crate::pkcs11::Token>> {
+        match &self.backend {
+            Backend::Token(k) => Some(k.token()),
+            Backend::File { .. } => None,
+        }
     }
 
     /// Checks that `opcode` suits this key and `payload` its length, before queueing.
@@ -193,18 +222,23 @@ impl SiteKey {
     ) -> OpResult {
         self.precheck(opcode, payload)?;
         let (kind, hash) = opcode.key_op().ok_or(ErrorCode::BadOpcode)?;
-        if let Some(out) = self.ring_sign(kind, hash, payload, message) {
+        let (ring, openssl) = match &self.backend {
+            Backend::Token(key) => return key.perform(kind, hash, payload),
+            Backend::File { ring, openssl } => (ring, openssl),
+        };
+        if let Some(out) = self.ring_sign(ring, kind, hash, payload, message) {
             return out;
         }
         match kind {
-            KeyKind::RsaRaw => self.rsa_raw(payload),
+            KeyKind::RsaRaw => rsa_raw(openssl, payload),
             KeyKind::Ed25519 => Err(ErrorCode::Internal), // always handled by ring
-            _ => self.openssl_sign(kind, hash, payload),
+            _ => self.openssl_sign(openssl, kind, hash, payload),
         }
     }
 
     fn ring_sign(
         &self,
+        ring: &RingKey,
         kind: KeyKind,
         hash: Option<HashAlg>,
         payload: &[u8],
@@ -212,7 +246,7 @@ impl SiteKey {
     ) -> Option<OpResult> {
         let rng = SystemRandom::new();
         let crypto = |_| ErrorCode::Crypto;
-        match (&self.ring, kind, hash) {
+        match (ring, kind, hash) {
             (RingKey::Ed25519(k), KeyKind::Ed25519, _) => {
                 Some(Ok(k.sign(payload).as_ref().to_vec()))
             }
@@ -243,12 +277,18 @@ impl SiteKey {
         }
     }
 
-    fn openssl_sign(&self, kind: KeyKind, hash: Option<HashAlg>, digest: &[u8]) -> OpResult {
+    fn openssl_sign(
+        &self,
+        key: &PKey<Private>,
+        kind: KeyKind,
+        hash: Option<HashAlg>,
+        digest: &[u8],
+    ) -> OpResult {
         let fail = |e: openssl::error::ErrorStack| {
             tracing::warn!(ski = %self.ski, error = %e, "signing failed");
             ErrorCode::Crypto
         };
-        let mut ctx = PkeyCtx::new(&self.openssl).map_err(fail)?;
+        let mut ctx = PkeyCtx::new(key).map_err(fail)?;
         ctx.sign_init().map_err(fail)?;
         let md = match hash {
             Some(h) => Some(message_digest(h).ok_or(ErrorCode::BadOpcode)?),
@@ -277,17 +317,94 @@ impl SiteKey {
         ctx.sign_to_vec(digest, &mut out).map_err(fail)?;
         Ok(out)
     }
+}
 
-    fn rsa_raw(&self, ciphertext: &[u8]) -> OpResult {
-        let rsa = self.openssl.rsa().map_err(|_| ErrorCode::BadOpcode)?;
-        let mut out = vec![0u8; rsa.size() as usize];
-        // Raw private operation: the caller (the edge's TLS stack) checks the padding,
-        // so no padding oracle lives here. A ciphertext ≥ the modulus is refused.
-        let n = rsa
-            .private_decrypt(ciphertext, &mut out, Padding::NONE)
-            .map_err(|_| ErrorCode::Crypto)?;
-        out.truncate(n);
-        Ok(out)
+fn rsa_raw(key: &PKey<Private>, ciphertext: &[u8]) -> OpResult {
+    let rsa = key.rsa().map_err(|_| ErrorCode::BadOpcode)?;
+    let mut out = vec![0u8; rsa.size() as usize];
+    // Raw private operation: the caller (the edge's TLS stack) checks the padding,
+    // so no padding oracle lives here. A ciphertext ≥ the modulus is refused.
+    let n = rsa
+        .private_decrypt(ciphertext, &mut out, Padding::NONE)
+        .map_err(|_| ErrorCode::Crypto)?;
+    out.truncate(n);
+    Ok(out)
+}
+
+/// The algorithm and SPKI DER of a token key from its public attributes (`CKA_MODULUS`
+/// and `CKA_PUBLIC_EXPONENT`, or `CKA_EC_PARAMS` and `CKA_EC_POINT`).
+pub(crate) fn public_from_attributes(
+    key_type: Option<cryptoki::object::KeyType>,
+    attrs: &[cryptoki::object::Attribute],
+) -> Result<(Algorithm, Vec<u8>), String> {
+    use cryptoki::object::{Attribute, KeyType};
+    let get = |want: fn(&Attribute) -> Option<&Vec<u8>>| attrs.iter().find_map(want);
+    let ossl = |e: openssl::error::ErrorStack| e.to_string();
+    match key_type {
+        Some(t) if t == KeyType::RSA => {
+            let n = get(|a| match a {
+                Attribute::Modulus(v) => Some(v),
+                _ => None,
+            })
+            .ok_or("no CKA_MODULUS")?;
+            let e = get(|a| match a {
+                Attribute::PublicExponent(v) => Some(v),
+                _ => None,
+            })
+            .ok_or("no CKA_PUBLIC_EXPONENT")?;
+            let rsa = openssl::rsa::Rsa::from_public_components(
+                openssl::bn::BigNum::from_slice(n).map_err(ossl)?,
+                openssl::bn::BigNum::from_slice(e).map_err(ossl)?,
+            )
+            .map_err(ossl)?;
+            let bits = rsa.size() * 8;
+            if !(2048..=4096).contains(&bits) {
+                return Err(format!("unsupported RSA-{bits}"));
+            }
+            let pkey = PKey::from_rsa(rsa).map_err(ossl)?;
+            Ok((
+                Algorithm::Rsa { bits },
+                pkey.public_key_to_der().map_err(ossl)?,
+            ))
+        }
+        Some(t) if t == KeyType::EC || t == KeyType::EC_EDWARDS => {
+            let params = get(|a| match a {
+                Attribute::EcParams(v) => Some(v),
+                _ => None,
+            })
+            .ok_or("no CKA_EC_PARAMS")?;
+            let point = get(|a| match a {
+                Attribute::EcPoint(v) => Some(v),
+                _ => None,
+            })
+            .ok_or("no CKA_EC_POINT")?;
+            // CKA_EC_POINT is a DER OCTET STRING holding the point (some tokens give
+            // the bare point).
+            let point = match point.as_slice() {
+                [0x04, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
+                [0x04, 0x81, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
+                other => other,
+            };
+            const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+            const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+            const ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+            let (algorithm, nid) = match params.as_slice() {
+                P256 => (Algorithm::EcdsaP256, Nid::X9_62_PRIME256V1),
+                P384 => (Algorithm::EcdsaP384, Nid::SECP384R1),
+                p if p == ED25519 || p.ends_with(b"edwards25519") => {
+                    let pkey = PKey::public_key_from_raw_bytes(point, Id::ED25519).map_err(ossl)?;
+                    return Ok((Algorithm::Ed25519, pkey.public_key_to_der().map_err(ossl)?));
+                }
+                _ => return Err("unsupported curve (supported: P-256, P-384, Ed25519)".into()),
+            };
+            let group = openssl::ec::EcGroup::from_curve_name(nid).map_err(ossl)?;
+            let mut ctx = openssl::bn::BigNumContext::new().map_err(ossl)?;
+            let point = openssl::ec::EcPoint::from_bytes(&group, point, &mut ctx).map_err(ossl)?;
+            let ec = openssl::ec::EcKey::from_public_key(&group, &point).map_err(ossl)?;
+            let pkey = PKey::from_ec_key(ec).map_err(ossl)?;
+            Ok((algorithm, pkey.public_key_to_der().map_err(ossl)?))
+        }
+        _ => Err("unsupported key type (supported: RSA, EC, EC Edwards)".into()),
     }
 }
 

@@ -13,8 +13,9 @@ use keyless_shared::{encode_chain, ChainError, DomainMap, KeyPreference, Ski};
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::config::{AclEntry, DefaultAcl, KeysConfig, PolicyEntry};
+use crate::config::{AclEntry, DefaultAcl, KeysConfig, PolicyEntry, StoreConfig, StoreKind};
 use crate::keys::{Algorithm, KeyError, SiteKey};
+use crate::pkcs11::Token;
 
 /// Size limit of a key or chain file.
 const MAX_PEM_FILE: usize = 1 << 20;
@@ -45,6 +46,8 @@ pub(crate) enum KeystoreError {
     Cert { path: PathBuf, message: String },
     #[error("{path}: certificate is not valid X.509: {source}")]
     Chain { path: PathBuf, source: ChainError },
+    #[error("PKCS#11 store: {0}")]
+    Token(#[from] crate::pkcs11::TokenError),
 }
 
 /// A certificate chain, leaf first.
@@ -127,11 +130,53 @@ impl Keystore {
             }
             store.insert(entry(config, name, key, chain));
         }
+        for config_store in &config.store {
+            store.load_token(config, config_store, &mut chains)?;
+        }
         for (ski, _) in chains {
             tracing::warn!(%ski, "keystore: certificate without its private key is not served");
         }
         store.warn_unused_entries(config);
         Ok(store)
+    }
+
+    /// Adds the private keys of a PKCS#11 token, each with its chain from `keys.dir`
+    /// (matched by public key) or else the certificate stored on the token.
+    fn load_token(
+        &mut self,
+        config: &KeysConfig,
+        token: &StoreConfig,
+        chains: &mut HashMap<Ski, Chain>,
+    ) -> Result<(), KeystoreError> {
+        let found = match token.kind {
+            StoreKind::Pkcs11 => Token::load(token)?,
+        };
+        if found.is_empty() {
+            tracing::warn!(uri = %token.uri.split('?').next().unwrap_or(""), "keystore: the PKCS#11 URI selects no private key");
+        }
+        for key in found {
+            let ski = key.ski;
+            if self.keys.contains_key(&ski) {
+                tracing::warn!(label = %key.label, %ski, "keystore: duplicate key on a token ignored");
+                continue;
+            }
+            let origin = PathBuf::from(format!("token key {}", key.label));
+            let chain = match chains.remove(&ski) {
+                Some(chain) => Some(chain),
+                None => key
+                    .certificates
+                    .first()
+                    .map(|der| parse_chain(&origin, std::slice::from_ref(der)))
+                    .transpose()?
+                    .map(|(_, chain)| chain),
+            };
+            if chain.is_none() {
+                tracing::info!(label = %key.label, %ski, "keystore: token key has no certificate; usable by SKI only");
+            }
+            let name = key.label.clone();
+            self.insert(entry(config, name, SiteKey::on_token(key), chain));
+        }
+        Ok(())
     }
 
     /// Files `entry` by SKI and by the names its certificate covers.

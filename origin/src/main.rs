@@ -8,6 +8,7 @@ mod enroll;
 mod keys;
 mod keystore;
 mod metrics;
+mod pkcs11;
 mod pool;
 mod rotate;
 mod server;
@@ -108,6 +109,9 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
             humantime_serde::re::humantime::format_duration(config.tls_reload_interval),
         );
         for line in group_report(&config, &store) {
+            println!("{line}");
+        }
+        for line in token_report(&store) {
             println!("{line}");
         }
         println!(
@@ -235,6 +239,34 @@ fn unmatched_group_patterns(config: &Config, store: &Keystore) -> Vec<(String, S
                 out.push((g.name.clone(), p.clone()));
             }
         }
+    }
+    out
+}
+
+/// For `--test`: per PKCS#11 token, each key found on it (label, SKI, algorithm, the
+/// names its certificate covers).
+fn token_report(store: &Keystore) -> Vec<String> {
+    let mut tokens: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for e in store.entries() {
+        let Some(token) = e.key.token() else {
+            continue;
+        };
+        let names = e
+            .chain
+            .as_ref()
+            .map_or_else(|| "no certificate".to_owned(), |c| c.names.join(", "));
+        tokens.entry(token.name()).or_default().push(format!(
+            "  key {:?} ski {} {} ({names})",
+            e.name,
+            e.key.ski,
+            e.key.algorithm.name()
+        ));
+    }
+    let mut out = Vec::new();
+    for (token, mut keys) in tokens {
+        keys.sort();
+        out.push(format!("PKCS#11 token {token}: {} key(s)", keys.len()));
+        out.extend(keys);
     }
     out
 }
@@ -384,6 +416,7 @@ fn shared_state(config: &Config, tls: tls::TlsState, store: Keystore) -> anyhow:
     let metrics = Arc::new(Metrics::new());
     metrics.keystore(&store);
     let pool = pool::Pool::start(
+        "keyless-crypto",
         config.worker_count(),
         config.queue_size.get(),
         config.queue_deadline,

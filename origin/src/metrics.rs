@@ -47,6 +47,12 @@ pub(crate) struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TokenLabel {
+    /// The token's URI without its PIN source.
+    pub(crate) token: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct CertLabels {
     pub(crate) key: String,
     pub(crate) ski: String,
@@ -80,6 +86,11 @@ pub(crate) struct Metrics {
     pub(crate) enrollments: Family<EnrollLabels, Counter>,
     pub(crate) tls_reloads: Family<ResultLabel, Counter>,
     pub(crate) tls_rotations: Family<ResultLabel, Counter>,
+    /// Whether each PKCS#11 token of the keystore answers (1) or is in its reopen
+    /// back-off (0); set when metrics are read.
+    pub(crate) token_up: Family<TokenLabel, Gauge>,
+    /// The keystore's tokens, for `token_up`.
+    tokens: std::sync::Mutex<Vec<std::sync::Weak<crate::pkcs11::Token>>>,
 }
 
 use std::sync::atomic::AtomicI64;
@@ -179,6 +190,13 @@ impl Metrics {
                 "Rotations of the key server's own certificate ([tls] rotate_every), by result",
                 Family::<ResultLabel, Counter>::default(),
             ),
+            token_up: register(
+                &mut r,
+                "keyless_token_up",
+                "Whether each PKCS#11 token answers (1) or is unavailable, its keys answering key-unavailable (0)",
+                Family::<TokenLabel, Gauge>::default(),
+            ),
+            tokens: std::sync::Mutex::new(Vec::new()),
             registry: r,
         }
     }
@@ -186,6 +204,19 @@ impl Metrics {
     /// Records the state of a newly installed keystore.
     pub(crate) fn keystore(&self, store: &Keystore) {
         self.keys_loaded.set(store.len() as i64);
+        let mut tokens: Vec<std::sync::Weak<crate::pkcs11::Token>> = Vec::new();
+        for e in store.entries() {
+            if let Some(t) = e.key.token() {
+                if !tokens
+                    .iter()
+                    .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(t)))
+                {
+                    tokens.push(Arc::downgrade(t));
+                }
+            }
+        }
+        self.token_up.clear();
+        *self.tokens.lock().unwrap_or_else(|p| p.into_inner()) = tokens;
         self.cert_expiry.clear();
         for e in store.entries() {
             if let Some(chain) = &e.chain {
@@ -232,6 +263,19 @@ impl Metrics {
     }
 
     fn render(&self) -> String {
+        for token in self
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+        {
+            self.token_up
+                .get_or_create(&TokenLabel {
+                    token: token.name(),
+                })
+                .set(i64::from(token.available()));
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

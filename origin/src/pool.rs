@@ -74,7 +74,9 @@ fn update_average(avg: &AtomicU64, sample: Duration) {
 }
 
 impl Pool {
+    /// Starts `threads` workers named `name-N` behind a queue of `queue_size`.
     pub(crate) fn start(
+        name: &str,
         threads: usize,
         queue_size: usize,
         deadline: Duration,
@@ -87,7 +89,7 @@ impl Pool {
             let metrics = metrics.clone();
             let avg = avg_exec_ns.clone();
             std::thread::Builder::new()
-                .name(format!("keyless-crypto-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || {
                     for (job, enqueued) in rx {
                         let queued = enqueued.elapsed();
@@ -112,6 +114,11 @@ impl Pool {
             deadline,
             avg_exec_ns,
         })
+    }
+
+    /// The queue's capacity and deadline, for pools started like this one.
+    pub(crate) fn limits(&self) -> (usize, Duration) {
+        (self.tx.capacity().unwrap_or(1), self.deadline)
     }
 
     /// Queues `job`, or answers it `overloaded` at once when the queue is full or the

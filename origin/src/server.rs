@@ -757,7 +757,10 @@ fn key_op(
         alive: ctx.alive.clone(),
         done,
     };
-    if entry.key.algorithm.is_fast() {
+    if let Some(token) = entry.key.token() {
+        // A token's operations wait on the device: its own threads, one session each.
+        token.submit(job, &shared.pool, &shared.metrics);
+    } else if entry.key.algorithm.is_fast() {
         // An ECDSA or Ed25519 signature costs about what handing it to another thread
         // and back costs (measured: ~0.44 vs ~0.55 of raw ring throughput), so it runs
         // here; RSA (~1 ms) goes to the pool so it never stalls this connection's I/O.

@@ -196,6 +196,9 @@ wire_enum! {
         Overloaded = 0x82 => "overloaded",
         /// Extension: the key is not one the client's group may use (ENROLL.md).
         NotInGroup = 0x83 => "not-in-group",
+        /// Extension: the key's store (a PKCS#11 token) is unavailable now; the request
+        /// was not performed, so trying another key server is safe.
+        KeyUnavailable = 0x84 => "key-unavailable",
     }
 }
 

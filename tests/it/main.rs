@@ -25,6 +25,7 @@ mod enroll_edge;
 mod enroll_keyserver;
 mod errors;
 mod fleet;
+mod hsm;
 mod interim;
 mod keyserver_drain;
 mod keyserver_hardening;

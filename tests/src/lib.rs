@@ -27,6 +27,7 @@ mod dns;
 mod edge;
 pub mod enroll;
 mod flood;
+pub mod hsm;
 mod https;
 pub mod keys;
 pub mod memscan;

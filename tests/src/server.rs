@@ -62,6 +62,8 @@ pub struct KeyServer {
     config: PathBuf,
     log_path: PathBuf,
     report_on_drop: bool,
+    /// Environment variables set for the process (kept for restarts).
+    env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl KeyServer {
@@ -92,13 +94,39 @@ impl KeyServer {
         KeyServer::spawn(&config, listen, metrics, &deployment.logs_dir())
     }
 
+    /// Starts the key server with another config of the deployment's ports, with
+    /// `env` set for its process (e.g. `SOFTHSM2_CONF`).
+    pub fn start_with_env(
+        deployment: &Deployment,
+        config: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<KeyServer> {
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.to_os_string()))
+            .collect();
+        KeyServer::launch(
+            &bins::origin_bin()?,
+            config,
+            (deployment.listen(), deployment.metrics()),
+            &deployment.logs_dir(),
+            env,
+        )
+    }
+
     /// Starts the same configuration again on the same ports (after this one exited).
     pub fn restart(&self) -> Result<KeyServer> {
         let logs = self
             .log_path
             .parent()
             .context("the key server log has no directory")?;
-        KeyServer::spawn(&self.config, self.listen, self.metrics, logs)
+        KeyServer::launch(
+            &bins::origin_bin()?,
+            &self.config,
+            (self.listen, self.metrics),
+            logs,
+            self.env.clone(),
+        )
     }
 
     /// Operations answered `ok`, over every opcode but ping (from `/metrics`).
@@ -126,6 +154,16 @@ impl KeyServer {
         metrics: SocketAddr,
         logs_dir: &Path,
     ) -> Result<KeyServer> {
+        KeyServer::launch(bin, config, (listen, metrics), logs_dir, Vec::new())
+    }
+
+    fn launch(
+        bin: &Path,
+        config: &Path,
+        (listen, metrics): (SocketAddr, SocketAddr),
+        logs_dir: &Path,
+        env: Vec<(String, std::ffi::OsString)>,
+    ) -> Result<KeyServer> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         std::fs::create_dir_all(logs_dir)
             .with_context(|| format!("creating {}", logs_dir.display()))?;
@@ -146,6 +184,9 @@ impl KeyServer {
         if let Some(filter) = std::env::var_os("KEYLESS_ORIGIN_LOG") {
             cmd.env("RUST_LOG", filter);
         }
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
         let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         let mut server = KeyServer {
             child,
@@ -155,6 +196,7 @@ impl KeyServer {
             config: config.to_owned(),
             log_path,
             report_on_drop: true,
+            env,
         };
         server.wait_ready()?;
         Ok(server)

@@ -410,15 +410,16 @@ impl KeyGroup {
 }
 
 /// Whether a request that failed with `e` goes to the next key server: the server
-/// did not answer (connection lost, timeout) or is overloaded. Other refusals (unknown
-/// key, policy) are the same on every server of a group.
+/// did not answer (connection lost, timeout), is overloaded, or its key store (an HSM
+/// token) is unavailable. Other refusals (unknown key, policy) are the same on every
+/// server of a group.
 fn fails_over(e: &ClientError) -> bool {
     matches!(
         e,
         ClientError::ConnectionLost
             | ClientError::Timeout(_)
             | ClientError::Unavailable(_)
-            | ClientError::Remote(ErrorCode::Overloaded)
+            | ClientError::Remote(ErrorCode::Overloaded | ErrorCode::KeyUnavailable)
     )
 }
 

@@ -1,6 +1,11 @@
 //! `keyless-bench keyserver`: signing throughput of the release key server over mutual
 //! TLS with pipelining, against raw `ring` signing of the same keys in this process, in
 //! the same run. The ratio is what matters; absolute numbers depend on the machine.
+//!
+//! With `--store pkcs11` the keys live in a SoftHSM2 token (initialised for the run)
+//! and the reference is direct PKCS#11 signing of the same digests with the same
+//! mechanisms on the same token, in this process, on `--sessions` threads with one
+//! session each (as many as the key server's `[[keys.store]] sessions`).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -43,6 +48,20 @@ pub(crate) struct KeyserverArgs {
     /// Exit non-zero when a ratio misses its target.
     #[arg(long)]
     strict: bool,
+    /// Where the key server's keys are: `file` (its keys directory) or `pkcs11` (a
+    /// SoftHSM2 token).
+    #[arg(long, value_enum, default_value_t = Store::File)]
+    store: Store,
+    /// Sessions on the token (`--store pkcs11`), for the key server and the reference.
+    #[arg(long, default_value_t = 4)]
+    sessions: usize,
+}
+
+/// Where the benchmark keys live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Store {
+    File,
+    Pkcs11,
 }
 
 /// One algorithm under test.
@@ -94,18 +113,23 @@ pub(crate) fn run(args: KeyserverArgs) -> Result<bool> {
 
     let mut deployment = Deployment::init(&["bench.example"])?;
     deployment.set_report_on_drop(false);
+    let config = match args.store {
+        Store::File => deployment.config_path(),
+        Store::Pkcs11 => hsm::setup(&deployment, args.sessions)?,
+    };
     let mut server = KeyServer::spawn_with(
         &origin,
-        &deployment.config_path(),
+        &config,
         deployment.listen(),
         deployment.metrics(),
         &deployment.logs_dir(),
     )?;
     server.set_report_on_drop(false);
+    let hsm = args.store == Store::Pkcs11;
     let cases = [
         Case {
             name: "ECDSA P-256 SHA-256",
-            target: 0.50,
+            target: if hsm { 0.70 } else { 0.50 },
             key: deployment.site_key("bench.example", KeyAlg::Ecdsa)?,
             opcode: Opcode::EcdsaSignSha256,
             message: || tls13_server_signed_message(&random_bytes(32)),
@@ -140,6 +164,15 @@ pub(crate) fn run(args: KeyserverArgs) -> Result<bool> {
         WARMUP.as_secs(),
         args.client_threads
     );
+    if hsm {
+        println!(
+            "  keys in a SoftHSM2 token ({}), {} sessions; reference (\"raw\"): direct \
+             PKCS#11 signing in this process, {} threads with a session each",
+            keyless_tests::hsm::SOFTHSM_MODULE,
+            args.sessions,
+            args.sessions
+        );
+    }
 
     let mut rows = Vec::new();
     let per_round = Duration::from_secs_f64(args.seconds as f64 / args.rounds as f64);
@@ -159,10 +192,11 @@ pub(crate) fn run(args: KeyserverArgs) -> Result<bool> {
                     .with_context(|| format!("{}: key server run", case.name))
                     .inspect_err(|_| print_log_tail(&server))?,
             );
-            raw.add(
-                measure_ring(case, cores, per_round)
-                    .with_context(|| format!("{}: ring run", case.name))?,
-            );
+            let reference = match args.store {
+                Store::File => measure_ring(case, cores, per_round),
+                Store::Pkcs11 => hsm::measure_direct(case, args.sessions, per_round),
+            };
+            raw.add(reference.with_context(|| format!("{}: reference run", case.name))?);
         }
         rows.push((case, remote, raw));
     }
@@ -407,6 +441,8 @@ async fn connection(
     let ((), latencies) = tokio::try_join!(write, read)?;
     Ok(latencies)
 }
+
+mod hsm;
 
 /// Raw ring signing of the same key and messages on `threads` threads.
 fn measure_ring(case: &Case, threads: usize, duration: Duration) -> Result<Throughput> {

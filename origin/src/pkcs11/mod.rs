@@ -1,0 +1,777 @@
+//! PKCS#11 key stores (`[[keys.store]]` with `type = "pkcs11"`): site keys that live in
+//! a hardware security module (or SoftHSM2) and never leave it. The key server finds
+//! them on the token, derives their public keys (and so their SKIs) from the token's
+//! attributes, and asks the token for every private-key operation.
+//!
+//! Sessions: a PKCS#11 `Session` may be used by one thread at a time, so each of a
+//! token's worker threads (`sessions` of them, see [`crate::pool`]) opens and logs in
+//! its own, kept in a thread-local map and reopened after a session-level failure.
+//! The module is loaded and initialised once per process and path, shared by reloads.
+//!
+//! Failures: an operation that fails for a reason of the session or the token (closed
+//! session, device error, token removed, not logged in) is retried on a new session
+//! up to `sign_retry_count` times; when the token cannot be opened, its keys answer
+//! `key-unavailable` at once for a back-off period (1 s doubling to 30 s), then the next
+//! operation tries again, without a restart.
+
+pub(crate) mod uri;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use keyless_shared::{ErrorCode, HashAlg, KeyKind, Ski};
+use zeroize::Zeroizing;
+
+use crate::config::StoreConfig;
+use crate::keys::{Algorithm, OpResult};
+use crate::metrics::Metrics;
+use crate::pool::{Job, Pool};
+use uri::{PinSource, Pkcs11Uri};
+
+/// Longest back-off between attempts to reopen a failed token.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why a token's keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TokenError {
+    #[error(transparent)]
+    Uri(#[from] uri::UriError),
+    #[error("{uri}: cannot load PKCS#11 module {path}: {source}")]
+    Module {
+        uri: String,
+        path: PathBuf,
+        source: CkError,
+    },
+    #[error("{uri}: no token labelled {token:?} in the module's slots")]
+    NoToken { uri: String, token: String },
+    #[error("{uri}: reading the PIN from {what}: {why}")]
+    Pin {
+        uri: String,
+        what: String,
+        why: String,
+    },
+    #[error("{uri}: {what}: {source}")]
+    Pkcs11 {
+        uri: String,
+        what: &'static str,
+        source: CkError,
+    },
+    #[error("{uri}: private key {label:?} is extractable; the store refuses it (allow_extractable = true to accept)")]
+    Extractable { uri: String, label: String },
+    #[error("{uri}: private key {label:?}: {why}")]
+    Key {
+        uri: String,
+        label: String,
+        why: String,
+    },
+}
+
+/// A private key found on a token, with what the keystore needs to index it.
+#[derive(Debug)]
+pub(crate) struct FoundKey {
+    pub(crate) label: String,
+    pub(crate) ski: Ski,
+    pub(crate) algorithm: Algorithm,
+    /// DER certificates on the token whose public key is this key's.
+    pub(crate) certificates: Vec<Vec<u8>>,
+    pub(crate) key: TokenKey,
+}
+
+/// One configured token: its module, slot and PIN, and the state of its sessions.
+pub(crate) struct Token {
+    /// Distinguishes this token's sessions from those of an earlier load.
+    id: u64,
+    uri: Pkcs11Uri,
+    ctx: Pkcs11,
+    slot: Slot,
+    pin: AuthPin,
+    retries: u32,
+    pub(crate) sign_timeout: Duration,
+    pub(crate) sessions: usize,
+    /// While set, the token is considered down until then.
+    down: Mutex<Option<(Instant, Duration)>>,
+    /// Set after a session-level failure: the next session logs out first, so that
+    /// its login is checked anew (a module may keep a stale login for the token).
+    relogin: std::sync::atomic::AtomicBool,
+    /// The token's worker threads, started on first use.
+    pub(crate) pool: OnceLock<crate::pool::Pool>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("uri", &self.uri.to_string())
+            .field("sessions", &self.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A private key on a token.
+#[derive(Debug)]
+pub(crate) struct TokenKey {
+    token: Arc<Token>,
+    /// The key's handle (valid in every session of the process), found again by
+    /// `id` when the token says it is no longer valid (the token was reinserted).
+    handle: Mutex<ObjectHandle>,
+    /// `CKA_ID`.
+    id: Vec<u8>,
+}
+
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+
+/// The process's PKCS#11 modules by path: `C_Initialize` once each, shared by reloads.
+fn module(path: &Path) -> Result<Pkcs11, CkError> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut map = MODULES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(ctx) = map.get(path) {
+        return Ok(ctx.clone());
+    }
+    let ctx = Pkcs11::new(path)?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => {}
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(e),
+    }
+    map.insert(path.to_owned(), ctx.clone());
+    Ok(ctx)
+}
+
+impl Token {
+    /// Opens the token of `config` and lists its private keys (blocking).
+    pub(crate) fn load(config: &StoreConfig) -> Result<Vec<FoundKey>, TokenError> {
+        let uri = Pkcs11Uri::parse(&config.uri)?;
+        let shown = uri.to_string();
+        let ctx = module(&uri.module_path).map_err(|source| TokenError::Module {
+            uri: shown.clone(),
+            path: uri.module_path.clone(),
+            source,
+        })?;
+        let slot = find_slot(&ctx, &uri.token).map_err(|source| TokenError::Pkcs11 {
+            uri: shown.clone(),
+            what: "listing slots",
+            source,
+        })?;
+        let slot = slot.ok_or_else(|| TokenError::NoToken {
+            uri: shown.clone(),
+            token: uri.token.clone(),
+        })?;
+        let pin = read_pin(&uri.pin).map_err(|(what, why)| TokenError::Pin {
+            uri: shown.clone(),
+            what,
+            why,
+        })?;
+        same_pin_as_before(&uri, pin.as_str()).map_err(|why| TokenError::Pin {
+            uri: shown.clone(),
+            what: "its source".into(),
+            why,
+        })?;
+        let token = Arc::new(Token {
+            id: NEXT_TOKEN.fetch_add(1, Ordering::Relaxed),
+            uri,
+            ctx,
+            slot,
+            pin: AuthPin::new(pin.as_str().into()),
+            retries: config.sign_retry_count,
+            sign_timeout: config.sign_timeout,
+            sessions: config.sessions.max(1),
+            down: Mutex::new(None),
+            relogin: std::sync::atomic::AtomicBool::new(false),
+            pool: OnceLock::new(),
+        });
+        token.list_keys(config.allow_extractable)
+    }
+
+    /// The token's private keys that the URI selects (blocking).
+    fn list_keys(self: &Arc<Self>, allow_extractable: bool) -> Result<Vec<FoundKey>, TokenError> {
+        let shown = self.uri.to_string();
+        let pk = |what: &'static str| {
+            let shown = shown.clone();
+            move |source| TokenError::Pkcs11 {
+                uri: shown,
+                what,
+                source,
+            }
+        };
+        let session = self
+            .open_session()
+            .map_err(pk("opening a session and logging in"))?;
+        let mut template = vec![Attribute::Class(ObjectClass::PRIVATE_KEY)];
+        if let Some(label) = &self.uri.object {
+            template.push(Attribute::Label(label.as_bytes().to_vec()));
+        }
+        if let Some(id) = &self.uri.id {
+            template.push(Attribute::Id(id.clone()));
+        }
+        let handles = session
+            .find_objects(&template)
+            .map_err(pk("finding private keys"))?;
+        let certs = certificates(&session).map_err(pk("finding certificates"))?;
+        let mut found = Vec::new();
+        for handle in handles {
+            let key = self.describe(&session, handle, allow_extractable, &certs)?;
+            found.push(key);
+        }
+        Ok(found)
+    }
+
+    /// What the keystore needs of the private key `handle`.
+    fn describe(
+        self: &Arc<Self>,
+        session: &Session,
+        handle: ObjectHandle,
+        allow_extractable: bool,
+        certs: &[(Ski, Vec<u8>)],
+    ) -> Result<FoundKey, TokenError> {
+        let shown = self.uri.to_string();
+        let attrs = session
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::Label,
+                    AttributeType::Id,
+                    AttributeType::KeyType,
+                    AttributeType::Extractable,
+                    AttributeType::Sensitive,
+                ],
+            )
+            .map_err(|source| TokenError::Pkcs11 {
+                uri: shown.clone(),
+                what: "reading a key's attributes",
+                source,
+            })?;
+        let mut label = String::new();
+        let mut id = Vec::new();
+        let mut key_type = None;
+        let mut extractable = true;
+        let mut sensitive = false;
+        for a in attrs {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8_lossy(&l).into_owned(),
+                Attribute::Id(i) => id = i,
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::Extractable(e) => extractable = e,
+                Attribute::Sensitive(s) => sensitive = s,
+                _ => {}
+            }
+        }
+        if (extractable || !sensitive) && !allow_extractable {
+            return Err(TokenError::Extractable { uri: shown, label });
+        }
+        let key_err = |why: String| TokenError::Key {
+            uri: shown.clone(),
+            label: label.clone(),
+            why,
+        };
+        let (algorithm, spki) = public_key(session, handle, key_type, &id).map_err(key_err)?;
+        let ski = Ski::from_spki_der(&spki).map_err(|e| key_err(e.to_string()))?;
+        let certificates = certs
+            .iter()
+            .filter(|(s, _)| *s == ski)
+            .map(|(_, der)| der.clone())
+            .collect();
+        Ok(FoundKey {
+            label,
+            ski,
+            algorithm,
+            certificates,
+            key: TokenKey {
+                token: self.clone(),
+                handle: Mutex::new(handle),
+                id,
+            },
+        })
+    }
+
+    /// A new session on the token, logged in as the user. The token's slot is looked up
+    /// again by label (after a failure the module may list the token anew).
+    fn open_session(&self) -> Result<Session, CkError> {
+        let slot = find_slot(&self.ctx, &self.uri.token)?.unwrap_or(self.slot);
+        let session = self.ctx.open_ro_session(slot)?;
+        if self.relogin.swap(false, Ordering::AcqRel) {
+            // Ends the login of every session of the process on this token: after a
+            // failure, the others are being reopened too.
+            let _ = session.logout();
+        }
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `op` with this thread's session of the token, opening one if needed;
+    /// retries on a new session after a session-level failure.
+    fn with_session<R>(
+        self: &Arc<Self>,
+        mut op: impl FnMut(&Session) -> Result<R, CkError>,
+    ) -> Result<R, ErrorCode> {
+        if self.is_down() {
+            return Err(ErrorCode::KeyUnavailable);
+        }
+        let mut attempt = 0;
+        loop {
+            let result = SESSIONS.with(|cell| {
+                let mut sessions = cell.borrow_mut();
+                sessions.retain(|_, (token, _)| token.strong_count() > 0);
+                let session = match sessions.get(&self.id) {
+                    Some((_, s)) => s,
+                    None => {
+                        let s = self.open_session()?;
+                        sessions.insert(self.id, (Arc::downgrade(self), s));
+                        &sessions
+                            .get(&self.id)
+                            .ok_or(CkError::NullFunctionPointer)?
+                            .1
+                    }
+                };
+                op(session)
+            });
+            match result {
+                Ok(r) => {
+                    self.up();
+                    return Ok(r);
+                }
+                Err(e) if session_level(&e) && attempt < self.retries => {
+                    attempt += 1;
+                    self.relogin.store(true, Ordering::Release);
+                    tracing::warn!(token = %self.uri, error = %e, attempt, "PKCS#11 session failed; retrying on a new one");
+                    SESSIONS.with(|cell| cell.borrow_mut().remove(&self.id));
+                }
+                Err(e) if session_level(&e) => {
+                    SESSIONS.with(|cell| cell.borrow_mut().remove(&self.id));
+                    self.relogin.store(true, Ordering::Release);
+                    self.mark_down(&e);
+                    return Err(ErrorCode::KeyUnavailable);
+                }
+                Err(e) => {
+                    tracing::warn!(token = %self.uri, error = %e, "PKCS#11 operation failed");
+                    return Err(ErrorCode::Crypto);
+                }
+            }
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        down.is_some_and(|(until, _)| Instant::now() < until)
+    }
+
+    fn up(&self) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if down.take().is_some() {
+            tracing::info!(token = %self.uri, "PKCS#11 token available again");
+        }
+    }
+
+    fn mark_down(&self, e: &CkError) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let backoff = down.map_or(Duration::from_secs(1), |(_, b)| (b * 2).min(MAX_BACKOFF));
+        *down = Some((Instant::now() + backoff, backoff));
+        tracing::error!(token = %self.uri, error = %e, retry_in = ?backoff, "PKCS#11 token unavailable; its keys answer key-unavailable");
+    }
+
+    /// Runs `job` on the token's worker threads (started on first use: `sessions` of
+    /// them, each with its own session, behind a queue as bounded as `like`'s),
+    /// answering `key-unavailable` when the operation has not ended `sign_timeout`
+    /// after it could have started (the queue's deadline plus `sign_timeout`): a hung
+    /// token costs its requests that long, never the key server's other keys.
+    pub(crate) fn submit(&self, mut job: Job, like: &Pool, metrics: &Arc<Metrics>) {
+        let (queue, deadline) = like.limits();
+        if self.pool.get().is_none() {
+            match Pool::start(
+                "keyless-token",
+                self.sessions,
+                queue,
+                deadline,
+                metrics.clone(),
+            ) {
+                Ok(pool) => {
+                    let _ = self.pool.set(pool);
+                }
+                Err(e) => {
+                    tracing::error!(token = %self.uri, error = %e, "cannot start the token's worker threads");
+                    (job.done)(Err(ErrorCode::Internal), Duration::ZERO, Duration::ZERO);
+                    return;
+                }
+            }
+        }
+        let Some(pool) = self.pool.get() else {
+            return;
+        };
+        let slot = Arc::new(Mutex::new(Some(job.done)));
+        let answer = slot.clone();
+        job.done = Box::new(move |result, queued, took| {
+            let done = answer.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(done) = done {
+                done(result, queued, took);
+            }
+        });
+        let limit = deadline + self.sign_timeout;
+        let (uri, metrics) = (self.uri.to_string(), metrics.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
+            let done = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(done) = done {
+                tracing::warn!(token = %uri, ?limit, "PKCS#11 operation timed out");
+                metrics.queue_dropped("token-timeout");
+                done(Err(ErrorCode::KeyUnavailable), limit, Duration::ZERO);
+            }
+        });
+        pool.submit(job);
+    }
+
+    /// Whether the token answers operations now (not in a back-off period).
+    pub(crate) fn available(&self) -> bool {
+        !self.is_down()
+    }
+
+    /// The token's URI without its PIN source.
+    pub(crate) fn name(&self) -> String {
+        self.uri.to_string()
+    }
+}
+
+/// Each thread's sessions, by token id (the token held weakly: a reload drops it).
+type Sessions = HashMap<u64, (Weak<Token>, Session)>;
+
+thread_local! {
+    static SESSIONS: RefCell<Sessions> = RefCell::new(HashMap::new());
+}
+
+/// Whether `e` is a failure of the session or the token rather than of the operation.
+fn session_level(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceError
+                | RvError::DeviceRemoved
+                | RvError::DeviceMemory
+                | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::UserNotLoggedIn
+                | RvError::KeyHandleInvalid
+                | RvError::ObjectHandleInvalid
+                | RvError::GeneralError
+                | RvError::PinIncorrect
+                | RvError::PinLocked,
+            _
+        )
+    )
+}
+
+impl TokenKey {
+    /// The token the key is on.
+    pub(crate) fn token(&self) -> &Arc<Token> {
+        &self.token
+    }
+
+    /// Performs `kind` with `hash` on `payload` (a digest; the message for Ed25519; the
+    /// ciphertext for the raw RSA operation), on the calling thread's session.
+    pub(crate) fn perform(&self, kind: KeyKind, hash: Option<HashAlg>, payload: &[u8]) -> OpResult {
+        let (mechanism, input): (Mechanism<'_>, Zeroizing<Vec<u8>>) = match kind {
+            KeyKind::Ecdsa => (Mechanism::Ecdsa, Zeroizing::new(payload.to_vec())),
+            KeyKind::RsaPkcs1 => {
+                let h = hash.ok_or(ErrorCode::BadOpcode)?;
+                let mut input = digest_info(h).to_vec();
+                input.extend_from_slice(payload);
+                (Mechanism::RsaPkcs, Zeroizing::new(input))
+            }
+            KeyKind::RsaPss => {
+                let h = hash.ok_or(ErrorCode::BadOpcode)?;
+                let (hash_alg, mgf) = pss_params(h).ok_or(ErrorCode::BadOpcode)?;
+                let params = PkcsPssParams {
+                    hash_alg,
+                    mgf,
+                    s_len: (h.len() as u64).into(),
+                };
+                (
+                    Mechanism::RsaPkcsPss(params),
+                    Zeroizing::new(payload.to_vec()),
+                )
+            }
+            KeyKind::Ed25519 => (
+                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                Zeroizing::new(payload.to_vec()),
+            ),
+            KeyKind::RsaRaw => {
+                return self.token.with_session(|s| {
+                    self.on_key(s, |key| s.decrypt(&Mechanism::RsaX509, key, payload))
+                });
+            }
+        };
+        let signature = self
+            .token
+            .with_session(|s| self.on_key(s, |key| s.sign(&mechanism, key, &input)))?;
+        if kind == KeyKind::Ecdsa {
+            return Ok(der_signature(&signature));
+        }
+        Ok(signature)
+    }
+
+    /// Runs `op` on the key's handle; when the token no longer knows the handle, finds
+    /// the key again by its `CKA_ID` and runs `op` once more.
+    fn on_key<R>(
+        &self,
+        session: &Session,
+        op: impl Fn(ObjectHandle) -> Result<R, CkError>,
+    ) -> Result<R, CkError> {
+        let handle = *self.handle.lock().unwrap_or_else(|p| p.into_inner());
+        match op(handle) {
+            Err(CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _))
+                if !self.id.is_empty() =>
+            {
+                let found = session.find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Id(self.id.clone()),
+                ])?;
+                tracing::debug!(token = %self.token.uri, found = found.len(), "PKCS#11 key handle no longer valid; looked the key up again by its CKA_ID");
+                let Some(&fresh) = found.first() else {
+                    return Err(CkError::Pkcs11(
+                        RvError::KeyHandleInvalid,
+                        cryptoki::context::Function::Sign,
+                    ));
+                };
+                *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                op(fresh)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The slot holding the token labelled `label`.
+fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>, CkError> {
+    for slot in ctx.get_slots_with_token()? {
+        // A slot whose token fails to describe itself (e.g. removed) is not it.
+        if ctx
+            .get_token_info(slot)
+            .is_ok_and(|info| info.label().trim_end() == label)
+        {
+            return Ok(Some(slot));
+        }
+    }
+    Ok(None)
+}
+
+/// Checks `pin` against the one this process logged in to the token with, if any.
+/// A PKCS#11 login holds for every session of the process, so a new session's login
+/// does not check the PIN again: without this, a wrong PIN on reload would go unnoticed
+/// until a restart. A changed PIN is refused (it takes a restart).
+fn same_pin_as_before(uri: &Pkcs11Uri, pin: &str) -> Result<(), String> {
+    /// SHA-256 of the PIN in use, by module path and token label.
+    type Pins = HashMap<(PathBuf, String), [u8; 32]>;
+    static PINS: OnceLock<Mutex<Pins>> = OnceLock::new();
+    let digest = ring::digest::digest(&ring::digest::SHA256, pin.as_bytes());
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    let mut pins = PINS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let key = (uri.module_path.clone(), uri.token.clone());
+    match pins.get(&key) {
+        Some(before) if !openssl::memcmp::eq(before, &hash) => Err(
+            "differs from the PIN the key server logged in to the token with (a PIN change \
+             takes a restart)"
+                .into(),
+        ),
+        Some(_) => Ok(()),
+        None => {
+            pins.insert(key, hash);
+            Ok(())
+        }
+    }
+}
+
+/// The PIN from its source (a trailing newline dropped).
+fn read_pin(source: &PinSource) -> Result<Zeroizing<String>, (String, String)> {
+    let text = match source {
+        PinSource::File(path) => {
+            let what = format!("file {}", path.display());
+            Zeroizing::new(std::fs::read_to_string(path).map_err(|e| (what, e.to_string()))?)
+        }
+        PinSource::Env(name) => {
+            let what = format!("environment variable {name}");
+            Zeroizing::new(std::env::var(name).map_err(|e| (what, e.to_string()))?)
+        }
+    };
+    let pin = Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_owned());
+    if pin.is_empty() {
+        return Err(("the PIN source".into(), "empty".into()));
+    }
+    Ok(pin)
+}
+
+/// Every certificate on the token, by the SKI of its public key.
+fn certificates(session: &Session) -> Result<Vec<(Ski, Vec<u8>)>, CkError> {
+    let handles = session.find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE)])?;
+    let mut out = Vec::new();
+    for h in handles {
+        for a in session.get_attributes(h, &[AttributeType::Value])? {
+            if let Attribute::Value(der) = a {
+                let spki = x509_parser::parse_x509_certificate(&der)
+                    .ok()
+                    .map(|(_, c)| c.public_key().raw.to_vec());
+                if let Some(ski) = spki.and_then(|s| Ski::from_spki_der(&s).ok()) {
+                    out.push((ski, der));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The algorithm and SPKI DER of the private key `handle`, from its attributes (or
+/// its public key object's, for tokens that keep public parts there).
+fn public_key(
+    session: &Session,
+    handle: ObjectHandle,
+    key_type: Option<KeyType>,
+    id: &[u8],
+) -> Result<(Algorithm, Vec<u8>), String> {
+    let types = [
+        AttributeType::Modulus,
+        AttributeType::PublicExponent,
+        AttributeType::EcParams,
+        AttributeType::EcPoint,
+    ];
+    let mut attrs = session
+        .get_attributes(handle, &types)
+        .map_err(|e| format!("reading public attributes: {e}"))?;
+    let has_point = attrs.iter().any(|a| matches!(a, Attribute::EcPoint(_)));
+    let is_ec = matches!(key_type, Some(t) if t == KeyType::EC || t == KeyType::EC_EDWARDS);
+    if is_ec && !has_point {
+        // The EC point is an attribute of the public key object.
+        let public = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::Id(id.to_vec()),
+            ])
+            .map_err(|e| format!("finding its public key: {e}"))?;
+        let h = public
+            .first()
+            .ok_or("no public key object with the same CKA_ID (needed for its EC point)")?;
+        attrs = session
+            .get_attributes(*h, &types)
+            .map_err(|e| format!("reading its public key: {e}"))?;
+    }
+    crate::keys::public_from_attributes(key_type, &attrs)
+}
+
+/// The DigestInfo prefix PKCS#1 v1.5 puts before a digest of `h` (RFC 8017 §9.2).
+fn digest_info(h: HashAlg) -> &'static [u8] {
+    match h {
+        HashAlg::Md5Sha1 => &[],
+        HashAlg::Sha1 => &[
+            0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04,
+            0x14,
+        ],
+        HashAlg::Sha224 => &[
+            0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x04, 0x05, 0x00, 0x04, 0x1c,
+        ],
+        HashAlg::Sha256 => &[
+            0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x01, 0x05, 0x00, 0x04, 0x20,
+        ],
+        HashAlg::Sha384 => &[
+            0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x02, 0x05, 0x00, 0x04, 0x30,
+        ],
+        HashAlg::Sha512 => &[
+            0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x03, 0x05, 0x00, 0x04, 0x40,
+        ],
+    }
+}
+
+/// The PSS hash and MGF mechanisms for `h`.
+fn pss_params(h: HashAlg) -> Option<(MechanismType, PkcsMgfType)> {
+    match h {
+        HashAlg::Sha256 => Some((MechanismType::SHA256, PkcsMgfType::MGF1_SHA256)),
+        HashAlg::Sha384 => Some((MechanismType::SHA384, PkcsMgfType::MGF1_SHA384)),
+        HashAlg::Sha512 => Some((MechanismType::SHA512, PkcsMgfType::MGF1_SHA512)),
+        _ => None,
+    }
+}
+
+/// The DER `ECDSA-Sig-Value` of the raw `r ‖ s` a token returns.
+fn der_signature(raw: &[u8]) -> Vec<u8> {
+    let (r, s) = raw.split_at(raw.len() / 2);
+    let int = |x: &[u8]| {
+        let x = &x[x
+            .iter()
+            .position(|&b| b != 0)
+            .unwrap_or(x.len().saturating_sub(1))..];
+        let mut v = Vec::with_capacity(x.len() + 3);
+        v.push(0x02);
+        let pad = x.first().is_some_and(|&b| b & 0x80 != 0);
+        v.push((x.len() + usize::from(pad)) as u8);
+        if pad {
+            v.push(0);
+        }
+        v.extend_from_slice(x);
+        v
+    };
+    let (r, s) = (int(r), int(s));
+    let len = r.len() + s.len();
+    let mut out = vec![0x30];
+    if len >= 0x80 {
+        out.push(0x81);
+    }
+    out.push(len as u8);
+    out.extend(r);
+    out.extend(s);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_ecdsa_signatures_become_der() {
+        let mut raw = vec![0u8; 64];
+        raw[0] = 0x80; // r needs a leading zero
+        raw[32] = 0; // s has leading zeros to strip
+        raw[33] = 0x01;
+        let der = der_signature(&raw);
+        assert_eq!(der[0], 0x30);
+        assert_eq!(&der[2..5], &[0x02, 33, 0x00]);
+        let s_at = 2 + 2 + 33;
+        assert_eq!(der[s_at], 0x02);
+        assert_eq!(der[s_at + 1] as usize, 31);
+        assert_eq!(der[1] as usize, der.len() - 2);
+    }
+
+    #[test]
+    fn digest_infos_end_with_the_digest_length() {
+        for h in [
+            HashAlg::Sha1,
+            HashAlg::Sha256,
+            HashAlg::Sha384,
+            HashAlg::Sha512,
+        ] {
+            let di = digest_info(h);
+            assert_eq!(*di.last().unwrap() as usize, h.len());
+            assert_eq!(di[1] as usize + 2, di.len() + h.len());
+        }
+    }
+}
