@@ -63,15 +63,35 @@ enum RingKey {
     Ed25519(Ed25519KeyPair),
 }
 
-/// Where a key's private operations happen.
-enum Backend {
-    /// A key read from a file: `ring` and OpenSSL in this process.
-    File {
-        ring: Box<RingKey>,
-        openssl: PKey<Private>,
-    },
-    /// A key on a PKCS#11 token: the token does them.
-    Token(crate::pkcs11::TokenKey),
+/// The key-store interface of a key: its private operations, wherever the key is. A
+/// key store yields keys (with their public key, name and certificates) whose
+/// operations implement this: the directory store's [`FileKey`] (this process), the
+/// PKCS#11 store's [`crate::pkcs11::TokenKey`] (an HSM); a cloud KMS store would be one
+/// more implementation.
+pub(crate) trait PrivateOps: Send + Sync {
+    /// Performs `kind` with `hash` on `payload` (a digest; the message for Ed25519; the
+    /// ciphertext for the raw RSA operation). `message` is the checked whole
+    /// to-be-signed message when the request carried one.
+    fn perform(
+        &self,
+        kind: KeyKind,
+        hash: Option<HashAlg>,
+        payload: &[u8],
+        message: Option<&[u8]>,
+    ) -> OpResult;
+
+    /// The token whose own threads run the operations, for a key in an HSM.
+    fn token(&self) -> Option<&std::sync::Arc<crate::pkcs11::Token>> {
+        None
+    }
+}
+
+/// A key read from a file: `ring` and OpenSSL in this process.
+struct FileKey {
+    ski: Ski,
+    algorithm: Algorithm,
+    ring: RingKey,
+    openssl: PKey<Private>,
 }
 
 /// A loaded site private key.
@@ -85,7 +105,7 @@ enum Backend {
 pub(crate) struct SiteKey {
     pub(crate) ski: Ski,
     pub(crate) algorithm: Algorithm,
-    backend: Backend,
+    ops: Box<dyn PrivateOps>,
 }
 
 impl std::fmt::Debug for SiteKey {
@@ -166,10 +186,12 @@ impl SiteKey {
         Ok(SiteKey {
             ski,
             algorithm,
-            backend: Backend::File {
-                ring: Box::new(ring),
+            ops: Box::new(FileKey {
+                ski,
+                algorithm,
+                ring,
                 openssl: pkey,
-            },
+            }),
         })
     }
 
@@ -178,16 +200,13 @@ impl SiteKey {
         SiteKey {
             ski: found.ski,
             algorithm: found.algorithm,
-            backend: Backend::Token(found.key),
+            ops: Box::new(found.key),
         }
     }
 
     /// The token holding the key, for a key on a token.
     pub(crate) fn token(&self) -> Option<&std::sync::Arc<crate::pkcs11::Token>> {
-        match &self.backend {
-            Backend::Token(k) => Some(k.token()),
-            Backend::File { .. } => None,
-        }
+        self.ops.token()
     }
 
     /// Checks that `opcode` suits this key and `payload` its length, before queueing.
@@ -222,23 +241,32 @@ impl SiteKey {
     ) -> OpResult {
         self.precheck(opcode, payload)?;
         let (kind, hash) = opcode.key_op().ok_or(ErrorCode::BadOpcode)?;
-        let (ring, openssl) = match &self.backend {
-            Backend::Token(key) => return key.perform(kind, hash, payload),
-            Backend::File { ring, openssl } => (ring, openssl),
-        };
-        if let Some(out) = self.ring_sign(ring, kind, hash, payload, message) {
+        self.ops.perform(kind, hash, payload, message)
+    }
+}
+
+impl PrivateOps for FileKey {
+    fn perform(
+        &self,
+        kind: KeyKind,
+        hash: Option<HashAlg>,
+        payload: &[u8],
+        message: Option<&[u8]>,
+    ) -> OpResult {
+        if let Some(out) = self.ring_sign(kind, hash, payload, message) {
             return out;
         }
         match kind {
-            KeyKind::RsaRaw => rsa_raw(openssl, payload),
+            KeyKind::RsaRaw => rsa_raw(&self.openssl, payload),
             KeyKind::Ed25519 => Err(ErrorCode::Internal), // always handled by ring
-            _ => self.openssl_sign(openssl, kind, hash, payload),
+            _ => self.openssl_sign(kind, hash, payload),
         }
     }
+}
 
+impl FileKey {
     fn ring_sign(
         &self,
-        ring: &RingKey,
         kind: KeyKind,
         hash: Option<HashAlg>,
         payload: &[u8],
@@ -246,7 +274,7 @@ impl SiteKey {
     ) -> Option<OpResult> {
         let rng = SystemRandom::new();
         let crypto = |_| ErrorCode::Crypto;
-        match (ring, kind, hash) {
+        match (&self.ring, kind, hash) {
             (RingKey::Ed25519(k), KeyKind::Ed25519, _) => {
                 Some(Ok(k.sign(payload).as_ref().to_vec()))
             }
@@ -277,18 +305,12 @@ impl SiteKey {
         }
     }
 
-    fn openssl_sign(
-        &self,
-        key: &PKey<Private>,
-        kind: KeyKind,
-        hash: Option<HashAlg>,
-        digest: &[u8],
-    ) -> OpResult {
+    fn openssl_sign(&self, kind: KeyKind, hash: Option<HashAlg>, digest: &[u8]) -> OpResult {
         let fail = |e: openssl::error::ErrorStack| {
             tracing::warn!(ski = %self.ski, error = %e, "signing failed");
             ErrorCode::Crypto
         };
-        let mut ctx = PkeyCtx::new(key).map_err(fail)?;
+        let mut ctx = PkeyCtx::new(&self.openssl).map_err(fail)?;
         ctx.sign_init().map_err(fail)?;
         let md = match hash {
             Some(h) => Some(message_digest(h).ok_or(ErrorCode::BadOpcode)?),

@@ -17,7 +17,7 @@
 pub(crate) mod uri;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -108,6 +108,9 @@ pub(crate) struct Token {
     relogin: std::sync::atomic::AtomicBool,
     /// The token's worker threads, started on first use.
     pub(crate) pool: OnceLock<crate::pool::Pool>,
+    /// Operations submitted, oldest first, with the time by which they must be
+    /// answered (see [`watchdog`]).
+    watched: Mutex<VecDeque<(Instant, Pending)>>,
 }
 
 impl std::fmt::Debug for Token {
@@ -193,6 +196,7 @@ impl Token {
             down: Mutex::new(None),
             relogin: std::sync::atomic::AtomicBool::new(false),
             pool: OnceLock::new(),
+            watched: Mutex::new(VecDeque::new()),
         });
         token.list_keys(config.allow_extractable)
     }
@@ -390,8 +394,38 @@ impl Token {
     /// answering `key-unavailable` when the operation has not ended `sign_timeout`
     /// after it could have started (the queue's deadline plus `sign_timeout`): a hung
     /// token costs its requests that long, never the key server's other keys.
-    pub(crate) fn submit(&self, mut job: Job, like: &Pool, metrics: &Arc<Metrics>) {
+    pub(crate) fn submit(self: &Arc<Self>, mut job: Job, like: &Pool, metrics: &Arc<Metrics>) {
         let (queue, deadline) = like.limits();
+        let Some(pool) = self.pool(queue, deadline, metrics) else {
+            (job.done)(Err(ErrorCode::Internal), Duration::ZERO, Duration::ZERO);
+            return;
+        };
+        // The answer goes out once: from the worker, or from the watchdog when the
+        // worker has not answered by the limit.
+        let slot: Pending = Arc::new(Mutex::new(Some(job.done)));
+        let answer = slot.clone();
+        job.done = Box::new(move |result, queued, took| {
+            let done = answer.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(done) = done {
+                done(result, queued, took);
+            }
+        });
+        let limit = Instant::now() + deadline + self.sign_timeout;
+        self.watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((limit, slot));
+        pool.submit(job);
+    }
+
+    /// The token's worker threads and their watchdog, started on first use; `None`
+    /// when the threads cannot be started.
+    fn pool(
+        self: &Arc<Self>,
+        queue: usize,
+        deadline: Duration,
+        metrics: &Arc<Metrics>,
+    ) -> Option<&Pool> {
         if self.pool.get().is_none() {
             match Pool::start(
                 "keyless-token",
@@ -401,38 +435,18 @@ impl Token {
                 metrics.clone(),
             ) {
                 Ok(pool) => {
-                    let _ = self.pool.set(pool);
+                    if self.pool.set(pool).is_ok() {
+                        let limit = deadline + self.sign_timeout;
+                        tokio::spawn(watchdog(Arc::downgrade(self), limit, metrics.clone()));
+                    }
                 }
                 Err(e) => {
                     tracing::error!(token = %self.uri, error = %e, "cannot start the token's worker threads");
-                    (job.done)(Err(ErrorCode::Internal), Duration::ZERO, Duration::ZERO);
-                    return;
+                    return None;
                 }
             }
         }
-        let Some(pool) = self.pool.get() else {
-            return;
-        };
-        let slot = Arc::new(Mutex::new(Some(job.done)));
-        let answer = slot.clone();
-        job.done = Box::new(move |result, queued, took| {
-            let done = answer.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(done) = done {
-                done(result, queued, took);
-            }
-        });
-        let limit = deadline + self.sign_timeout;
-        let (uri, metrics) = (self.uri.to_string(), metrics.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(limit).await;
-            let done = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(done) = done {
-                tracing::warn!(token = %uri, ?limit, "PKCS#11 operation timed out");
-                metrics.queue_dropped("token-timeout");
-                done(Err(ErrorCode::KeyUnavailable), limit, Duration::ZERO);
-            }
-        });
-        pool.submit(job);
+        self.pool.get()
     }
 
     /// Whether the token answers operations now (not in a back-off period).
@@ -443,6 +457,41 @@ impl Token {
     /// The token's URI without its PIN source.
     pub(crate) fn name(&self) -> String {
         self.uri.to_string()
+    }
+}
+
+/// An operation's answer, taken by whoever answers first.
+type Pending = Arc<Mutex<Option<crate::pool::Done>>>;
+
+/// Answers `key-unavailable` for each operation of the token not answered by its
+/// limit (the queue's deadline plus `sign_timeout`): a hung token costs its requests
+/// that long and no more. One task per token, every 50 ms; it ends with the token.
+async fn watchdog(token: Weak<Token>, limit: Duration, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(token) = token.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        {
+            let mut watched = token.watched.lock().unwrap_or_else(|p| p.into_inner());
+            while watched.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, slot)) = watched.pop_front() {
+                    expired.push(slot);
+                }
+            }
+        }
+        for slot in expired {
+            let done = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(done) = done {
+                tracing::warn!(token = %token.uri, ?limit, "PKCS#11 operation timed out");
+                metrics.queue_dropped("token-timeout");
+                done(Err(ErrorCode::KeyUnavailable), limit, Duration::ZERO);
+            }
+        }
     }
 }
 
@@ -476,15 +525,26 @@ fn session_level(e: &CkError) -> bool {
     )
 }
 
-impl TokenKey {
-    /// The token the key is on.
-    pub(crate) fn token(&self) -> &Arc<Token> {
-        &self.token
+impl crate::keys::PrivateOps for TokenKey {
+    fn token(&self) -> Option<&Arc<Token>> {
+        Some(&self.token)
     }
 
-    /// Performs `kind` with `hash` on `payload` (a digest; the message for Ed25519; the
-    /// ciphertext for the raw RSA operation), on the calling thread's session.
-    pub(crate) fn perform(&self, kind: KeyKind, hash: Option<HashAlg>, payload: &[u8]) -> OpResult {
+    /// On the calling thread's session of the token (one of the token's threads). The
+    /// token signs the digest: `message` is not needed.
+    fn perform(
+        &self,
+        kind: KeyKind,
+        hash: Option<HashAlg>,
+        payload: &[u8],
+        _message: Option<&[u8]>,
+    ) -> OpResult {
+        self.operate(kind, hash, payload)
+    }
+}
+
+impl TokenKey {
+    fn operate(&self, kind: KeyKind, hash: Option<HashAlg>, payload: &[u8]) -> OpResult {
         let (mechanism, input): (Mechanism<'_>, Zeroizing<Vec<u8>>) = match kind {
             KeyKind::Ecdsa => (Mechanism::Ecdsa, Zeroizing::new(payload.to_vec())),
             KeyKind::RsaPkcs1 => {
