@@ -340,9 +340,10 @@ pub(crate) struct StoreConfig {
     /// RFC 7512 URI: token, optional object/id, module-path and pin-source.
     pub(crate) uri: String,
     /// Sessions (and worker threads) on the token: operations run in parallel up to
-    /// this many. Default 4.
-    #[serde(default = "default_sessions")]
-    pub(crate) sessions: usize,
+    /// this many. Default: the token's session limit, at most 8 (4 when the token
+    /// reports none).
+    #[serde(default)]
+    pub(crate) sessions: Option<usize>,
     /// Longest a private-key operation may take on the token. Default "2s".
     #[serde(default = "default_sign_timeout", with = "humantime_serde")]
     pub(crate) sign_timeout: Duration,
@@ -363,9 +364,6 @@ pub(crate) enum StoreKind {
     Pkcs11,
 }
 
-fn default_sessions() -> usize {
-    4
-}
 fn default_sign_timeout() -> Duration {
     Duration::from_secs(2)
 }

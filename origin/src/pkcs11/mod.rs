@@ -184,6 +184,10 @@ impl Token {
             what: "its source".into(),
             why,
         })?;
+        let sessions = config
+            .sessions
+            .unwrap_or_else(|| default_sessions(&ctx, slot))
+            .max(1);
         let token = Arc::new(Token {
             id: NEXT_TOKEN.fetch_add(1, Ordering::Relaxed),
             uri,
@@ -192,7 +196,7 @@ impl Token {
             pin: AuthPin::new(pin.as_str().into()),
             retries: config.sign_retry_count,
             sign_timeout: config.sign_timeout,
-            sessions: config.sessions.max(1),
+            sessions,
             down: Mutex::new(None),
             relogin: std::sync::atomic::AtomicBool::new(false),
             pool: OnceLock::new(),
@@ -613,6 +617,16 @@ impl TokenKey {
             }
             other => other,
         }
+    }
+}
+
+/// Sessions to use when the configuration names none: the token's limit, at most 8;
+/// 4 when it reports none (or "effectively infinite", as SoftHSM2 does).
+fn default_sessions(ctx: &Pkcs11, slot: Slot) -> usize {
+    use cryptoki::slot::Limit;
+    match ctx.get_token_info(slot).map(|i| i.max_session_count()) {
+        Ok(Limit::Max(n)) => usize::try_from(n).unwrap_or(8).clamp(1, 8),
+        _ => 4,
     }
 }
 

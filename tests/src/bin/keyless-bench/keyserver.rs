@@ -167,10 +167,12 @@ pub(crate) fn run(args: KeyserverArgs) -> Result<bool> {
     if hsm {
         println!(
             "  keys in a SoftHSM2 token ({}), {} sessions; reference (\"raw\"): direct \
-             PKCS#11 signing in this process, {} threads with a session each",
+             PKCS#11 signing in this process, {} threads with a session each; key server \
+             KEYLESS_LOG={}",
             keyless_tests::hsm::SOFTHSM_MODULE,
             args.sessions,
-            args.sessions
+            args.sessions,
+            std::env::var("KEYLESS_LOG").unwrap_or_default()
         );
     }
 
