@@ -352,7 +352,31 @@ async fn token_failures_give_clean_errors_while_file_keys_keep_working() -> Resu
         reply.error_code() == Some(ErrorCode::KeyUnavailable),
         "{reply:?}"
     );
+    // Back: after the back-off the token is opened again (SoftHSM2 needs its module
+    // initialised again for that), with no restart.
     std::fs::rename(&away, h.hsm.tokens_dir())?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = client
+            .sign(Opcode::EcdsaSignSha256, on_token.ski, &signed, None)
+            .await?;
+        if reply.opcode == Some(Opcode::Response) {
+            ensure!(on_token.verify(Opcode::EcdsaSignSha256, &signed, reply.payload())?);
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the token was not opened again within 20 s: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("token back after {:?}", started.elapsed());
+    ensure!(
+        up(&server.metrics_text()?) == Some(true),
+        "the token is not reported up again"
+    );
+    sign_all(&mut client, &on_token).await?;
+    sign_all(&mut client, &file_key).await?;
     server.assert_no_panic();
     Ok(())
 }

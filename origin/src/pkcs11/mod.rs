@@ -106,6 +106,11 @@ pub(crate) struct Token {
     /// Set after a session-level failure: the next session logs out first, so that
     /// its login is checked anew (a module may keep a stale login for the token).
     relogin: std::sync::atomic::AtomicBool,
+    /// The module's initialisation count ([`Module`]).
+    generation: Arc<AtomicU64>,
+    /// Failed attempts in a row; from the second on, the module is initialised again
+    /// before the next attempt.
+    failures: std::sync::atomic::AtomicU32,
     /// The token's worker threads, started on first use.
     pub(crate) pool: OnceLock<crate::pool::Pool>,
     /// Operations submitted, oldest first, with the time by which they must be
@@ -135,24 +140,62 @@ pub(crate) struct TokenKey {
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
+/// A loaded PKCS#11 module and how many times it was initialised (sessions of an
+/// earlier initialisation are dead: never used nor closed again).
+#[derive(Clone, Debug)]
+struct Module {
+    ctx: Pkcs11,
+    generation: Arc<AtomicU64>,
+}
+
 /// The process's PKCS#11 modules by path: `C_Initialize` once each, shared by reloads.
-fn module(path: &Path) -> Result<Pkcs11, CkError> {
-    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let mut map = MODULES
+static MODULES: OnceLock<Mutex<HashMap<PathBuf, Module>>> = OnceLock::new();
+
+fn modules() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Module>> {
+    MODULES
         .get_or_init(Default::default)
         .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(ctx) = map.get(path) {
-        return Ok(ctx.clone());
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn initialize(ctx: &Pkcs11) -> Result<(), CkError> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The module at `path`, loaded and initialised on first use.
+fn module(path: &Path) -> Result<Module, CkError> {
+    let mut map = modules();
+    if let Some(m) = map.get(path) {
+        return Ok(m.clone());
     }
     let ctx = Pkcs11::new(path)?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => {}
-        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(e),
+    initialize(&ctx)?;
+    let m = Module {
+        ctx,
+        generation: Arc::new(AtomicU64::new(0)),
+    };
+    map.insert(path.to_owned(), m.clone());
+    Ok(m)
+}
+
+/// Finalises and initialises the module again, unless another token of it did since
+/// `seen`: the way back for tokens the module keeps broken after a failure (SoftHSM2
+/// does, for a token whose files went away). Every session of the module dies; their
+/// threads open new ones (one retry each).
+fn reinitialize(path: &Path, seen: u64) -> Result<(), CkError> {
+    let map = modules();
+    let Some(m) = map.get(path) else {
+        return Ok(());
+    };
+    if m.generation.load(Ordering::Acquire) != seen {
+        return Ok(());
     }
-    map.insert(path.to_owned(), ctx.clone());
-    Ok(ctx)
+    m.generation.fetch_add(1, Ordering::AcqRel);
+    let _ = m.ctx.clone().finalize();
+    initialize(&m.ctx)
 }
 
 impl Token {
@@ -160,11 +203,12 @@ impl Token {
     pub(crate) fn load(config: &StoreConfig) -> Result<Vec<FoundKey>, TokenError> {
         let uri = Pkcs11Uri::parse(&config.uri)?;
         let shown = uri.to_string();
-        let ctx = module(&uri.module_path).map_err(|source| TokenError::Module {
-            uri: shown.clone(),
-            path: uri.module_path.clone(),
-            source,
-        })?;
+        let Module { ctx, generation } =
+            module(&uri.module_path).map_err(|source| TokenError::Module {
+                uri: shown.clone(),
+                path: uri.module_path.clone(),
+                source,
+            })?;
         let slot = find_slot(&ctx, &uri.token).map_err(|source| TokenError::Pkcs11 {
             uri: shown.clone(),
             what: "listing slots",
@@ -199,6 +243,8 @@ impl Token {
             sessions,
             down: Mutex::new(None),
             relogin: std::sync::atomic::AtomicBool::new(false),
+            generation,
+            failures: std::sync::atomic::AtomicU32::new(0),
             pool: OnceLock::new(),
             watched: Mutex::new(VecDeque::new()),
         });
@@ -216,9 +262,30 @@ impl Token {
                 source,
             }
         };
+        let generation = self.generation.load(Ordering::Acquire);
         let session = self
             .open_session()
             .map_err(pk("opening a session and logging in"))?;
+        let found = self.list_with(&session, allow_extractable);
+        retire(session, generation, &self.generation);
+        found
+    }
+
+    /// [`Token::list_keys`] on `session`.
+    fn list_with(
+        self: &Arc<Self>,
+        session: &Session,
+        allow_extractable: bool,
+    ) -> Result<Vec<FoundKey>, TokenError> {
+        let shown = self.uri.to_string();
+        let pk = |what: &'static str| {
+            let shown = shown.clone();
+            move |source| TokenError::Pkcs11 {
+                uri: shown,
+                what,
+                source,
+            }
+        };
         let mut template = vec![Attribute::Class(ObjectClass::PRIVATE_KEY)];
         if let Some(label) = &self.uri.object {
             template.push(Attribute::Label(label.as_bytes().to_vec()));
@@ -229,10 +296,10 @@ impl Token {
         let handles = session
             .find_objects(&template)
             .map_err(pk("finding private keys"))?;
-        let certs = certificates(&session).map_err(pk("finding certificates"))?;
+        let certs = certificates(session).map_err(pk("finding certificates"))?;
         let mut found = Vec::new();
         for handle in handles {
-            let key = self.describe(&session, handle, allow_extractable, &certs)?;
+            let key = self.describe(session, handle, allow_extractable, &certs)?;
             found.push(key);
         }
         Ok(found)
@@ -309,8 +376,18 @@ impl Token {
     /// A new session on the token, logged in as the user. The token's slot is looked up
     /// again by label (after a failure the module may list the token anew).
     fn open_session(&self) -> Result<Session, CkError> {
+        if self.failures.load(Ordering::Acquire) >= 2 {
+            tracing::warn!(token = %self.uri, "PKCS#11 token still failing; initialising its module again");
+            reinitialize(
+                &self.uri.module_path,
+                self.generation.load(Ordering::Acquire),
+            )?;
+            self.failures.store(0, Ordering::Release);
+        }
         let slot = find_slot(&self.ctx, &self.uri.token)?.unwrap_or(self.slot);
-        let session = self.ctx.open_ro_session(slot)?;
+        // Closed explicitly (`retire`): a session of an earlier initialisation must not
+        // be closed, its handle may be someone else's now.
+        let session = self.ctx.open_ro_session_no_drop(slot)?;
         if self.relogin.swap(false, Ordering::AcqRel) {
             // Ends the login of every session of the process on this token: after a
             // failure, the others are being reopened too.
@@ -318,7 +395,14 @@ impl Token {
         }
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(e) => Err(e),
+            Err(e) => {
+                retire(
+                    session,
+                    self.generation.load(Ordering::Acquire),
+                    &self.generation,
+                );
+                Err(e)
+            }
         }
     }
 
@@ -335,22 +419,26 @@ impl Token {
         loop {
             let result = SESSIONS.with(|cell| {
                 let mut sessions = cell.borrow_mut();
-                sessions.retain(|_, (token, _)| token.strong_count() > 0);
+                prune(&mut sessions);
                 let session = match sessions.get(&self.id) {
-                    Some((_, s)) => s,
+                    Some(open) => &open.session,
                     None => {
-                        let s = self.open_session()?;
-                        sessions.insert(self.id, (Arc::downgrade(self), s));
-                        &sessions
-                            .get(&self.id)
-                            .ok_or(CkError::NullFunctionPointer)?
-                            .1
+                        let generation = self.generation.load(Ordering::Acquire);
+                        let session = self.open_session()?;
+                        let open = OpenSession {
+                            token: Arc::downgrade(self),
+                            session,
+                            generation,
+                            module: self.generation.clone(),
+                        };
+                        &sessions.entry(self.id).or_insert(open).session
                     }
                 };
                 op(session)
             });
             match result {
                 Ok(r) => {
+                    self.failures.store(0, Ordering::Release);
                     self.up();
                     return Ok(r);
                 }
@@ -358,11 +446,12 @@ impl Token {
                     attempt += 1;
                     self.relogin.store(true, Ordering::Release);
                     tracing::warn!(token = %self.uri, error = %e, attempt, "PKCS#11 session failed; retrying on a new one");
-                    SESSIONS.with(|cell| cell.borrow_mut().remove(&self.id));
+                    self.drop_session();
                 }
                 Err(e) if session_level(&e) => {
-                    SESSIONS.with(|cell| cell.borrow_mut().remove(&self.id));
+                    self.drop_session();
                     self.relogin.store(true, Ordering::Release);
+                    self.failures.fetch_add(1, Ordering::AcqRel);
                     self.mark_down(&e);
                     return Err(ErrorCode::KeyUnavailable);
                 }
@@ -371,6 +460,14 @@ impl Token {
                     return Err(ErrorCode::Crypto);
                 }
             }
+        }
+    }
+
+    /// Retires this thread's session of the token.
+    fn drop_session(&self) {
+        let open = SESSIONS.with(|cell| cell.borrow_mut().remove(&self.id));
+        if let Some(open) = open {
+            retire(open.session, open.generation, &open.module);
         }
     }
 
@@ -499,8 +596,40 @@ async fn watchdog(token: Weak<Token>, limit: Duration, metrics: Arc<Metrics>) {
     }
 }
 
-/// Each thread's sessions, by token id (the token held weakly: a reload drops it).
-type Sessions = HashMap<u64, (Weak<Token>, Session)>;
+/// A thread's session of a token.
+struct OpenSession {
+    /// Held weakly: a reload drops the token, and then its sessions.
+    token: Weak<Token>,
+    session: Session,
+    /// The module's initialisation it was opened in.
+    generation: u64,
+    module: Arc<AtomicU64>,
+}
+
+/// Each thread's sessions, by token id.
+type Sessions = HashMap<u64, OpenSession>;
+
+/// Closes `session` if it belongs to the module's current initialisation (one of an
+/// earlier one is already gone with it, and its handle may be reused).
+fn retire(session: Session, generation: u64, module: &AtomicU64) {
+    if module.load(Ordering::Acquire) == generation {
+        let _ = session.close();
+    }
+}
+
+/// Retires the sessions of tokens a reload dropped.
+fn prune(sessions: &mut Sessions) {
+    let dead: Vec<u64> = sessions
+        .iter()
+        .filter(|(_, open)| open.token.strong_count() == 0)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in dead {
+        if let Some(open) = sessions.remove(&id) {
+            retire(open.session, open.generation, &open.module);
+        }
+    }
+}
 
 thread_local! {
     static SESSIONS: RefCell<Sessions> = RefCell::new(HashMap::new());
@@ -512,6 +641,7 @@ fn session_level(e: &CkError) -> bool {
         e,
         CkError::Pkcs11(
             RvError::SessionHandleInvalid
+                | RvError::CryptokiNotInitialized
                 | RvError::SessionClosed
                 | RvError::DeviceError
                 | RvError::DeviceRemoved
