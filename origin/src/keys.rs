@@ -359,21 +359,26 @@ pub(crate) fn public_from_attributes(
     key_type: Option<cryptoki::object::KeyType>,
     attrs: &[cryptoki::object::Attribute],
 ) -> Result<(Algorithm, Vec<u8>), String> {
-    use cryptoki::object::{Attribute, KeyType};
-    let get = |want: fn(&Attribute) -> Option<&Vec<u8>>| attrs.iter().find_map(want);
+    use cryptoki::object::{Attribute, AttributeType, KeyType};
+    // The value of the attribute of type `t`.
+    let get = |t: AttributeType, what: &'static str| {
+        attrs
+            .iter()
+            .find(|a| a.attribute_type() == t)
+            .and_then(|a| match a {
+                Attribute::Modulus(v)
+                | Attribute::PublicExponent(v)
+                | Attribute::EcParams(v)
+                | Attribute::EcPoint(v) => Some(v),
+                _ => None,
+            })
+            .ok_or(what)
+    };
     let ossl = |e: openssl::error::ErrorStack| e.to_string();
     match key_type {
         Some(t) if t == KeyType::RSA => {
-            let n = get(|a| match a {
-                Attribute::Modulus(v) => Some(v),
-                _ => None,
-            })
-            .ok_or("no CKA_MODULUS")?;
-            let e = get(|a| match a {
-                Attribute::PublicExponent(v) => Some(v),
-                _ => None,
-            })
-            .ok_or("no CKA_PUBLIC_EXPONENT")?;
+            let n = get(AttributeType::Modulus, "no CKA_MODULUS")?;
+            let e = get(AttributeType::PublicExponent, "no CKA_PUBLIC_EXPONENT")?;
             let rsa = openssl::rsa::Rsa::from_public_components(
                 openssl::bn::BigNum::from_slice(n).map_err(ossl)?,
                 openssl::bn::BigNum::from_slice(e).map_err(ossl)?,
@@ -390,16 +395,8 @@ pub(crate) fn public_from_attributes(
             ))
         }
         Some(t) if t == KeyType::EC || t == KeyType::EC_EDWARDS => {
-            let params = get(|a| match a {
-                Attribute::EcParams(v) => Some(v),
-                _ => None,
-            })
-            .ok_or("no CKA_EC_PARAMS")?;
-            let point = get(|a| match a {
-                Attribute::EcPoint(v) => Some(v),
-                _ => None,
-            })
-            .ok_or("no CKA_EC_POINT")?;
+            let params = get(AttributeType::EcParams, "no CKA_EC_PARAMS")?;
+            let point = get(AttributeType::EcPoint, "no CKA_EC_POINT")?;
             // CKA_EC_POINT is a DER OCTET STRING holding the point (some tokens give
             // the bare point).
             let point = match point.as_slice() {

@@ -30,9 +30,24 @@ struct HsmDeployment {
     cert_dir: PathBuf,
 }
 
+/// A site whose only key is RSA.
+const RSA_SITE: &str = "rsa.example.net";
+
 impl HsmDeployment {
     fn new() -> Result<HsmDeployment> {
-        let d = Deployment::init(&[DOMAIN])?;
+        HsmDeployment::init(Deployment::init(&[DOMAIN])?)
+    }
+
+    /// With [`RSA_SITE`] too, whose only key (RSA) is on the token as well.
+    fn with_rsa_site() -> Result<HsmDeployment> {
+        let d = Deployment::init(&[DOMAIN, RSA_SITE])?;
+        for ext in ["key", "crt"] {
+            std::fs::remove_file(d.keys_dir().join(format!("{RSA_SITE}-ecdsa.{ext}")))?;
+        }
+        HsmDeployment::init(d)
+    }
+
+    fn init(d: Deployment) -> Result<HsmDeployment> {
         let hsm = SoftHsm::init(&d.dir().join("hsm"), "sites")?;
         let cert_dir = d.keys_dir().with_file_name("hsm-keys");
         std::fs::create_dir_all(&cert_dir)?;
@@ -167,12 +182,24 @@ fn token_threads(pid: u32) -> Result<usize> {
 
 #[test]
 fn an_edge_completes_tls_13_and_12_handshakes_with_token_keys() -> Result<()> {
-    let h = HsmDeployment::new()?;
+    let h = HsmDeployment::with_rsa_site()?;
     let server = h.start()?;
-    // No origin behind the site (a handshake test): HTTP answers are 502s.
-    let config = EdgeConfig::new(&h.d)?.site(&[DOMAIN], "http://127.0.0.1:9");
+    // No origin behind the sites (a handshake test): HTTP answers are 502s.
+    let config = EdgeConfig::new(&h.d)?
+        .site(&[DOMAIN], "http://127.0.0.1:9")
+        .site(&[RSA_SITE], "http://127.0.0.1:9");
     let edge = Edge::start_with(&h.d, &config)?;
     for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
+        // curl to the RSA-only site: the token's RSA key signs.
+        let out = edge
+            .curl(RSA_SITE)
+            .tls(version)
+            .get(&edge.url(RSA_SITE, "/"))?;
+        ensure!(
+            out.status != 0,
+            "curl to {RSA_SITE} over {version:?} got no response: {}",
+            out.stderr
+        );
         let out = edge.curl(DOMAIN).tls(version).get(&edge.url(DOMAIN, "/"))?;
         ensure!(
             out.status != 0,

@@ -253,22 +253,19 @@ impl Token {
 
     /// The token's private keys that the URI selects (blocking).
     fn list_keys(self: &Arc<Self>, allow_extractable: bool) -> Result<Vec<FoundKey>, TokenError> {
-        let shown = self.uri.to_string();
-        let pk = |what: &'static str| {
-            let shown = shown.clone();
-            move |source| TokenError::Pkcs11 {
-                uri: shown,
-                what,
-                source,
-            }
-        };
         let generation = self.generation.load(Ordering::Acquire);
         let session = self
             .open_session()
-            .map_err(pk("opening a session and logging in"))?;
+            .map_err(self.failed("opening a session and logging in"))?;
         let found = self.list_with(&session, allow_extractable);
         retire(session, generation, &self.generation);
         found
+    }
+
+    /// Maps a PKCS#11 error while doing `what` to a [`TokenError`] naming the token.
+    fn failed(&self, what: &'static str) -> impl FnOnce(CkError) -> TokenError {
+        let uri = self.uri.to_string();
+        move |source| TokenError::Pkcs11 { uri, what, source }
     }
 
     /// [`Token::list_keys`] on `session`.
@@ -277,15 +274,7 @@ impl Token {
         session: &Session,
         allow_extractable: bool,
     ) -> Result<Vec<FoundKey>, TokenError> {
-        let shown = self.uri.to_string();
-        let pk = |what: &'static str| {
-            let shown = shown.clone();
-            move |source| TokenError::Pkcs11 {
-                uri: shown,
-                what,
-                source,
-            }
-        };
+        let pk = |what| self.failed(what);
         let mut template = vec![Attribute::Class(ObjectClass::PRIVATE_KEY)];
         if let Some(label) = &self.uri.object {
             template.push(Attribute::Label(label.as_bytes().to_vec()));
