@@ -3,7 +3,6 @@
 //! real mutual TLS. Tests run in parallel.
 
 mod auth;
-mod cache_large;
 mod cache_purge;
 mod cache_rfc;
 mod cache_safety;

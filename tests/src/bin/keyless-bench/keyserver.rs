@@ -466,34 +466,53 @@ fn measure_ring(case: &Case, threads: usize, duration: Duration) -> Result<Throu
         KeyAlg::Ed25519 => bail!("no raw reference for Ed25519 here"),
     };
     let messages: Vec<Vec<u8>> = (0..256).map(|_| (case.message)()).collect();
+    measure_threads(
+        threads,
+        duration,
+        || Ok(vec![0u8; 512]),
+        |sig: &mut Vec<u8>, i: usize| {
+            let m = messages
+                .get(i % messages.len())
+                .map_or(&[][..], Vec::as_slice);
+            match &signer {
+                Signer::Ecdsa(k) => {
+                    k.sign(&rng, m)
+                        .map_err(|_| anyhow::anyhow!("ring ECDSA sign failed"))?;
+                }
+                Signer::Rsa(k) => {
+                    let out = sig
+                        .get_mut(..k.public().modulus_len())
+                        .context("RSA modulus too long")?;
+                    k.sign(&rs::RSA_PKCS1_SHA256, &rng, m, out)
+                        .map_err(|_| anyhow::anyhow!("ring RSA sign failed"))?;
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Runs operations one after another on `threads` threads — `setup` makes a thread's
+/// state, `op` runs its i-th operation with it — through the warm-up and then
+/// `duration` of measuring; counts the operations done while measuring.
+fn measure_threads<S>(
+    threads: usize,
+    duration: Duration,
+    setup: impl Fn() -> Result<S> + Sync,
+    op: impl Fn(&mut S, usize) -> Result<()> + Sync,
+) -> Result<Throughput> {
     let phase = AtomicU8::new(WARMING);
     let completed = AtomicU64::new(0);
     let elapsed = std::thread::scope(|s| -> Result<Duration> {
         let mut handles = Vec::new();
-        for t in 0..threads {
-            let (signer, messages, phase, completed, rng) =
-                (&signer, &messages, &phase, &completed, &rng);
+        for t in 0..threads.max(1) {
+            let (setup, op, phase, completed) = (&setup, &op, &phase, &completed);
             handles.push(s.spawn(move || -> Result<()> {
-                let mut sig = vec![0u8; 512];
+                let mut state = setup()?;
                 let mut i = t;
                 while phase.load(Ordering::Relaxed) != STOPPED {
                     i = i.wrapping_add(1);
-                    let m = messages
-                        .get(i % messages.len())
-                        .map_or(&[][..], Vec::as_slice);
-                    match signer {
-                        Signer::Ecdsa(k) => {
-                            k.sign(rng, m)
-                                .map_err(|_| anyhow::anyhow!("ring ECDSA sign failed"))?;
-                        }
-                        Signer::Rsa(k) => {
-                            let out = sig
-                                .get_mut(..k.public().modulus_len())
-                                .context("RSA modulus too long")?;
-                            k.sign(&rs::RSA_PKCS1_SHA256, rng, m, out)
-                                .map_err(|_| anyhow::anyhow!("ring RSA sign failed"))?;
-                        }
-                    }
+                    op(&mut state, i)?;
                     if phase.load(Ordering::Relaxed) == MEASURING {
                         completed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -509,7 +528,7 @@ fn measure_ring(case: &Case, threads: usize, duration: Duration) -> Result<Throu
         let elapsed = t0.elapsed();
         for h in handles {
             h.join()
-                .map_err(|_| anyhow::anyhow!("a ring thread panicked"))??;
+                .map_err(|_| anyhow::anyhow!("a measuring thread panicked"))??;
         }
         Ok(elapsed)
     })?;

@@ -2,8 +2,7 @@
 //! reference, direct PKCS#11 signing on the same token.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -16,8 +15,7 @@ use keyless_tests::hsm::{SoftHsm, SOFTHSM_MODULE, SOFTHSM_PIN};
 use keyless_tests::keys::{digest, KeyAlg};
 use keyless_tests::Deployment;
 
-use super::{Case, Throughput};
-use crate::{MEASURING, STOPPED, WARMING, WARMUP};
+use super::{measure_threads, Case, Throughput};
 
 /// The token's label.
 const TOKEN: &str = "bench";
@@ -95,57 +93,33 @@ pub(super) fn measure_direct(
     if alg == KeyAlg::Ed25519 {
         bail!("no PKCS#11 reference for Ed25519 here");
     }
-    let phase = AtomicU8::new(WARMING);
-    let completed = AtomicU64::new(0);
-    let elapsed = std::thread::scope(|s| -> Result<Duration> {
-        let mut handles = Vec::new();
-        for t in 0..threads.max(1) {
-            let (ctx, pin, inputs, phase, completed) = (&ctx, &pin, &inputs, &phase, &completed);
-            handles.push(s.spawn(move || -> Result<()> {
-                // Mechanisms hold raw pointers (not Sync): one per thread.
-                let mechanism = match alg {
-                    KeyAlg::Rsa => Mechanism::RsaPkcs,
-                    _ => Mechanism::Ecdsa,
-                };
-                let session = ctx.open_ro_session(slot)?;
-                match session.login(UserType::User, Some(pin)) {
-                    Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                let key = *session
-                    .find_objects(&[
-                        Attribute::Class(ObjectClass::PRIVATE_KEY),
-                        Attribute::Label(case.key.stem.as_bytes().to_vec()),
-                    ])?
-                    .first()
-                    .context("the key is not on the token")?;
-                let mut i = t;
-                while phase.load(Ordering::Relaxed) != STOPPED {
-                    i = i.wrapping_add(1);
-                    let input = inputs.get(i % inputs.len()).map_or(&[][..], Vec::as_slice);
-                    session.sign(&mechanism, key, input)?;
-                    if phase.load(Ordering::Relaxed) == MEASURING {
-                        completed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(())
-            }));
-        }
-        std::thread::sleep(WARMUP);
-        phase.store(MEASURING, Ordering::SeqCst);
-        let t0 = Instant::now();
-        std::thread::sleep(duration);
-        phase.store(STOPPED, Ordering::SeqCst);
-        let elapsed = t0.elapsed();
-        for h in handles {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a PKCS#11 thread panicked"))??;
-        }
-        Ok(elapsed)
-    })?;
-    Ok(Throughput {
-        ops: completed.load(Ordering::SeqCst),
-        secs: elapsed.as_secs_f64(),
-        ..Throughput::default()
-    })
+    measure_threads(
+        threads,
+        duration,
+        || {
+            let session = ctx.open_ro_session(slot)?;
+            match session.login(UserType::User, Some(&pin)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let key = *session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Label(case.key.stem.as_bytes().to_vec()),
+                ])?
+                .first()
+                .context("the key is not on the token")?;
+            // Mechanisms hold raw pointers (not Sync): one per thread.
+            let mechanism = match alg {
+                KeyAlg::Rsa => Mechanism::RsaPkcs,
+                _ => Mechanism::Ecdsa,
+            };
+            Ok((session, key, mechanism))
+        },
+        |(session, key, mechanism), i| {
+            let input = inputs.get(i % inputs.len()).map_or(&[][..], Vec::as_slice);
+            session.sign(mechanism, *key, input)?;
+            Ok(())
+        },
+    )
 }
