@@ -32,7 +32,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::histogram::Histogram;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::disk::{decode_meta, eof_truncated, FormatError, Meta, FILE_MODE, MAX_META};
+use super::format::{decode_meta, eof_truncated, FormatError, Meta, FILE_MODE, MAX_META};
 
 /// Magic of the block format.
 pub(crate) const MAGIC: &[u8; 4] = b"KLC2";

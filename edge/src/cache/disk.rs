@@ -35,71 +35,25 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use prometheus_client::metrics::histogram::Histogram;
 use ring::digest;
 use tracing::{debug, warn};
 
 use super::blocks::{self, BlockFile, BlockWriter};
+use super::format::{
+    decode_meta, eof_truncated, put_bytes, put_time, FormatError, Meta, Reader, FILE_MODE,
+    MAX_FIELDS, MAX_META,
+};
 use super::key::CacheKey;
 use super::object::{CachedObject, StoredBody};
 
 const MAGIC: &[u8; 4] = b"KLC1";
-/// Largest metadata section accepted.
-pub(super) const MAX_META: usize = 1 << 20;
-/// Most header fields (and, separately, Vary entries) accepted in one file.
-const MAX_FIELDS: u32 = 1000;
 /// `magic` + `meta_len` + `body_len` + checksum.
 const FIXED: u64 = 4 + 4 + 8 + 32;
 const CHECKSUM_LEN: usize = 32;
-
-/// Why a stored file was rejected.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub(crate) enum FormatError {
-    /// Reading the file failed.
-    #[error("reading cache file: {0}")]
-    Io(#[from] io::Error),
-    /// The file does not start with the format's magic.
-    #[error("bad magic (not a cache file, or another format version)")]
-    Magic,
-    /// The file ends before a field it announces.
-    #[error("truncated cache file")]
-    Truncated,
-    /// The file's length does not match the lengths it declares.
-    #[error("cache file length {actual} does not match the declared {declared}")]
-    Length {
-        /// What the file says.
-        declared: u64,
-        /// What is on disk.
-        actual: u64,
-    },
-    /// A declared count or length exceeds its bound.
-    #[error("cache file field {0} over its bound")]
-    Bound(&'static str),
-    /// A field holds an invalid value.
-    #[error("invalid {0} in cache file")]
-    Invalid(&'static str),
-    /// The trailing checksum does not match.
-    #[error("cache file checksum mismatch")]
-    Checksum,
-    /// The file holds another key than the one its name is derived from.
-    #[error("cache file holds another key")]
-    WrongKey,
-}
-
-/// Everything in a file but the body.
-pub(crate) struct Meta {
-    key: String,
-    status: StatusCode,
-    request_time: SystemTime,
-    response_time: SystemTime,
-    headers: HeaderMap,
-    vary: Vec<(HeaderName, Option<HeaderValue>)>,
-}
 
 /// A bounded on-disk store of cached objects (see the module docs). `Send + Sync`;
 /// share it behind an `Arc`.
@@ -704,9 +658,6 @@ struct Staged {
 
 /// Mode of the tier's directories: the edge's user only.
 const DIR_MODE: u32 = 0o700;
-/// Mode of the tier's files: the edge's user only.
-pub(super) const FILE_MODE: u32 = 0o600;
-
 /// Creates `dir` and its missing parents with [`DIR_MODE`] (an existing one is left
 /// as it is).
 fn create_private_dir(dir: &Path) -> io::Result<()> {
@@ -764,23 +715,6 @@ fn write_file(path: &Path, meta: &[u8], body: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) -> Result<(), FormatError> {
-    let len = u32::try_from(b.len()).map_err(|_| FormatError::Bound("field length"))?;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(b);
-    Ok(())
-}
-
-fn put_time(out: &mut Vec<u8>, t: SystemTime) {
-    let (sign, d) = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (0u8, d),
-        Err(e) => (1u8, e.duration()),
-    };
-    out.push(sign);
-    out.extend_from_slice(&d.as_secs().to_le_bytes());
-    out.extend_from_slice(&d.subsec_nanos().to_le_bytes());
-}
-
 /// The metadata section of `obj`; fails if it would exceed the decoder's bounds.
 fn encode_meta(obj: &CachedObject) -> Result<Vec<u8>, FormatError> {
     if obj.headers.len() > MAX_FIELDS as usize {
@@ -816,111 +750,6 @@ fn encode_meta(obj: &CachedObject) -> Result<Vec<u8>, FormatError> {
         return Err(FormatError::Bound("metadata size"));
     }
     Ok(m)
-}
-
-/// A cursor over untrusted bytes: every read is bounds-checked.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
-        let (a, b) = self.buf.split_at_checked(n).ok_or(FormatError::Truncated)?;
-        self.buf = b;
-        Ok(a)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], FormatError> {
-        self.take(N)?.try_into().map_err(|_| FormatError::Truncated)
-    }
-
-    fn u8(&mut self) -> Result<u8, FormatError> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, FormatError> {
-        Ok(u16::from_le_bytes(self.array()?))
-    }
-
-    fn u32(&mut self) -> Result<u32, FormatError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64, FormatError> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    fn bytes(&mut self) -> Result<&'a [u8], FormatError> {
-        let n = self.u32()?;
-        self.take(usize::try_from(n).map_err(|_| FormatError::Truncated)?)
-    }
-
-    fn time(&mut self) -> Result<SystemTime, FormatError> {
-        let sign = self.u8()?;
-        let secs = self.u64()?;
-        let nanos = self.u32()?;
-        if nanos >= 1_000_000_000 {
-            return Err(FormatError::Invalid("time"));
-        }
-        let d = Duration::new(secs, nanos);
-        match sign {
-            0 => UNIX_EPOCH.checked_add(d),
-            1 => UNIX_EPOCH.checked_sub(d),
-            _ => None,
-        }
-        .ok_or(FormatError::Invalid("time"))
-    }
-}
-
-pub(super) fn decode_meta(buf: &[u8]) -> Result<Meta, FormatError> {
-    let mut r = Reader { buf };
-    let key = std::str::from_utf8(r.bytes()?)
-        .map_err(|_| FormatError::Invalid("key"))?
-        .to_owned();
-    let status = StatusCode::from_u16(r.u16()?).map_err(|_| FormatError::Invalid("status"))?;
-    let request_time = r.time()?;
-    let response_time = r.time()?;
-    let n = r.u32()?;
-    if n > MAX_FIELDS {
-        return Err(FormatError::Bound("header count"));
-    }
-    let mut headers = HeaderMap::new();
-    for _ in 0..n {
-        let name =
-            HeaderName::from_bytes(r.bytes()?).map_err(|_| FormatError::Invalid("header name"))?;
-        let value = HeaderValue::from_bytes(r.bytes()?)
-            .map_err(|_| FormatError::Invalid("header value"))?;
-        headers.append(name, value);
-    }
-    let n = r.u32()?;
-    if n > MAX_FIELDS {
-        return Err(FormatError::Bound("vary count"));
-    }
-    let mut vary = Vec::new();
-    for _ in 0..n {
-        let name =
-            HeaderName::from_bytes(r.bytes()?).map_err(|_| FormatError::Invalid("vary name"))?;
-        let value = match r.u8()? {
-            0 => None,
-            1 => Some(
-                HeaderValue::from_bytes(r.bytes()?)
-                    .map_err(|_| FormatError::Invalid("vary value"))?,
-            ),
-            _ => return Err(FormatError::Invalid("vary flag")),
-        };
-        vary.push((name, value));
-    }
-    if !r.buf.is_empty() {
-        return Err(FormatError::Invalid("metadata length"));
-    }
-    Ok(Meta {
-        key,
-        status,
-        request_time,
-        response_time,
-        headers,
-        vary,
-    })
 }
 
 /// Decodes and verifies a whole file. The body is a zero-copy slice of `file`.
@@ -1035,18 +864,10 @@ fn scan_file(path: &Path) -> Result<(Meta, u64, SystemTime), FormatError> {
     Ok((meta, size, mtime))
 }
 
-/// An early end of file read as a truncated cache file.
-pub(super) fn eof_truncated(e: io::Error) -> FormatError {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        FormatError::Truncated
-    } else {
-        FormatError::Io(e)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
     use std::time::Duration;
 
     fn obj(key: &str, body: &[u8]) -> CachedObject {

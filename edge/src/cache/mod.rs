@@ -17,6 +17,7 @@ mod blocks;
 mod conditional;
 mod disk;
 mod flow;
+mod format;
 mod key;
 mod object;
 mod policy;
