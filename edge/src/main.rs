@@ -60,11 +60,11 @@ fn main() {
     let cli = Cli::parse();
     let result = match (cli.command, cli.args) {
         (Some(Command::Enroll(args)), _) => {
-            init_logging(LogFormat::Human);
+            let _logs = init_logging(LogFormat::Human);
             enroll(args)
         }
         (None, Some(args)) => {
-            init_logging(args.log_format);
+            let _logs = init_logging(args.log_format);
             run(args)
         }
         (None, None) => Err(anyhow::anyhow!("--config is required (see --help)")),

@@ -58,14 +58,14 @@ fn main() {
     let first = std::env::args().nth(1);
     if first.is_some_and(|a| admin::COMMANDS.contains(&a.as_str())) {
         let cli = admin::AdminCli::parse();
-        init_logging(keyless_shared::cli::LogFormat::Human);
+        let _logs = init_logging(keyless_shared::cli::LogFormat::Human);
         if let Err(e) = admin::run(cli, &mut std::io::stdout().lock()) {
             exit_with_error("keyless-origin", e.as_ref());
         }
         return;
     }
     let cli = Cli::parse();
-    init_logging(cli.args.log_format);
+    let _logs = init_logging(cli.args.log_format);
     if let Err(e) = run(cli.args) {
         exit_with_error("keyless-origin", e.as_ref());
     }

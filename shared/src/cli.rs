@@ -27,11 +27,35 @@ pub struct ServerArgs {
     pub log_format: LogFormat,
 }
 
+/// Lines the log writer thread may have queued before a logging call waits for it.
+const LOG_QUEUE_LINES: usize = 8192;
+
+/// The log writer thread's guard, taken by [`flush_logs`] (a `static` so that
+/// [`exit_with_error`], which never returns, can flush too).
+static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Held by `main` for the life of the process: dropping it writes out every queued log
+/// line (see [`flush_logs`]).
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard(());
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        flush_logs();
+    }
+}
+
 /// Logs to stderr at the level of `KEYLESS_LOG` (default `info`). rustls' own
 /// messages are kept to errors unless `KEYLESS_LOG` names `rustls`: its warnings are
 /// about what single clients send (e.g. an IP address as SNI) and would log a line per
 /// connection; our handshake logs already say why a handshake failed.
-pub fn init_logging(format: LogFormat) {
+///
+/// Lines are formatted by the thread that logs and written by a thread of their own
+/// (`keyless-log`), many lines per `write`: a worker signing or serving never waits
+/// for stderr's pipe or journald while the queue has room. No line is dropped: when
+/// [`LOG_QUEUE_LINES`] lines wait, logging waits (as writing to stderr directly did).
+pub fn init_logging(format: LogFormat) -> LogGuard {
     const DEFAULT: &str = "info";
     let spec = std::env::var("KEYLESS_LOG").unwrap_or_else(|_| DEFAULT.to_owned());
     let spec = if spec.contains("rustls") {
@@ -41,18 +65,36 @@ pub fn init_logging(format: LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{DEFAULT},rustls=error")));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("keyless-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
+    *LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    LogGuard(())
+}
+
+/// Writes out every queued log line and stops the log writer (waiting at most a second
+/// for a stuck stderr); later lines are lost. Called when the process ends.
+pub fn flush_logs() {
+    let guard = LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner()).take();
+    drop(guard);
 }
 
 /// Prints `error` and its causes to stderr, then exits with status 1.
 pub fn exit_with_error(program: &str, error: &(dyn std::error::Error + 'static)) -> ! {
+    flush_logs();
     eprintln!("{program}: error: {error}");
     // Our errors often quote their cause already: print each new part once.
     let mut shown = error.to_string();
