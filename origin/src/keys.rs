@@ -66,7 +66,7 @@ enum RingKey {
 /// The key-store interface of a key: its private operations, wherever the key is. A
 /// key store yields keys (with their public key, name and certificates) whose
 /// operations implement this: the directory store's [`FileKey`] (this process), the
-/// PKCS#11 store's [`crate::pkcs11::TokenKey`] (an HSM); a cloud KMS store would be one
+/// PKCS#11 store's `TokenKey` (an HSM); a cloud KMS store would be one
 /// more implementation.
 pub(crate) trait PrivateOps: Send + Sync {
     /// Performs `kind` with `hash` on `payload` (a digest; the message for Ed25519; the
@@ -79,11 +79,6 @@ pub(crate) trait PrivateOps: Send + Sync {
         payload: &[u8],
         message: Option<&[u8]>,
     ) -> OpResult;
-
-    /// The token whose own threads run the operations, for a key in an HSM.
-    fn token(&self) -> Option<&std::sync::Arc<crate::pkcs11::Token>> {
-        None
-    }
 }
 
 /// A key read from a file: `ring` and OpenSSL in this process.
@@ -195,18 +190,13 @@ impl SiteKey {
         })
     }
 
-    /// The key `found` on a PKCS#11 token.
-    pub(crate) fn on_token(found: crate::pkcs11::FoundKey) -> SiteKey {
+    /// A key held elsewhere (a token): `ops` performs its operations.
+    pub(crate) fn held(ski: Ski, algorithm: Algorithm, ops: Box<dyn PrivateOps>) -> SiteKey {
         SiteKey {
-            ski: found.ski,
-            algorithm: found.algorithm,
-            ops: Box::new(found.key),
+            ski,
+            algorithm,
+            ops,
         }
-    }
-
-    /// The token holding the key, for a key on a token.
-    pub(crate) fn token(&self) -> Option<&std::sync::Arc<crate::pkcs11::Token>> {
-        self.ops.token()
     }
 
     /// Checks that `opcode` suits this key and `payload` its length, before queueing.
@@ -351,80 +341,6 @@ fn rsa_raw(key: &PKey<Private>, ciphertext: &[u8]) -> OpResult {
         .map_err(|_| ErrorCode::Crypto)?;
     out.truncate(n);
     Ok(out)
-}
-
-/// The algorithm and SPKI DER of a token key from its public attributes (`CKA_MODULUS`
-/// and `CKA_PUBLIC_EXPONENT`, or `CKA_EC_PARAMS` and `CKA_EC_POINT`).
-pub(crate) fn public_from_attributes(
-    key_type: Option<cryptoki::object::KeyType>,
-    attrs: &[cryptoki::object::Attribute],
-) -> Result<(Algorithm, Vec<u8>), String> {
-    use cryptoki::object::{Attribute, AttributeType, KeyType};
-    // The value of the attribute of type `t`.
-    let get = |t: AttributeType, what: &'static str| {
-        attrs
-            .iter()
-            .find(|a| a.attribute_type() == t)
-            .and_then(|a| match a {
-                Attribute::Modulus(v)
-                | Attribute::PublicExponent(v)
-                | Attribute::EcParams(v)
-                | Attribute::EcPoint(v) => Some(v),
-                _ => None,
-            })
-            .ok_or(what)
-    };
-    let ossl = |e: openssl::error::ErrorStack| e.to_string();
-    match key_type {
-        Some(t) if t == KeyType::RSA => {
-            let n = get(AttributeType::Modulus, "no CKA_MODULUS")?;
-            let e = get(AttributeType::PublicExponent, "no CKA_PUBLIC_EXPONENT")?;
-            let rsa = openssl::rsa::Rsa::from_public_components(
-                openssl::bn::BigNum::from_slice(n).map_err(ossl)?,
-                openssl::bn::BigNum::from_slice(e).map_err(ossl)?,
-            )
-            .map_err(ossl)?;
-            let bits = rsa.size() * 8;
-            if !(2048..=4096).contains(&bits) {
-                return Err(format!("unsupported RSA-{bits}"));
-            }
-            let pkey = PKey::from_rsa(rsa).map_err(ossl)?;
-            Ok((
-                Algorithm::Rsa { bits },
-                pkey.public_key_to_der().map_err(ossl)?,
-            ))
-        }
-        Some(t) if t == KeyType::EC || t == KeyType::EC_EDWARDS => {
-            let params = get(AttributeType::EcParams, "no CKA_EC_PARAMS")?;
-            let point = get(AttributeType::EcPoint, "no CKA_EC_POINT")?;
-            // CKA_EC_POINT is a DER OCTET STRING holding the point (some tokens give
-            // the bare point).
-            let point = match point.as_slice() {
-                [0x04, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
-                [0x04, 0x81, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
-                other => other,
-            };
-            const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-            const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-            const ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
-            let (algorithm, nid) = match params.as_slice() {
-                P256 => (Algorithm::EcdsaP256, Nid::X9_62_PRIME256V1),
-                P384 => (Algorithm::EcdsaP384, Nid::SECP384R1),
-                p if p == ED25519 || p.ends_with(b"edwards25519") => {
-                    let pkey = PKey::public_key_from_raw_bytes(point, Id::ED25519).map_err(ossl)?;
-                    return Ok((Algorithm::Ed25519, pkey.public_key_to_der().map_err(ossl)?));
-                }
-                _ => return Err("unsupported curve (supported: P-256, P-384, Ed25519)".into()),
-            };
-            let group = openssl::ec::EcGroup::from_curve_name(nid).map_err(ossl)?;
-            let mut ctx = openssl::bn::BigNumContext::new().map_err(ossl)?;
-            let point = openssl::ec::EcPoint::from_bytes(&group, point, &mut ctx).map_err(ossl)?;
-            let ec = openssl::ec::EcKey::from_public_key(&group, &point).map_err(ossl)?;
-            let pkey = PKey::from_ec_key(ec).map_err(ossl)?;
-            Ok((algorithm, pkey.public_key_to_der().map_err(ossl)?))
-        }
-        _ => Err("unsupported key type (supported: RSA, EC, EC Edwards)".into()),
-    }
 }
 
 fn message_digest(h: HashAlg) -> Option<&'static MdRef> {

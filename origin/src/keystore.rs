@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{AclEntry, DefaultAcl, KeysConfig, PolicyEntry, StoreConfig, StoreKind};
 use crate::keys::{Algorithm, KeyError, SiteKey};
+use crate::metrics::{CertExpiry, Metrics, TokenHealth};
 use crate::pkcs11::Token;
 
 /// Size limit of a key or chain file.
@@ -73,6 +74,9 @@ pub(crate) struct KeyEntry {
     pub(crate) allow: Option<Vec<String>>,
     /// `[[keys.policy]]`: whether the raw RSA private operation is allowed.
     pub(crate) allow_rsa_decrypt: bool,
+    /// The token holding the key, for a key on a PKCS#11 token: its own threads run
+    /// the key's operations.
+    pub(crate) token: Option<Arc<Token>>,
 }
 
 impl KeyEntry {
@@ -174,7 +178,11 @@ impl Keystore {
                 tracing::info!(label = %key.label, %ski, "keystore: token key has no certificate; usable by SKI only");
             }
             let name = key.label.clone();
-            self.insert(entry(config, name, SiteKey::on_token(key), chain));
+            let token = key.key.token().clone();
+            let site_key = SiteKey::held(ski, key.algorithm, Box::new(key.key));
+            let mut entry = entry(config, name, site_key, chain);
+            entry.token = Some(token);
+            self.insert(entry);
         }
         Ok(())
     }
@@ -220,6 +228,29 @@ impl Keystore {
 
     pub(crate) fn entries(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
         self.keys.values()
+    }
+
+    /// Gives `metrics` this keystore's state (once it is installed): the number of
+    /// keys, each token once, and each certificate's expiry.
+    pub(crate) fn report(&self, metrics: &Metrics) {
+        let mut tokens: Vec<&Arc<Token>> = Vec::new();
+        for t in self.entries().filter_map(|e| e.token.as_ref()) {
+            if !tokens.iter().any(|seen| Arc::ptr_eq(seen, t)) {
+                tokens.push(t);
+            }
+        }
+        let tokens = tokens
+            .into_iter()
+            .map(|t| Arc::downgrade(t) as std::sync::Weak<dyn TokenHealth>)
+            .collect();
+        let certs = self.entries().filter_map(|e| {
+            e.chain.as_ref().map(|chain| CertExpiry {
+                key: e.name.clone(),
+                ski: e.key.ski.to_string(),
+                not_after: chain.not_after,
+            })
+        });
+        metrics.keystore(self.len(), tokens, certs);
     }
 
     /// The key whose certificate covers `sni` (exact names before wildcards), picked by
@@ -366,6 +397,7 @@ fn entry(config: &KeysConfig, name: String, key: SiteKey, chain: Option<Chain>) 
         chain,
         allow,
         allow_rsa_decrypt,
+        token: None,
     }
 }
 

@@ -248,7 +248,7 @@ fn unmatched_group_patterns(config: &Config, store: &Keystore) -> Vec<(String, S
 fn token_report(store: &Keystore) -> Vec<String> {
     let mut tokens: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for e in store.entries() {
-        let Some(token) = e.key.token() else {
+        let Some(token) = &e.token else {
             continue;
         };
         let names = e
@@ -414,7 +414,7 @@ async fn bind(
 /// configuration, and the limits of the configuration.
 fn shared_state(config: &Config, tls: tls::TlsState, store: Keystore) -> anyhow::Result<Shared> {
     let metrics = Arc::new(Metrics::new());
-    metrics.keystore(&store);
+    store.report(&metrics);
     let pool = pool::Pool::start(
         "keyless-crypto",
         config.worker_count(),

@@ -17,7 +17,20 @@ use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::keystore::Keystore;
+/// What the metrics read of a PKCS#11 token (implemented by the PKCS#11 store).
+pub(crate) trait TokenHealth: Send + Sync {
+    /// The token's URI without its PIN source.
+    fn name(&self) -> String;
+    /// Whether the token answers operations now.
+    fn available(&self) -> bool;
+}
+
+/// A loaded key's certificate, for `keyless_cert_expiry_timestamp_seconds`.
+pub(crate) struct CertExpiry {
+    pub(crate) key: String,
+    pub(crate) ski: String,
+    pub(crate) not_after: i64,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct OpLabels {
@@ -90,7 +103,7 @@ pub(crate) struct Metrics {
     /// back-off (0); set when metrics are read.
     pub(crate) token_up: Family<TokenLabel, Gauge>,
     /// The keystore's tokens, for `token_up`.
-    tokens: std::sync::Mutex<Vec<std::sync::Weak<crate::pkcs11::Token>>>,
+    tokens: std::sync::Mutex<Vec<std::sync::Weak<dyn TokenHealth>>>,
 }
 
 use std::sync::atomic::AtomicI64;
@@ -201,32 +214,25 @@ impl Metrics {
         }
     }
 
-    /// Records the state of a newly installed keystore.
-    pub(crate) fn keystore(&self, store: &Keystore) {
-        self.keys_loaded.set(store.len() as i64);
-        let mut tokens: Vec<std::sync::Weak<crate::pkcs11::Token>> = Vec::new();
-        for e in store.entries() {
-            if let Some(t) = e.key.token() {
-                if !tokens
-                    .iter()
-                    .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(t)))
-                {
-                    tokens.push(Arc::downgrade(t));
-                }
-            }
-        }
+    /// Records the state of a newly installed keystore: how many keys, its tokens and
+    /// its certificates.
+    pub(crate) fn keystore(
+        &self,
+        keys: usize,
+        tokens: Vec<std::sync::Weak<dyn TokenHealth>>,
+        certs: impl IntoIterator<Item = CertExpiry>,
+    ) {
+        self.keys_loaded.set(keys as i64);
         self.token_up.clear();
         *self.tokens.lock().unwrap_or_else(|p| p.into_inner()) = tokens;
         self.cert_expiry.clear();
-        for e in store.entries() {
-            if let Some(chain) = &e.chain {
-                self.cert_expiry
-                    .get_or_create(&CertLabels {
-                        key: e.name.clone(),
-                        ski: e.key.ski.to_string(),
-                    })
-                    .set(chain.not_after);
-            }
+        for c in certs {
+            self.cert_expiry
+                .get_or_create(&CertLabels {
+                    key: c.key,
+                    ski: c.ski,
+                })
+                .set(c.not_after);
         }
     }
 

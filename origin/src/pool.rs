@@ -13,12 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use keyless_shared::{ErrorCode, Opcode};
+use keyless_shared::ErrorCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::OpResult;
-use crate::keystore::KeyEntry;
 use crate::metrics::Metrics;
 
 /// Called with the result, the time spent queued and the time spent computing.
@@ -26,11 +24,8 @@ pub(crate) type Done = Box<dyn FnOnce(OpResult, Duration, Duration) + Send>;
 
 /// One private-key operation.
 pub(crate) struct Job {
-    pub(crate) entry: Arc<KeyEntry>,
-    pub(crate) opcode: Opcode,
-    pub(crate) payload: Bytes,
-    /// The checked to-be-signed message, when the request carried one.
-    pub(crate) message: Option<Bytes>,
+    /// Performs the operation (it owns the key entry and the request's bytes).
+    pub(crate) work: Box<dyn FnOnce() -> OpResult + Send>,
     /// Cancelled once the requesting connection can no longer be written to.
     pub(crate) alive: CancellationToken,
     pub(crate) done: Done,
@@ -39,10 +34,7 @@ pub(crate) struct Job {
 impl Job {
     fn perform(self, queued: Duration) {
         let started = Instant::now();
-        let result = self
-            .entry
-            .key
-            .perform(self.opcode, &self.payload, self.message.as_deref());
+        let result = (self.work)();
         (self.done)(result, queued, started.elapsed());
     }
 }

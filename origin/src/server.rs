@@ -98,7 +98,7 @@ impl Shared {
     }
 
     pub(crate) fn install(&self, store: Keystore) {
-        self.metrics.keystore(&store);
+        store.report(&self.metrics);
         write(&self.keystore, Arc::new(store));
     }
 
@@ -749,15 +749,14 @@ fn key_op(
             ctx2.reply(audit.id, op, permit);
         },
     );
+    let key = entry.clone();
+    let message = op.signed_message;
     let job = Job {
-        entry: entry.clone(),
-        opcode,
-        payload,
-        message: op.signed_message,
+        work: Box::new(move || key.key.perform(opcode, &payload, message.as_deref())),
         alive: ctx.alive.clone(),
         done,
     };
-    if let Some(token) = entry.key.token() {
+    if let Some(token) = &entry.token {
         // A token's operations wait on the device: its own threads, one session each.
         token.submit(job, &shared.pool, &shared.metrics);
     } else if entry.key.algorithm.is_fast() {

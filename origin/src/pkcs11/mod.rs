@@ -33,6 +33,8 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use keyless_shared::{ErrorCode, HashAlg, KeyKind, Ski};
+use openssl::nid::Nid;
+use openssl::pkey::{Id, PKey};
 use zeroize::Zeroizing;
 
 use crate::config::StoreConfig;
@@ -539,14 +541,20 @@ impl Token {
         self.pool.get()
     }
 
-    /// Whether the token answers operations now (not in a back-off period).
-    pub(crate) fn available(&self) -> bool {
-        !self.is_down()
-    }
-
     /// The token's URI without its PIN source.
     pub(crate) fn name(&self) -> String {
         self.uri.to_string()
+    }
+}
+
+impl crate::metrics::TokenHealth for Token {
+    fn name(&self) -> String {
+        Token::name(self)
+    }
+
+    /// Not in a back-off period.
+    fn available(&self) -> bool {
+        !self.is_down()
     }
 }
 
@@ -649,10 +657,6 @@ fn session_level(e: &CkError) -> bool {
 }
 
 impl crate::keys::PrivateOps for TokenKey {
-    fn token(&self) -> Option<&Arc<Token>> {
-        Some(&self.token)
-    }
-
     /// On the calling thread's session of the token (one of the token's threads). The
     /// token signs the digest: `message` is not needed.
     fn perform(
@@ -667,6 +671,11 @@ impl crate::keys::PrivateOps for TokenKey {
 }
 
 impl TokenKey {
+    /// The token holding the key (whose threads must run its operations).
+    pub(crate) fn token(&self) -> &Arc<Token> {
+        &self.token
+    }
+
     fn operate(&self, kind: KeyKind, hash: Option<HashAlg>, payload: &[u8]) -> OpResult {
         let (mechanism, input): (Mechanism<'_>, Zeroizing<Vec<u8>>) = match kind {
             KeyKind::Ecdsa => (Mechanism::Ecdsa, Zeroizing::new(payload.to_vec())),
@@ -865,7 +874,7 @@ fn public_key(
             .get_attributes(*h, &types)
             .map_err(|e| format!("reading its public key: {e}"))?;
     }
-    crate::keys::public_from_attributes(key_type, &attrs)
+    public_from_attributes(key_type, &attrs)
 }
 
 /// The DigestInfo prefix PKCS#1 v1.5 puts before a digest of `h` (RFC 8017 §9.2).
@@ -933,6 +942,79 @@ fn der_signature(raw: &[u8]) -> Vec<u8> {
     out.extend(r);
     out.extend(s);
     out
+}
+
+/// The algorithm and SPKI DER of a token key from its public attributes (`CKA_MODULUS`
+/// and `CKA_PUBLIC_EXPONENT`, or `CKA_EC_PARAMS` and `CKA_EC_POINT`).
+fn public_from_attributes(
+    key_type: Option<KeyType>,
+    attrs: &[Attribute],
+) -> Result<(Algorithm, Vec<u8>), String> {
+    // The value of the attribute of type `t`.
+    let get = |t: AttributeType, what: &'static str| {
+        attrs
+            .iter()
+            .find(|a| a.attribute_type() == t)
+            .and_then(|a| match a {
+                Attribute::Modulus(v)
+                | Attribute::PublicExponent(v)
+                | Attribute::EcParams(v)
+                | Attribute::EcPoint(v) => Some(v),
+                _ => None,
+            })
+            .ok_or(what)
+    };
+    let ossl = |e: openssl::error::ErrorStack| e.to_string();
+    match key_type {
+        Some(t) if t == KeyType::RSA => {
+            let n = get(AttributeType::Modulus, "no CKA_MODULUS")?;
+            let e = get(AttributeType::PublicExponent, "no CKA_PUBLIC_EXPONENT")?;
+            let rsa = openssl::rsa::Rsa::from_public_components(
+                openssl::bn::BigNum::from_slice(n).map_err(ossl)?,
+                openssl::bn::BigNum::from_slice(e).map_err(ossl)?,
+            )
+            .map_err(ossl)?;
+            let bits = rsa.size() * 8;
+            if !(2048..=4096).contains(&bits) {
+                return Err(format!("unsupported RSA-{bits}"));
+            }
+            let pkey = PKey::from_rsa(rsa).map_err(ossl)?;
+            Ok((
+                Algorithm::Rsa { bits },
+                pkey.public_key_to_der().map_err(ossl)?,
+            ))
+        }
+        Some(t) if t == KeyType::EC || t == KeyType::EC_EDWARDS => {
+            let params = get(AttributeType::EcParams, "no CKA_EC_PARAMS")?;
+            let point = get(AttributeType::EcPoint, "no CKA_EC_POINT")?;
+            // CKA_EC_POINT is a DER OCTET STRING holding the point (some tokens give
+            // the bare point).
+            let point = match point.as_slice() {
+                [0x04, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
+                [0x04, 0x81, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
+                other => other,
+            };
+            const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+            const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+            const ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+            let (algorithm, nid) = match params.as_slice() {
+                P256 => (Algorithm::EcdsaP256, Nid::X9_62_PRIME256V1),
+                P384 => (Algorithm::EcdsaP384, Nid::SECP384R1),
+                p if p == ED25519 || p.ends_with(b"edwards25519") => {
+                    let pkey = PKey::public_key_from_raw_bytes(point, Id::ED25519).map_err(ossl)?;
+                    return Ok((Algorithm::Ed25519, pkey.public_key_to_der().map_err(ossl)?));
+                }
+                _ => return Err("unsupported curve (supported: P-256, P-384, Ed25519)".into()),
+            };
+            let group = openssl::ec::EcGroup::from_curve_name(nid).map_err(ossl)?;
+            let mut ctx = openssl::bn::BigNumContext::new().map_err(ossl)?;
+            let point = openssl::ec::EcPoint::from_bytes(&group, point, &mut ctx).map_err(ossl)?;
+            let ec = openssl::ec::EcKey::from_public_key(&group, &point).map_err(ossl)?;
+            let pkey = PKey::from_ec_key(ec).map_err(ossl)?;
+            Ok((algorithm, pkey.public_key_to_der().map_err(ossl)?))
+        }
+        _ => Err("unsupported key type (supported: RSA, EC, EC Edwards)".into()),
+    }
 }
 
 #[cfg(test)]
