@@ -167,14 +167,18 @@ pub(crate) fn run(args: KeyserverArgs) -> Result<bool> {
     if hsm {
         println!(
             "  keys in a SoftHSM2 token ({}), {} sessions; reference (\"raw\"): direct \
-             PKCS#11 signing in this process, {} threads with a session each; key server \
-             KEYLESS_LOG={}",
+             PKCS#11 signing in this process, {} threads with a session each",
             keyless_tests::hsm::SOFTHSM_MODULE,
             args.sessions,
             args.sessions,
-            std::env::var("KEYLESS_LOG").unwrap_or_default()
         );
     }
+    // As an operator runs it: the default level logs an audit line per operation.
+    println!(
+        "  key server logging: KEYLESS_LOG={}",
+        std::env::var("KEYLESS_LOG")
+            .unwrap_or_else(|_| "unset (info: an audit line per operation)".into())
+    );
 
     let mut rows = Vec::new();
     let per_round = Duration::from_secs_f64(args.seconds as f64 / args.rounds as f64);

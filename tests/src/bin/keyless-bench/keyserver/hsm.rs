@@ -43,12 +43,6 @@ pub(super) fn setup(deployment: &Deployment, sessions: usize) -> Result<PathBuf>
     // Before any thread starts: the key server and this process's module read it.
     let (name, value) = hsm.env();
     std::env::set_var(name, value);
-    // The per-operation audit line costs the key server about as much CPU as the
-    // rest of its work per operation (measured: 1.74 vs 1.45 cores at 8.6k vs 11.4k
-    // ECDSA ops/s); the reference logs nothing. KEYLESS_LOG=info includes it.
-    if std::env::var_os("KEYLESS_LOG").is_none() {
-        std::env::set_var("KEYLESS_LOG", "warn");
-    }
     let mut store = hsm.store_table();
     store.insert("sessions".into(), i64::try_from(sessions)?.into());
     deployment.write_config_variant("origin-bench-hsm.toml", |t| {
