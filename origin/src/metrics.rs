@@ -152,7 +152,7 @@ impl Metrics {
             queue_dropped: register(
                 &mut r,
                 "keyless_queue_dropped",
-                "Private-key operations not performed, by reason (full, predicted-late, deadline, requester-gone)",
+                "Private-key operations not performed, by reason (full, predicted-late, deadline, requester-gone, token-timeout, token-down)",
                 Family::<ReasonLabel, Counter>::default(),
             ),
             keys_loaded: register(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use keyless_shared::{ErrorCode, Opcode, Operation};
-use keyless_tests::hsm::SoftHsm;
+use keyless_tests::hsm::{hanging_module, SoftHsm, HANG_FILE_ENV, SOFTHSM_MODULE};
 use keyless_tests::keys::{
     digest, install_key, random_bytes, KeyAlg, KeyEncoding, KeySpec, SiteKey,
 };
@@ -404,6 +404,120 @@ async fn token_failures_give_clean_errors_while_file_keys_keep_working() -> Resu
     );
     sign_all(&mut client, &on_token).await?;
     sign_all(&mut client, &file_key).await?;
+    server.assert_no_panic();
+    Ok(())
+}
+
+/// A token that stops answering without failing (its `C_Sign` hangs, as a wedged HSM's
+/// would): every waiting request is answered `key-unavailable` by the queue deadline
+/// plus `sign_timeout` (not never), then the token is down and its key answers at once,
+/// the file keys are not affected; when the token answers again, so does its key.
+#[tokio::test]
+async fn a_hung_token_costs_its_requests_a_bounded_wait_and_recovers() -> Result<()> {
+    let h = HsmDeployment::new()?;
+    let on_token = token_key(&h, "hsm.test", "71", &h.d.keys_dir())?;
+    let module = hanging_module(&h.d.dir().join("module"))?;
+    let hang = h.d.dir().join("token-hangs");
+    let mut store = h.hsm.store_table();
+    if let Some(toml::Value::String(u)) = store.get_mut("uri") {
+        *u = u
+            .replacen("token=sites", "token=sites;object=hsm.test-ecdsa", 1)
+            .replacen(SOFTHSM_MODULE, &module.to_string_lossy(), 1);
+    }
+    store.insert("sessions".into(), 2.into());
+    store.insert("sign_timeout".into(), "1s".into());
+    let config = h.d.write_config_variant("origin-hanging.toml", |t| {
+        t.insert("require_handshake_context".into(), false.into());
+        t.insert("queue_deadline".into(), "1s".into());
+        let keys = t
+            .get_mut("keys")
+            .and_then(|k| k.as_table_mut())
+            .expect("[keys]");
+        keys.insert("store".into(), vec![toml::Value::Table(store)].into());
+    })?;
+    let (k, v) = h.hsm.env();
+    let server =
+        KeyServer::start_with_env(&h.d, &config, &[(k, &v), (HANG_FILE_ENV, hang.as_os_str())])?;
+    let file_key = h.d.site_key(DOMAIN, KeyAlg::Ecdsa)?;
+    let mut client = KeyClient::connect(&h.d).await?;
+    sign_all(&mut client, &on_token).await?;
+
+    // The token hangs: 2 requests on its 2 stuck sessions, 4 queued behind them.
+    std::fs::write(&hang, b"")?;
+    let signed = digest(Opcode::EcdsaSignSha256, b"while the token hangs")?;
+    let ops: Vec<Operation> = (0..6)
+        .map(|_| {
+            let mut op = Operation::new(Opcode::EcdsaSignSha256, signed.clone());
+            op.ski = Some(on_token.ski);
+            op
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let (_, replies) = client.pipeline(ops).await?;
+    let waited = started.elapsed();
+    ensure!(replies.len() == 6, "{} replies", replies.len());
+    for reply in &replies {
+        ensure!(
+            reply.op.error_code() == Some(ErrorCode::KeyUnavailable),
+            "hung token: {:?}",
+            reply.op
+        );
+    }
+    // queue_deadline 1 s + sign_timeout 1 s, checked every 50 ms.
+    ensure!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4),
+        "answered after {waited:?}, expected about 2 s"
+    );
+
+    // Down now (its threads still stuck): answered at once; file keys unaffected.
+    let started = std::time::Instant::now();
+    let reply = client
+        .sign(Opcode::EcdsaSignSha256, on_token.ski, &signed, None)
+        .await?;
+    ensure!(
+        reply.error_code() == Some(ErrorCode::KeyUnavailable),
+        "{reply:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_millis(500),
+        "a down token's key was answered after {:?}",
+        started.elapsed()
+    );
+    sign_all(&mut client, &file_key).await?;
+    let metrics = server.metrics_text()?;
+    ensure!(
+        metrics.contains("keyless_token_up{")
+            && metrics
+                .lines()
+                .any(|l| l.starts_with("keyless_token_up{") && l.ends_with(" 0")),
+        "the hung token is not reported down"
+    );
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keyless_queue_dropped_total{reason=\"token-timeout\"}")),
+        "no token-timeout counted"
+    );
+    server.wait_for_log(Duration::from_secs(5), |l| l.contains("the token hangs"))?;
+
+    // The token answers again: after its back-off its key signs again, no restart.
+    std::fs::remove_file(&hang)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = client
+            .sign(Opcode::EcdsaSignSha256, on_token.ski, &signed, None)
+            .await?;
+        if reply.opcode == Some(Opcode::Response) {
+            ensure!(on_token.verify(Opcode::EcdsaSignSha256, &signed, reply.payload())?);
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the token's key did not sign again within 15 s: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sign_all(&mut client, &on_token).await?;
     server.assert_no_panic();
     Ok(())
 }

@@ -128,3 +128,31 @@ impl SoftHsm {
         &self.pin_file
     }
 }
+
+/// Builds `tests/support/hanging-pkcs11.c` into `dir` (created): a PKCS#11 module that
+/// is SoftHSM2 except that `C_Sign` hangs while the file named by the environment
+/// variable [`HANG_FILE_ENV`] exists (an HSM that stops answering without failing).
+/// Its path, for a URI's `module-path`.
+pub fn hanging_module(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/hanging-pkcs11.c");
+    let module = dir.join("libhanging-pkcs11.so");
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&module)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .context("running cc (a C compiler builds the test PKCS#11 module)")?;
+    ensure!(
+        out.status.success(),
+        "building {}: {}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(module)
+}
+
+/// The environment variable naming the file whose existence makes the module of
+/// [`hanging_module`] hang in `C_Sign`.
+pub const HANG_FILE_ENV: &str = "KEYLESS_TEST_HANG_FILE";

@@ -474,7 +474,7 @@ impl Token {
         }
     }
 
-    fn mark_down(&self, e: &CkError) {
+    fn mark_down(&self, e: &dyn std::fmt::Display) {
         let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
         let backoff = down.map_or(Duration::from_secs(1), |(_, b)| (b * 2).min(MAX_BACKOFF));
         *down = Some((Instant::now() + backoff, backoff));
@@ -486,7 +486,17 @@ impl Token {
     /// answering `key-unavailable` when the operation has not ended `sign_timeout`
     /// after it could have started (the queue's deadline plus `sign_timeout`): a hung
     /// token costs its requests that long, never the key server's other keys.
+    /// While the token is down (failing, or hung: see [`watchdog`]), `key-unavailable`
+    /// at once, so that the edge tries another key server without waiting.
     pub(crate) fn submit(self: &Arc<Self>, mut job: Job, like: &Pool, metrics: &Arc<Metrics>) {
+        if self.is_down() {
+            (job.done)(
+                Err(ErrorCode::KeyUnavailable),
+                Duration::ZERO,
+                Duration::ZERO,
+            );
+            return;
+        }
         let (queue, deadline) = like.limits();
         let Some(pool) = self.pool(queue, deadline, metrics) else {
             (job.done)(Err(ErrorCode::Internal), Duration::ZERO, Duration::ZERO);
@@ -563,7 +573,10 @@ type Pending = Arc<Mutex<Option<crate::pool::Done>>>;
 
 /// Answers `key-unavailable` for each operation of the token not answered by its
 /// limit (the queue's deadline plus `sign_timeout`): a hung token costs its requests
-/// that long and no more. One task per token, every 50 ms; it ends with the token.
+/// that long and no more. The first such operation marks the token down (as a failing
+/// one: its keys answer `key-unavailable` at once for the back-off period, then the
+/// next operation tries it again) and answers every operation still waiting for it.
+/// One task per token, every 50 ms; it ends with the token.
 async fn watchdog(token: Weak<Token>, limit: Duration, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -576,18 +589,45 @@ async fn watchdog(token: Weak<Token>, limit: Duration, metrics: Arc<Metrics>) {
         let mut expired = Vec::new();
         {
             let mut watched = token.watched.lock().unwrap_or_else(|p| p.into_inner());
-            while watched.front().is_some_and(|(at, _)| *at <= now) {
+            // Entries already answered by their worker are dropped as they come up.
+            while watched.front().is_some_and(|(at, slot)| {
+                *at <= now || slot.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+            }) {
                 if let Some((_, slot)) = watched.pop_front() {
                     expired.push(slot);
                 }
             }
         }
-        for slot in expired {
+        let mut late = 0;
+        for slot in &expired {
             let done = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(done) = done {
-                tracing::warn!(token = %token.uri, ?limit, "PKCS#11 operation timed out");
+                late += 1;
                 metrics.queue_dropped("token-timeout");
                 done(Err(ErrorCode::KeyUnavailable), limit, Duration::ZERO);
+            }
+        }
+        if late > 0 {
+            token.mark_down(&format_args!(
+                "{late} operation(s) not answered within {limit:?} (the token hangs)"
+            ));
+            let waiting: Vec<Pending> = token
+                .watched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+                .map(|(_, slot)| slot)
+                .collect();
+            for slot in waiting {
+                let done = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(done) = done {
+                    metrics.queue_dropped("token-down");
+                    done(
+                        Err(ErrorCode::KeyUnavailable),
+                        Duration::ZERO,
+                        Duration::ZERO,
+                    );
+                }
             }
         }
     }
