@@ -10,8 +10,9 @@
 //! - [`upstream`]: the origin client (DNS, pooled connections).
 //!
 //! Beside them: [`tls`] (handshakes, chains by SNI, remote signing), [`keyserver`]
-//! (the multiplexed key-server client), [`admin`] (health, metrics, purge),
-//! [`config`] (parsed once into typed values) and [`run`](mod@run) (assembly).
+//! (the multiplexed key-server client), [`admin`] (health, metrics, purge, reload),
+//! [`config`] (parsed into typed values at start and on each reload) and
+//! [`run`](mod@run) (assembly; `reload` rebuilds the fronts from a new configuration).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod exchange;
 pub mod httpdate;
 pub mod keyserver;
 pub mod metrics;
+mod reload;
 pub mod run;
 pub mod serve;
 pub mod sessions;

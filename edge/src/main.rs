@@ -31,6 +31,21 @@ enum Command {
     /// Join a key-server group with a one-time token: make a key pair and CSR here,
     /// prove the token to the key server's enrollment API, write the certificate.
     Enroll(EnrollArgs),
+    /// Ask the running edge to reload its configuration (`POST /reload` on its admin
+    /// listener, as `SIGHUP` does) and print its answer; exit status 1 when the reload
+    /// failed (the edge then keeps its running configuration).
+    Reload(ReloadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReloadArgs {
+    /// The edge's configuration file: its `[listen] admin` and `admin_token` say where
+    /// and how to ask (the edge itself reads and checks the whole file).
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+    /// The admin listener, `host:port`. Default: `[listen] admin` of --config.
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,6 +78,7 @@ fn main() {
             let _logs = init_logging(LogFormat::Human);
             enroll(args)
         }
+        (Some(Command::Reload(args)), _) => reload(args),
         (None, Some(args)) => {
             let _logs = init_logging(args.log_format);
             run(args)
@@ -129,6 +145,17 @@ fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `keyless-edge reload`: prints the edge's answer; an error when it did not reload.
+fn reload(args: ReloadArgs) -> anyhow::Result<()> {
+    let (admin, token) = keyless_edge::admin::reload_target(&args.config)?;
+    let admin = args.admin.unwrap_or(admin);
+    let (status, text) = keyless_edge::admin::request_reload(admin, token.as_deref())
+        .with_context(|| format!("cannot reach the edge's admin listener {admin}"))?;
+    print!("{text}");
+    anyhow::ensure!(status == 200, "the edge did not reload (HTTP {status})");
+    Ok(())
+}
+
 fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
     if cli.test {
@@ -140,7 +167,7 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let runtime = keyless_edge::runtime().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let stop = signals()?;
-        keyless_edge::run(config, stop).await
+        keyless_edge::run(config, Some(cli.config.clone()), stop).await
     })
 }
 

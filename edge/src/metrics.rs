@@ -46,6 +46,13 @@ pub struct OriginLabels {
     pub result: &'static str,
 }
 
+/// The result of an action (`ok`, `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 /// Cache lookup result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
@@ -201,6 +208,10 @@ pub struct Metrics {
     pub cache_disk_streamed: Family<CacheLabels, Counter>,
     /// Slice fetches from origins and slicing outcomes, by result.
     pub cache_slice_fetches: Family<CacheLabels, Counter>,
+    /// Configuration reloads (SIGHUP, `POST /reload`), by result (`ok`, `error`).
+    pub config_reloads: Family<ResultLabels, Counter>,
+    /// When the running configuration was loaded (start or last successful reload).
+    pub config_loaded: Gauge,
 }
 
 /// Where served bytes came from.
@@ -263,6 +274,8 @@ impl Metrics {
             cache_disk_streams: Gauge::default(),
             cache_disk_streamed: Family::default(),
             cache_slice_fetches: Family::default(),
+            config_reloads: Family::default(),
+            config_loaded: Gauge::default(),
         };
         // The exposition lists metrics in registration order: keep these calls in order.
         m.register_tls();
@@ -270,7 +283,41 @@ impl Metrics {
         m.register_cache();
         m.register_remote_ops();
         m.register_sessions();
+        m.register_config();
         m
+    }
+
+    /// Configuration reloads.
+    fn register_config(&mut self) {
+        self.registry.register(
+            "keyless_edge_config_reloads",
+            "Configuration reloads (SIGHUP, POST /reload) by result: ok, error (the running configuration stays)",
+            self.config_reloads.clone(),
+        );
+        self.registry.register(
+            "keyless_edge_config_loaded_timestamp_seconds",
+            "When the running configuration was loaded (start or last successful reload), Unix time",
+            self.config_loaded.clone(),
+        );
+    }
+
+    /// Counts a reload; a successful one sets `config_loaded` to now.
+    pub fn config_reload(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        if result == "ok" {
+            self.config_loaded_now();
+        }
+    }
+
+    /// Sets `config_loaded` to now.
+    pub fn config_loaded_now(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.config_loaded
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     /// Session resumption: its kinds, the session store and the ticket keys.

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +19,12 @@ use crate::admin;
 use crate::admin::AdminState;
 use crate::cache::Cache;
 use crate::config::{CacheConfig, Config, MAX_CONCURRENT_OPS_LIMIT, MAX_PENDING_SESSIONS_LIMIT};
-use crate::keyserver::{ClientConfig, KeyServerClient};
+use crate::keyserver::ClientConfig;
 use crate::metrics::Metrics;
-use crate::serve::{HttpFront, Listeners};
+use crate::reload::{self, Lasting, Running};
+use crate::serve::{Listeners, LiveFronts};
 use crate::sessions::SessionStore;
 use crate::sites::Sites;
-use crate::tls::{TlsFront, TlsFrontConfig};
-use crate::upstream::OriginClient;
 
 /// How long a draining edge waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,9 +49,20 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Serves `config` until `stop` resolves.
-pub async fn run(config: Config, stop: impl Future<Output = Stop>) -> anyhow::Result<()> {
-    Edge::bind(config).await?.serve(stop).await
+/// Serves `config` until `stop` resolves; with `path` (the file `config` was read
+/// from), reloads it on `SIGHUP` and `POST /reload`.
+pub async fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    stop: impl Future<Output = Stop>,
+) -> anyhow::Result<()> {
+    let edge = Edge::bind(config).await?;
+    match path {
+        Some(path) => edge.reloads_from(path),
+        None => edge,
+    }
+    .serve(stop)
+    .await
 }
 
 /// What `keyless-edge --test` checks beyond parsing: sites, the key-server identity
@@ -123,12 +134,11 @@ fn check_cache(cache: &CacheConfig) -> anyhow::Result<String> {
 
 /// An edge with its components built and its listeners bound, not yet serving.
 pub struct Edge {
-    config: Config,
-    keyservers: Arc<KeyServerClient>,
-    tls: Arc<TlsFront>,
-    front: Arc<HttpFront>,
-    cache: Option<Arc<Cache>>,
-    metrics: Arc<Metrics>,
+    running: Running,
+    lasting: Lasting,
+    fronts: Arc<LiveFronts>,
+    /// The configuration file reloads read; none = no reloads.
+    path: Option<PathBuf>,
     https: TcpListener,
     http: Option<TcpListener>,
     admin: std::net::TcpListener,
@@ -146,29 +156,14 @@ impl Edge {
     /// Builds the components and binds the listeners of `config`.
     pub async fn bind(config: Config) -> anyhow::Result<Edge> {
         let metrics = Arc::new(Metrics::new());
-        let sites = Arc::new(Sites::new(&config.sites)?);
-        let mut ks = ClientConfig::from_config(&config.keyserver, &config.dns)?;
-        ks.settings.metrics = Some(metrics.clone());
-        let keyservers =
-            Arc::new(KeyServerClient::new(ks).context("cannot start the key-server client")?);
         let sessions = Arc::new(SessionStore::new(&config.sessions, metrics.clone())?);
-        let tls = TlsFront::new(
-            TlsFrontConfig::from_config(&config.tls, &config.keyserver),
-            sites.clone(),
-            keyservers.clone(),
-            sessions,
-            metrics.clone(),
-        )?;
         let cache = open_cache(&config.cache, &metrics)?;
-        let origin = OriginClient::new(&config.proxy, &config.dns, metrics.clone())
-            .context("cannot set up the origin client")?;
-        let front = HttpFront::new(
-            &config.proxy,
-            sites,
-            cache.clone(),
-            Arc::new(origin),
-            metrics.clone(),
-        );
+        let lasting = Lasting {
+            metrics: metrics.clone(),
+            cache,
+            sessions,
+        };
+        let (fronts, origin, _) = reload::build(&config, &lasting, None).await?;
 
         let listen = &config.listen;
         let https = TcpListener::bind(listen.https)
@@ -184,17 +179,22 @@ impl Edge {
         };
         let admin = std::net::TcpListener::bind(listen.admin)
             .with_context(|| format!("cannot listen on {} (admin)", listen.admin))?;
+        metrics.config_loaded_now();
         Ok(Edge {
-            keyservers,
-            tls: Arc::new(tls),
-            front: Arc::new(front),
-            cache,
-            metrics,
+            running: Running { config, origin },
+            lasting,
+            fronts: Arc::new(LiveFronts::new(fronts)),
+            path: None,
             https,
             http,
             admin,
-            config,
         })
+    }
+
+    /// Reloads the configuration from `path` on `SIGHUP` and `POST /reload`.
+    pub fn reloads_from(mut self, path: PathBuf) -> Edge {
+        self.path = Some(path);
+        self
     }
 
     /// The address the `https` listener is bound to.
@@ -206,31 +206,46 @@ impl Edge {
     /// lets the connections finish (up to 10 s).
     pub async fn serve(self, stop: impl Future<Output = Stop>) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
+        let reload = self.path.map(|path| {
+            let (calls, rx) = tokio::sync::mpsc::channel(reload::RELOAD_QUEUE);
+            tokio::spawn(reload::serve(
+                path,
+                self.running.clone(),
+                self.fronts.clone(),
+                self.lasting.clone(),
+                rx,
+                shutdown.clone(),
+            ));
+            calls
+        });
         let admin = AdminState {
-            metrics: self.metrics.clone(),
-            cache: self.cache,
-            keyservers: self.keyservers.clone(),
+            metrics: self.lasting.metrics.clone(),
+            cache: self.lasting.cache.clone(),
+            fronts: self.fronts.clone(),
+            reload,
         };
         spawn_admin(self.admin, admin, shutdown.clone())?;
-        let listen = &self.config.listen;
+        let config = &self.running.config;
+        let listen = &config.listen;
+        let keyservers = self.fronts.get().tls.keyservers().clone();
         tracing::info!(
             https = %listen.https,
             http = ?listen.http,
             admin = %listen.admin,
-            sites = self.config.sites.len(),
-            keyserver_groups = ?self.keyservers.groups().map(|g| g.name()).collect::<Vec<_>>(),
-            keyservers = ?self.config.keyserver.static_servers().map(|s| s.as_str()).collect::<Vec<_>>(),
+            sites = config.sites.len(),
+            keyserver_groups = ?keyservers.groups().map(|g| g.name()).collect::<Vec<_>>(),
+            keyservers = ?config.keyserver.static_servers().map(|s| s.as_str()).collect::<Vec<_>>(),
             "edge listening"
         );
         let tracker = TaskTracker::new();
         let listeners = Listeners {
-            limit: Arc::new(Semaphore::new(self.config.proxy.max_connections.get())),
+            limit: Arc::new(Semaphore::new(config.proxy.max_connections.get())),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
-            front: self.front,
-            metrics: self.metrics,
+            fronts: self.fronts.clone(),
+            metrics: self.lasting.metrics.clone(),
         };
-        tokio::spawn(listeners.clone().https(self.https, self.tls));
+        tokio::spawn(listeners.clone().https(self.https));
         if let Some(http) = self.http {
             tokio::spawn(listeners.http(http));
         }

@@ -109,10 +109,27 @@ pub fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> 
     resp
 }
 
+/// Whether the bearer token `given` is `expected`, in constant time (both are hashed
+/// first, so that neither their bytes nor their lengths show in the timing).
+pub fn token_matches(expected: &str, given: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    let a = ring::digest::digest(&ring::digest::SHA256, expected.as_bytes());
+    let b = ring::digest::digest(&ring::digest::SHA256, given);
+    bool::from(a.as_ref().ct_eq(b.as_ref()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(token_matches("secret-token", b"secret-token"));
+        assert!(!token_matches("secret-token", b"secret-tokeN"));
+        assert!(!token_matches("secret-token", b"secret-token "));
+        assert!(!token_matches("secret-token", b""));
+    }
 
     #[tokio::test]
     async fn accept_holds_the_limit_and_stops_on_shutdown() {

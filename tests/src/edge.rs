@@ -80,6 +80,8 @@ pub struct EdgeConfig {
     pub sessions: toml::Table,
     /// `[[site]]` entries.
     pub sites: Vec<SiteEntry>,
+    /// `[listen] admin_token` (none by default).
+    pub admin_token: Option<String>,
 }
 
 impl EdgeConfig {
@@ -101,7 +103,14 @@ impl EdgeConfig {
             cache: toml::Table::new(),
             sessions: toml::Table::new(),
             sites: Vec::new(),
+            admin_token: None,
         })
+    }
+
+    /// Sets `[listen] admin_token` (the bearer token of `POST /reload`).
+    pub fn admin_token(mut self, token: &str) -> EdgeConfig {
+        self.admin_token = Some(token.to_owned());
+        self
     }
 
     /// Uses this key server (`host:port`) instead of the deployment's.
@@ -244,6 +253,9 @@ impl EdgeConfig {
             listen.insert("http".into(), http.to_string().into());
         }
         listen.insert("admin".into(), self.admin.to_string().into());
+        if let Some(token) = &self.admin_token {
+            listen.insert("admin_token".into(), token.as_str().into());
+        }
         root.insert("listen".into(), listen.into());
 
         root.insert("keyserver".into(), self.keyserver_table().into());
@@ -345,6 +357,13 @@ pub struct Edge {
 }
 
 impl Edge {
+    /// Runs `keyless-edge reload --config` on this edge's configuration file.
+    pub fn reload_command(&self) -> Result<Output> {
+        let mut cmd = Command::new(edge_bin()?);
+        cmd.arg("reload").arg("--config").arg(&self.config_path);
+        cmd.output().with_context(|| format!("running {cmd:?}"))
+    }
+
     /// Starts an edge with `config` (built by [`EdgeConfig`]).
     pub fn start_with(deployment: &Deployment, config: &EdgeConfig) -> Result<Edge> {
         Edge::start(deployment, &config.to_toml())

@@ -17,7 +17,7 @@ use super::{
 };
 
 /// `[keyserver]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyServerConfig {
     /// Single-group form: `host:port` of each key server, most preferred first.
@@ -70,7 +70,7 @@ pub struct KeyServerConfig {
 
 /// `[[keyserver.group]]`: key servers that hold the same keys, and the edge's identity
 /// towards them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// The group's name, as sites name it (`keyserver_group`).
@@ -103,7 +103,7 @@ pub struct GroupConfig {
 }
 
 /// Where a group's servers come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum GroupServers<'a> {
     /// `servers = [{ addr = "host:port", priority = 10, weight = 1 }, ...]`.
     Static {
@@ -119,7 +119,7 @@ pub enum GroupServers<'a> {
 }
 
 /// One key server of a static list.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerEntry {
     /// `host:port`.

@@ -50,7 +50,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listeners.
@@ -78,7 +78,7 @@ pub struct Config {
 }
 
 /// `[listen]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     /// HTTPS (ALPN h2 and http/1.1). Default `0.0.0.0:443`.
@@ -90,6 +90,17 @@ pub struct ListenConfig {
     /// Health and metrics. Default `127.0.0.1:9090`.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// Bearer token of the admin listener's control calls (`POST /reload`, which
+    /// `keyless-edge reload` makes); none = they answer 404. Compared in constant time.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+impl ListenConfig {
+    /// Whether `other` binds the same sockets (the token may change on reload).
+    pub fn same_sockets(&self, other: &ListenConfig) -> bool {
+        (self.https, self.http, self.admin) == (other.https, other.http, other.admin)
+    }
 }
 
 /// Largest `[keyserver] max_concurrent_ops`: half of tokio's blocking pool (512
@@ -100,7 +111,7 @@ pub const MAX_CONCURRENT_OPS_LIMIT: usize = 256;
 pub const MAX_PENDING_SESSIONS_LIMIT: usize = 256;
 
 /// `[dns]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// Name servers (`ip` or `ip:port`, port 53 by default); empty = the system's
@@ -113,7 +124,7 @@ pub struct DnsConfig {
 }
 
 /// `[tls]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Site used for clients that send no SNI; none = such handshakes fail.
@@ -139,7 +150,7 @@ impl Default for TlsConfig {
 }
 
 /// `[proxy]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Deadline of connecting to an origin (per address tried). Default "5s".
@@ -242,7 +253,7 @@ impl Default for ProxyConfig {
 }
 
 /// One `[[site]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     /// Names served (exact, or `*.example.com` for one label under it).
@@ -262,7 +273,7 @@ pub struct SiteConfig {
 }
 
 /// `[cache]`: the shared HTTP cache (RFC 9111) of every site.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Whether responses are cached at all. Default true.
@@ -325,7 +336,7 @@ impl Default for CacheConfig {
 }
 
 /// `[site.cache]`: per-site cache settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteCacheConfig {
     /// Whether this site's responses are cached. Default true.

@@ -20,7 +20,7 @@ pub enum RedisMode {
 }
 
 /// `[sessions]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionsConfig {
     /// Issue and accept session tickets (TLS 1.3 and 1.2). Default true. Off, TLS 1.3

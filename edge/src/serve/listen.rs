@@ -1,6 +1,8 @@
 //! The client listeners: `https` (TLS through [`TlsFront`], then HTTP) and optional
 //! plain `http`, sharing one bound on open connections, each connection a tracked task
-//! that finishes its requests when the edge shuts down.
+//! that finishes its requests when the edge shuts down. Each connection is served by
+//! the fronts current when it was accepted ([`LiveFronts`]): a reload changes what new
+//! connections get, never a connection in progress.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,9 +12,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{serve_connection, HttpFront};
+use super::{serve_connection, HttpFront, LiveFronts};
 use crate::exchange::ClientCtx;
 use crate::metrics::Metrics;
+#[cfg(doc)]
 use crate::tls::TlsFront;
 
 /// What every client connection of every listener shares.
@@ -23,7 +26,7 @@ pub(crate) struct Listeners {
     /// Every connection's task, waited for when draining.
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
-    pub(crate) front: Arc<HttpFront>,
+    pub(crate) fronts: Arc<LiveFronts>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -37,17 +40,19 @@ impl Listeners {
     }
 
     /// Serves `listener` as `https` until shutdown.
-    pub(crate) async fn https(self, listener: TcpListener, tls: Arc<TlsFront>) {
+    pub(crate) async fn https(self, listener: TcpListener) {
         while let Some((tcp, peer, permit)) = self.next(&listener).await {
             let me = self.clone();
-            let tls = tls.clone();
+            let fronts = self.fronts.get();
             let local_addr = tcp.local_addr().unwrap_or(peer);
             self.tracker.spawn(async move {
                 let _permit = permit;
-                let Ok((stream, _site)) = tls.accept(tcp, peer).await else {
+                let Ok((stream, _site)) = fronts.tls.accept(tcp, peer).await else {
                     return;
                 };
-                me.serve(stream, peer, "https", local_addr).await;
+                let http = fronts.http.clone();
+                drop(fronts);
+                me.serve(stream, http, peer, "https", local_addr).await;
             });
         }
     }
@@ -56,10 +61,11 @@ impl Listeners {
     pub(crate) async fn http(self, listener: TcpListener) {
         while let Some((tcp, peer, permit)) = self.next(&listener).await {
             let me = self.clone();
+            let http = self.fronts.get().http.clone();
             let local_addr = tcp.local_addr().unwrap_or(peer);
             self.tracker.spawn(async move {
                 let _permit = permit;
-                me.serve(tcp, peer, "http", local_addr).await;
+                me.serve(tcp, http, peer, "http", local_addr).await;
             });
         }
     }
@@ -68,6 +74,7 @@ impl Listeners {
     async fn serve<IO>(
         self,
         io: IO,
+        front: Arc<HttpFront>,
         client_addr: SocketAddr,
         scheme: &'static str,
         local_addr: SocketAddr,
@@ -80,7 +87,7 @@ impl Listeners {
             scheme,
             local_addr,
         };
-        serve_connection(io, self.front, ctx, self.shutdown).await;
+        serve_connection(io, front, ctx, self.shutdown).await;
         self.metrics.connections_active.dec();
     }
 }

@@ -30,6 +30,44 @@ use crate::upstream::{headers, OriginClient};
 pub use conn::serve_connection;
 pub(crate) use listen::Listeners;
 
+/// What serves a client connection: its TLS front (https) and its HTTP front, built
+/// from one configuration.
+pub struct Fronts {
+    /// Handshakes of `https` connections.
+    pub tls: Arc<crate::tls::TlsFront>,
+    /// Requests of every connection.
+    pub http: Arc<HttpFront>,
+}
+
+/// The fronts new connections get; a reload replaces them while the connections
+/// accepted before keep theirs.
+pub struct LiveFronts {
+    current: std::sync::RwLock<Arc<Fronts>>,
+}
+
+impl LiveFronts {
+    /// Starts with `fronts`.
+    pub fn new(fronts: Fronts) -> LiveFronts {
+        LiveFronts {
+            current: std::sync::RwLock::new(Arc::new(fronts)),
+        }
+    }
+
+    /// The current fronts.
+    pub fn get(&self) -> Arc<Fronts> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Makes `fronts` current; returns the ones it replaces.
+    pub fn replace(&self, fronts: Fronts) -> Arc<Fronts> {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *current, Arc::new(fronts))
+    }
+}
+
 /// Answers client requests: through the cache when it is enabled, else straight from
 /// the origin.
 pub struct HttpFront {

@@ -155,6 +155,25 @@ impl CertStore {
         })
     }
 
+    /// Drops the chains cached for the names `keep` refuses (the sites a reload
+    /// removed or changed); how many.
+    pub(crate) async fn retain(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let gone: Vec<Arc<CacheKey>> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| !keep(&key.0))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &gone {
+            self.cache.invalidate(key.as_ref()).await;
+        }
+        self.ctx
+            .metrics
+            .certs_cached
+            .set(self.cache.entry_count() as i64);
+        gone.len()
+    }
+
     /// What remote signatures of these chains' keys use.
     pub(crate) fn ctx(&self) -> &RemoteContext {
         &self.ctx

@@ -227,6 +227,30 @@ impl TlsFront {
         })
     }
 
+    /// The key-server groups the sites of this front use.
+    pub fn keyservers(&self) -> &Arc<KeyServerClient> {
+        &self.client
+    }
+
+    /// Takes over `previous`'s own session-ticket key, so that the tickets it issued
+    /// still resume after a reload (`[sessions]` does not change on reload).
+    pub fn keep_ticket_key(&mut self, previous: &TlsFront) {
+        self.template.ticketer = previous.template.ticketer.clone();
+    }
+
+    /// Takes over the chains `previous` has cached (and its bound on waiting remote
+    /// operations), except for the names `keep` refuses; how many were dropped. For a
+    /// reload that keeps `[tls]`, `[keyserver]` and the key-server client: only the
+    /// sites it removed or changed need their chains fetched again.
+    pub async fn adopt_chains(
+        &mut self,
+        previous: &TlsFront,
+        keep: impl Fn(&str) -> bool,
+    ) -> usize {
+        self.certs = previous.certs.clone();
+        self.certs.retain(keep).await
+    }
+
     fn count(&self, result: &'static str, version: &'static str) {
         self.metrics
             .handshakes
