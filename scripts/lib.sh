@@ -10,6 +10,10 @@ install_deps() {
     command -v redis-server >/dev/null || need+=(redis-server)
     # The PKCS#11 key-store tests: a SoftHSM2 token per test.
     command -v softhsm2-util >/dev/null || need+=(softhsm2)
+    # The hung-token test builds a small PKCS#11 module with the C compiler.
+    command -v cc >/dev/null || need+=(gcc)
+    # The package tests verify the systemd units.
+    command -v systemd-analyze >/dev/null || need+=(systemd)
     if [ ${#need[@]} -gt 0 ]; then
         echo "installing: ${need[*]}"
         local sudo=""
