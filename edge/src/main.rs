@@ -167,7 +167,11 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let runtime = keyless_edge::runtime().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let stop = signals()?;
-        keyless_edge::run(config, Some(cli.config.clone()), stop).await
+        let start = keyless_edge::run::Start {
+            path: Some(cli.config.clone()),
+            upgrade: cli.upgrade,
+        };
+        keyless_edge::run(config, start, stop).await
     })
 }
 

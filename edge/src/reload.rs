@@ -5,7 +5,8 @@
 //! current ([`LiveFronts`]): connections accepted from then on use them, connections
 //! and requests in progress finish with the fronts they started with. A file that
 //! does not parse, fails a check, or changes what only a restart can change (`[listen]`
-//! addresses, `[cache]`, `[sessions]`, `[proxy] max_connections`) changes nothing: the running configuration
+//! addresses and upgrade socket, `[cache]`, `[sessions]`, `[proxy] max_connections`)
+//! changes nothing: the running configuration
 //! stays, and the reload says why (log line, `keyless_edge_config_reloads_total`, the
 //! answer to `POST /reload`).
 //!
@@ -177,6 +178,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     if !old.listen.same_sockets(&new.listen) {
         parts.push("[listen] addresses");
     }
+    if old.listen.upgrade_socket != new.listen.upgrade_socket {
+        parts.push("[listen] upgrade_socket");
+    }
     if old.cache != new.cache {
         parts.push("[cache]");
     }
@@ -276,7 +280,7 @@ async fn reload(
     let restart = restart_only(&running.config, &config);
     if !restart.is_empty() {
         anyhow::bail!(
-            "{} changed: that takes a restart (or `keyless-edge upgrade`); nothing was reloaded",
+            "{} changed: that takes a restart; nothing was reloaded",
             restart.join(", ")
         );
     }

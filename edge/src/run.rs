@@ -5,11 +5,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use keyless_shared::handoff;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -49,15 +51,28 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Serves `config` until `stop` resolves; with `path` (the file `config` was read
-/// from), reloads it on `SIGHUP` and `POST /reload`.
+/// How the binary starts the edge.
+#[derive(Debug, Default)]
+pub struct Start {
+    /// The file the configuration was read from: reloaded on `SIGHUP` and `POST
+    /// /reload`. None = no reloads.
+    pub path: Option<PathBuf>,
+    /// Take the listening sockets from the running edge (`[listen] upgrade_socket`)
+    /// instead of binding them; it drains once this one serves.
+    pub upgrade: bool,
+}
+
+/// Serves `config` until `stop` resolves.
 pub async fn run(
     config: Config,
-    path: Option<PathBuf>,
+    start: Start,
     stop: impl Future<Output = Stop>,
 ) -> anyhow::Result<()> {
-    let edge = Edge::bind(config).await?;
-    match path {
+    let edge = match start.upgrade {
+        true => Edge::take_over(config).await?,
+        false => Edge::bind(config).await?,
+    };
+    match start.path {
         Some(path) => edge.reloads_from(path),
         None => edge,
     }
@@ -139,6 +154,8 @@ pub struct Edge {
     fronts: Arc<LiveFronts>,
     /// The configuration file reloads read; none = no reloads.
     path: Option<PathBuf>,
+    /// The sockets taken from the edge this one upgrades (it drains once told).
+    taken: Option<handoff::Taken>,
     https: TcpListener,
     http: Option<TcpListener>,
     admin: std::net::TcpListener,
@@ -155,6 +172,23 @@ impl std::fmt::Debug for Edge {
 impl Edge {
     /// Builds the components and binds the listeners of `config`.
     pub async fn bind(config: Config) -> anyhow::Result<Edge> {
+        Edge::build(config, None).await
+    }
+
+    /// Builds the components of `config` and takes the listening sockets from the edge
+    /// serving upgrades on `[listen] upgrade_socket`.
+    pub async fn take_over(config: Config) -> anyhow::Result<Edge> {
+        let path = config
+            .listen
+            .upgrade_socket
+            .clone()
+            .context("--upgrade needs [listen] upgrade_socket (where the running edge hands over its sockets)")?;
+        let taken = handoff::take(&path).context("cannot take over from the running edge")?;
+        tracing::info!(upgrade_socket = %path.display(), "upgrade: took the listening sockets of the running edge");
+        Edge::build(config, Some(taken)).await
+    }
+
+    async fn build(config: Config, mut taken: Option<handoff::Taken>) -> anyhow::Result<Edge> {
         let metrics = Arc::new(Metrics::new());
         let sessions = Arc::new(SessionStore::new(&config.sessions, metrics.clone())?);
         let cache = open_cache(&config.cache, &metrics)?;
@@ -166,25 +200,23 @@ impl Edge {
         let (fronts, origin, _) = reload::build(&config, &lasting, None).await?;
 
         let listen = &config.listen;
-        let https = TcpListener::bind(listen.https)
-            .await
-            .with_context(|| format!("cannot listen on {} (https)", listen.https))?;
+        let mut listener = |name: &str, addr: SocketAddr| {
+            handoff::tcp_listener(taken.as_mut(), name, addr)
+                .with_context(|| format!("cannot listen on {addr} ({name})"))
+        };
+        let https = TcpListener::from_std(listener("https", listen.https)?)?;
         let http = match listen.http {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} (http)"))?,
-            ),
+            Some(addr) => Some(TcpListener::from_std(listener("http", addr)?)?),
             None => None,
         };
-        let admin = std::net::TcpListener::bind(listen.admin)
-            .with_context(|| format!("cannot listen on {} (admin)", listen.admin))?;
+        let admin = listener("admin", listen.admin)?;
         metrics.config_loaded_now();
         Ok(Edge {
             running: Running { config, origin },
             lasting,
             fronts: Arc::new(LiveFronts::new(fronts)),
             path: None,
+            taken,
             https,
             http,
             admin,
@@ -206,6 +238,7 @@ impl Edge {
     /// lets the connections finish (up to 10 s).
     pub async fn serve(self, stop: impl Future<Output = Stop>) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
+        let offered = self.offer_upgrades()?;
         let reload = self.path.map(|path| {
             let (calls, rx) = tokio::sync::mpsc::channel(reload::RELOAD_QUEUE);
             tokio::spawn(reload::serve(
@@ -249,8 +282,29 @@ impl Edge {
         if let Some(http) = self.http {
             tokio::spawn(listeners.http(http));
         }
-
-        let how = stop.await;
+        if let Some(taken) = self.taken {
+            taken
+                .ready()
+                .context("cannot tell the previous edge that this one serves")?;
+            tracing::info!("upgrade: serving; the previous edge drains and exits");
+        }
+        // Only now: the previous edge, if any, offered on the same path until this one
+        // said it serves.
+        let offered = offered.map(handoff::Offer::start).transpose()?;
+        let how = match offered {
+            Some(mut offer) => tokio::select! {
+                how = stop => {
+                    // Its copies of the listening sockets close: the ports close now.
+                    offer.abort();
+                    how
+                }
+                _ = &mut offer => {
+                    tracing::info!("upgrade: a new edge serves; draining connections");
+                    Stop::Drain
+                }
+            },
+            None => stop.await,
+        };
         shutdown.cancel();
         tracker.close();
         if how == Stop::Drain
@@ -265,6 +319,23 @@ impl Edge {
         }
         tracing::info!("edge stopped");
         Ok(())
+    }
+}
+
+impl Edge {
+    /// The listening sockets to offer a later upgrade, when `[listen] upgrade_socket`
+    /// is set.
+    fn offer_upgrades(&self) -> anyhow::Result<Option<handoff::Offer>> {
+        let Some(path) = &self.running.config.listen.upgrade_socket else {
+            return Ok(None);
+        };
+        let mut named = vec![("https", self.https.as_fd()), ("admin", self.admin.as_fd())];
+        if let Some(http) = &self.http {
+            named.push(("http", http.as_fd()));
+        }
+        let offer =
+            handoff::Offer::new(path, &named).context("cannot copy the listening sockets")?;
+        Ok(Some(offer))
     }
 }
 

@@ -96,6 +96,11 @@ pub(crate) struct Config {
     /// no enrollment.
     #[serde(default)]
     pub(crate) enroll_listen: Option<SocketAddr>,
+    /// Unix socket over which a new `keyless-origin --upgrade` takes the listening
+    /// sockets (a zero-downtime upgrade); put it in a directory only the key server's
+    /// user can enter. Default: none, no upgrades.
+    #[serde(default)]
+    pub(crate) upgrade_socket: Option<PathBuf>,
     /// The key server's own TLS identity and the CA of its clients.
     pub(crate) tls: TlsConfig,
     /// The site keys.
@@ -490,6 +495,7 @@ impl Config {
         .chain(self.tls.ca_cert.as_mut())
         .chain(self.tls.ca_key.as_mut())
         .chain(self.tickets.secret_dir.as_mut())
+        .chain(self.upgrade_socket.as_mut())
         .chain(groups)
         {
             if p.is_relative() {

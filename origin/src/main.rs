@@ -24,6 +24,7 @@ use std::time::SystemTime;
 use anyhow::Context;
 use clap::Parser;
 use keyless_shared::cli::{exit_with_error, init_logging, ServerArgs};
+use keyless_shared::handoff;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -135,14 +136,41 @@ fn run(cli: ServerArgs) -> anyhow::Result<()> {
         .thread_name("keyless-io")
         .build()
         .context("cannot start the async runtime")?;
+    let taken = match cli.upgrade {
+        true => Some(take_over(&config)?),
+        false => None,
+    };
     runtime.block_on(serve(
         config,
         cli.config,
-        tls,
-        store,
-        rotation,
-        start_rotation,
+        Started {
+            tls,
+            store,
+            rotation,
+            start_rotation,
+            taken,
+        },
     ))
+}
+
+/// What `serve` starts from.
+struct Started {
+    tls: tls::TlsState,
+    store: Keystore,
+    rotation: Option<rotate::Rotation>,
+    start_rotation: Option<bool>,
+    /// The sockets taken from the key server this one upgrades.
+    taken: Option<handoff::Taken>,
+}
+
+/// The listening sockets of the key server serving upgrades on `upgrade_socket`.
+fn take_over(config: &Config) -> anyhow::Result<handoff::Taken> {
+    let path = config.upgrade_socket.as_ref().context(
+        "--upgrade needs upgrade_socket (where the running key server hands over its sockets)",
+    )?;
+    let taken = handoff::take(path).context("cannot take over from the running key server")?;
+    tracing::info!(upgrade_socket = %path.display(), "upgrade: took the listening sockets of the running key server");
+    Ok(taken)
 }
 
 /// What `--test` prints and a starting key server logs as warnings: settings that
@@ -312,14 +340,14 @@ fn group_report(config: &Config, store: &Keystore) -> Vec<String> {
     lines
 }
 
-async fn serve(
-    config: Arc<Config>,
-    config_path: PathBuf,
-    tls: tls::TlsState,
-    store: Keystore,
-    rotation: Option<rotate::Rotation>,
-    start_rotation: Option<bool>,
-) -> anyhow::Result<()> {
+async fn serve(config: Arc<Config>, config_path: PathBuf, started: Started) -> anyhow::Result<()> {
+    let Started {
+        tls,
+        store,
+        rotation,
+        start_rotation,
+        mut taken,
+    } = started;
     let shared = Arc::new(shared_state(&config, tls, store)?);
     if let Some(ok) = start_rotation {
         watch::count_start_rotation(&shared, ok);
@@ -327,7 +355,13 @@ async fn serve(
     // Before the port opens: whoever sees it open may signal, and a signal not yet
     // caught would kill the process.
     let mut signals = Signals::install()?;
-    let (listener, enroll_listener, metrics_listener) = bind(&config).await?;
+    let (listener, enroll_listener, metrics_listener) = bind(&config, taken.as_mut())?;
+    let offered = offer_upgrades(
+        &config,
+        &listener,
+        enroll_listener.as_ref(),
+        &metrics_listener,
+    )?;
     // The hard stop: connections close at once (SIGINT, or the end of a drain).
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -367,11 +401,36 @@ async fn serve(
         shutdown.clone(),
         tracker.clone(),
     );
+    if let Some(taken) = taken {
+        taken
+            .ready()
+            .context("cannot tell the previous key server that this one serves")?;
+        tracing::info!("upgrade: serving; the previous key server drains and exits");
+    }
+    // Only now: the previous key server, if any, offered on the same path until this
+    // one said it serves.
+    let mut offer = offered.map(handoff::Offer::start).transpose()?;
+    let handed_off = async {
+        match offer.as_mut() {
+            Some(offer) => {
+                let _ = offer.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     let stop = tokio::select! {
         // Only ends on `shutdown`, which is cancelled below.
         () = accept => Stop::Now,
         stop = signals.next_stop(&shared, &config_path) => stop,
+        () = handed_off => {
+            tracing::info!("upgrade: a new key server serves; draining connections");
+            Stop::Drain
+        }
     };
+    // Its copies of the listening sockets close with it: the ports close now.
+    if let Some(offer) = offer {
+        offer.abort();
+    }
     // The accept loop, and with it the listener, was dropped with the select: from here
     // on new connections are refused and a new key server may bind the port.
     tracker.close();
@@ -384,30 +443,48 @@ async fn serve(
     Ok(())
 }
 
-/// The Keyless, enrollment and metrics listeners. Enrollment binds before the Keyless
-/// listener: whoever sees that port open finds enrollment open.
-async fn bind(
+/// The Keyless, enrollment and metrics listeners, taken from the key server this one
+/// upgrades (`taken`) or bound. Enrollment binds before the Keyless listener: whoever
+/// sees that port open finds enrollment open.
+fn bind(
     config: &Config,
+    mut taken: Option<&mut handoff::Taken>,
 ) -> anyhow::Result<(
     tokio::net::TcpListener,
     Option<tokio::net::TcpListener>,
     tokio::net::TcpListener,
 )> {
+    let mut listener = |name: &str, addr: std::net::SocketAddr, what: &str| {
+        let std = handoff::tcp_listener(taken.as_deref_mut(), name, addr)
+            .with_context(|| format!("cannot listen {what}on {addr}"))?;
+        anyhow::Ok(tokio::net::TcpListener::from_std(std)?)
+    };
     let enroll = match config.enroll_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for enrollment on {addr}"))?,
-        ),
+        Some(addr) => Some(listener("enroll", addr, "for enrollment ")?),
         None => None,
     };
-    let keyless = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let metrics = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    let keyless = listener("keyless", config.listen, "")?;
+    let metrics = listener("metrics", config.metrics_listen, "for metrics ")?;
     Ok((keyless, enroll, metrics))
+}
+
+/// The listening sockets to offer a later upgrade, when `upgrade_socket` is set.
+fn offer_upgrades(
+    config: &Config,
+    keyless: &tokio::net::TcpListener,
+    enroll: Option<&tokio::net::TcpListener>,
+    metrics: &tokio::net::TcpListener,
+) -> anyhow::Result<Option<handoff::Offer>> {
+    use std::os::fd::AsFd;
+    let Some(path) = &config.upgrade_socket else {
+        return Ok(None);
+    };
+    let mut named = vec![("keyless", keyless.as_fd()), ("metrics", metrics.as_fd())];
+    if let Some(enroll) = enroll {
+        named.push(("enroll", enroll.as_fd()));
+    }
+    let offer = handoff::Offer::new(path, &named).context("cannot copy the listening sockets")?;
+    Ok(Some(offer))
 }
 
 /// The state every connection shares: metrics, the worker pool, the keystore and TLS

@@ -25,6 +25,11 @@ pub struct ServerArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    /// Take the listening sockets from the running process (over the configuration's
+    /// `upgrade_socket`) instead of binding them; once this process serves, that one
+    /// stops accepting, drains its connections and exits (a zero-downtime upgrade).
+    #[arg(long)]
+    pub upgrade: bool,
 }
 
 /// Lines the log writer thread may have queued before a logging call waits for it.

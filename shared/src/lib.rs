@@ -15,6 +15,7 @@ mod codec;
 mod context;
 mod domain;
 pub mod enroll;
+pub mod handoff;
 mod log_safe;
 pub mod process;
 mod protocol;

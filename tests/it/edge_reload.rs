@@ -2,15 +2,14 @@
 //! keep making handshakes and requests: sites come and go, nothing in flight notices,
 //! the cache survives, and a bad file changes nothing.
 
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use keyless_tests::{metric_sum, per_phase, Curl, EdgeConfig, Signal};
+use keyless_tests::{metric_sum, per_phase, EdgeConfig, Signal};
 
-use crate::edge_support::{Stack, StackBuilder, RSA_SITE, SITE};
+use crate::edge_support::{kept_alive_requests, request_loop, Stack, StackBuilder, RSA_SITE, SITE};
 
 /// The admin token of the edges of these tests.
 const ADMIN_TOKEN: &str = "reload-token-0123456789abcdef";
@@ -40,47 +39,6 @@ fn stack_without_rsa_site() -> Result<(Stack, EdgeConfig)> {
     Ok((s, config))
 }
 
-/// Plain GETs of [`CACHED`] on [`SITE`], each on a new connection, from a thread of
-/// their own until the flag is set; the status of each.
-fn request_loop(s: &Stack) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u16>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ca, addr, url) = (s.edge.client_ca(), s.edge.https_addr(), s.url(SITE, CACHED));
-    let flag = stop.clone();
-    let thread = std::thread::spawn(move || {
-        let mut statuses = Vec::new();
-        while !flag.load(Ordering::Relaxed) {
-            let status = Curl::new(&ca)
-                .resolve(SITE, addr)
-                .get(&url)
-                .map_or(0, |out| out.status);
-            statuses.push(status);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        statuses
-    });
-    (stop, thread)
-}
-
-/// 40 GETs on one kept-alive connection, 10 a second (so it spans the reloads): curl
-/// with every URL at once; each answer's status and new connections.
-fn kept_alive_requests(s: &Stack) -> std::thread::JoinHandle<Result<String>> {
-    let addr = s.edge.https_addr();
-    let mut cmd = Command::new("curl");
-    cmd.args(["-q", "-sS", "--noproxy", "*", "--rate", "10/s"])
-        .arg("--cacert")
-        .arg(s.edge.client_ca())
-        .arg("--resolve")
-        .arg(format!("{SITE}:{}:{}", addr.port(), addr.ip()))
-        .args(["-w", "%{http_code} %{num_connects}\\n"]);
-    for _ in 0..40 {
-        cmd.args(["-o", "/dev/null"]).arg(s.url(SITE, CACHED));
-    }
-    std::thread::spawn(move || {
-        let out = cmd.output().context("running curl")?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    })
-}
-
 #[test]
 fn sites_added_and_removed_by_reload_while_clients_see_no_failure() -> Result<()> {
     let (s, with_rsa) = stack_without_rsa_site()?;
@@ -92,8 +50,8 @@ fn sites_added_and_removed_by_reload_while_clients_see_no_failure() -> Result<()
     ensure!(out.status == 0, "{RSA_SITE} answered before it was added");
 
     let load = s.handshake_load(2, 20.0)?;
-    let (stop, requests) = request_loop(&s);
-    let kept_alive = kept_alive_requests(&s);
+    let (stop, requests) = request_loop(&s, CACHED);
+    let kept_alive = kept_alive_requests(&s, CACHED);
     std::thread::sleep(Duration::from_millis(500));
 
     // Added by SIGHUP: the new site answers, over a handshake signed by its RSA key.

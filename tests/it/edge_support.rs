@@ -2,11 +2,14 @@
 //! origin found through a real DNS server (dnsmasq), and a `keyless-edge` in front.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use keyless_tests::{
-    has_field, Deployment, Dns, Edge, EdgeConfig, KeyServer, SClientOutput, TestOrigin,
+    has_field, Curl, Deployment, Dns, Edge, EdgeConfig, KeyServer, SClientOutput, TestOrigin,
 };
 
 /// The ECDSA-and-RSA site (both keys, as `keyless-certs init` makes them).
@@ -41,6 +44,8 @@ pub(crate) struct StackBuilder {
     enroll: bool,
     rsa_site: bool,
     ed25519_site: bool,
+    /// The key server's config has `upgrade_socket = "origin-upgrade.sock"`.
+    keyserver_upgrade: bool,
     edit: Option<Edit>,
 }
 
@@ -68,6 +73,19 @@ impl StackBuilder {
         self
     }
 
+    /// The key server takes `upgrade_socket = "origin-upgrade.sock"` (beside its config).
+    pub(crate) fn keyserver_upgrade_socket(mut self) -> StackBuilder {
+        self.keyserver_upgrade = true;
+        self
+    }
+
+    /// Starts everything, the edge with `[listen] upgrade_socket = "edge-upgrade.sock"`
+    /// (beside its config).
+    pub(crate) fn start_with_upgrade_socket(self) -> Result<Stack> {
+        self.edit(|c| c.upgrade_socket(std::path::Path::new("edge-upgrade.sock")))
+            .start()
+    }
+
     /// Changes the edge config before the edge starts.
     pub(crate) fn edit(mut self, edit: impl FnOnce(EdgeConfig) -> EdgeConfig + 'static) -> Self {
         self.edit = Some(Box::new(edit));
@@ -85,6 +103,11 @@ impl StackBuilder {
 
     /// Starts everything but the edge.
     pub(crate) fn backends(&self) -> Result<Backends> {
+        if self.keyserver_upgrade {
+            return self.start_backends(Some(Box::new(|t: &mut toml::Table| {
+                t.insert("upgrade_socket".into(), "origin-upgrade.sock".into());
+            })));
+        }
         self.start_backends(None)
     }
 
@@ -268,5 +291,53 @@ pub(crate) fn leaf_key_type(out: &SClientOutput) -> Option<String> {
     out.stdout.lines().find_map(|l| {
         let rest = l.trim().strip_prefix("a:PKEY:")?;
         Some(rest.split(',').next()?.trim().to_owned())
+    })
+}
+
+/// Plain GETs of `path` on [`SITE`], each on a new connection, from a thread of their
+/// own until the flag is set; the status of each.
+pub(crate) fn request_loop(
+    s: &Stack,
+    path: &str,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u16>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ca, addr, url) = (s.edge.client_ca(), s.edge.https_addr(), s.url(SITE, path));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut statuses = Vec::new();
+        while !flag.load(Ordering::Relaxed) {
+            let status = Curl::new(&ca)
+                .resolve(SITE, addr)
+                .get(&url)
+                .map_or(0, |out| out.status);
+            statuses.push(status);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        statuses
+    });
+    (stop, thread)
+}
+
+/// 40 GETs of `path` on [`SITE`] on one kept-alive connection, 10 a second (so that
+/// they span what the test does meanwhile): curl with every URL at once; a line per
+/// answer with its status and the connections it opened.
+pub(crate) fn kept_alive_requests(
+    s: &Stack,
+    path: &str,
+) -> std::thread::JoinHandle<Result<String>> {
+    let addr = s.edge.https_addr();
+    let mut cmd = Command::new("curl");
+    cmd.args(["-q", "-sS", "--noproxy", "*", "--rate", "10/s"])
+        .arg("--cacert")
+        .arg(s.edge.client_ca())
+        .arg("--resolve")
+        .arg(format!("{SITE}:{}:{}", addr.port(), addr.ip()))
+        .args(["-w", "%{http_code} %{num_connects}\\n"]);
+    for _ in 0..40 {
+        cmd.args(["-o", "/dev/null"]).arg(s.url(SITE, path));
+    }
+    std::thread::spawn(move || {
+        let out = cmd.output().context("running curl")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     })
 }

@@ -39,3 +39,4 @@ mod pipelining;
 mod resumption;
 mod session_store;
 mod support;
+mod upgrade;

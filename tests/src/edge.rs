@@ -82,6 +82,8 @@ pub struct EdgeConfig {
     pub sites: Vec<SiteEntry>,
     /// `[listen] admin_token` (none by default).
     pub admin_token: Option<String>,
+    /// `[listen] upgrade_socket` (none by default).
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl EdgeConfig {
@@ -104,7 +106,14 @@ impl EdgeConfig {
             sessions: toml::Table::new(),
             sites: Vec::new(),
             admin_token: None,
+            upgrade_socket: None,
         })
+    }
+
+    /// Sets `[listen] upgrade_socket` (where a new `keyless-edge --upgrade` takes over).
+    pub fn upgrade_socket(mut self, path: &Path) -> EdgeConfig {
+        self.upgrade_socket = Some(path.to_owned());
+        self
     }
 
     /// Sets `[listen] admin_token` (the bearer token of `POST /reload`).
@@ -256,6 +265,9 @@ impl EdgeConfig {
         if let Some(token) = &self.admin_token {
             listen.insert("admin_token".into(), token.as_str().into());
         }
+        if let Some(path) = &self.upgrade_socket {
+            listen.insert("upgrade_socket".into(), path.display().to_string().into());
+        }
         root.insert("listen".into(), listen.into());
 
         root.insert("keyserver".into(), self.keyserver_table().into());
@@ -393,15 +405,7 @@ impl Edge {
         std::fs::write(&config_path, config_text)
             .with_context(|| format!("writing {}", config_path.display()))?;
         let log_path = deployment.logs_dir().join(format!("edge-{n}.log"));
-        let mut cmd = Command::new(edge_bin()?);
-        cmd.arg("--config")
-            .arg(&config_path)
-            .env("NO_COLOR", "1")
-            .env_remove("KEYLESS_LOG");
-        if let Some(filter) = std::env::var_os("KEYLESS_EDGE_LOG") {
-            cmd.env("KEYLESS_LOG", filter);
-        }
-        let process = LoggedChild::spawn("keyless-edge", cmd, &log_path)?;
+        let process = spawn_edge(&config_path, &log_path, &[])?;
         let mut edge = Edge {
             process,
             dir,
@@ -412,6 +416,28 @@ impl Edge {
         };
         edge.wait_ready()?;
         Ok(edge)
+    }
+
+    /// Starts a new edge of this configuration with `--upgrade`: it takes this one's
+    /// listening sockets (`[listen] upgrade_socket`) and serves; this one then drains
+    /// and exits. Returns once the new one says it serves.
+    pub fn upgrade(&self) -> Result<Edge> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let log_path = self.dir.join("logs").join(format!(
+            "edge-upgrade-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let process = spawn_edge(&self.config_path, &log_path, &["--upgrade"])?;
+        let next = Edge {
+            process,
+            dir: self.dir.clone(),
+            config_path: self.config_path.clone(),
+            https: self.https,
+            http: self.http,
+            admin: self.admin,
+        };
+        next.wait_for_log(START_TIMEOUT, |l| l.contains("upgrade: serving"))?;
+        Ok(next)
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -584,6 +610,20 @@ impl Edge {
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         self.process.wait_exit(timeout)
     }
+}
+
+/// Spawns `keyless-edge --config CONFIG ARGS`, logging to `log_path`.
+fn spawn_edge(config: &Path, log_path: &Path, args: &[&str]) -> Result<LoggedChild> {
+    let mut cmd = Command::new(edge_bin()?);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("KEYLESS_LOG");
+    if let Some(filter) = std::env::var_os("KEYLESS_EDGE_LOG") {
+        cmd.env("KEYLESS_LOG", filter);
+    }
+    LoggedChild::spawn("keyless-edge", cmd, log_path)
 }
 
 /// The sum of a Prometheus counter's samples whose labels include all of `labels`

@@ -129,6 +129,27 @@ impl KeyServer {
         )
     }
 
+    /// Starts a new key server of this configuration with `--upgrade`: it takes this
+    /// one's listening sockets (the configuration's `upgrade_socket`) and serves; this
+    /// one then drains and exits. Returns once the new one says it serves.
+    pub fn upgrade(&self) -> Result<KeyServer> {
+        let logs = self
+            .log_path
+            .parent()
+            .context("the key server log has no directory")?;
+        let mut next = KeyServer::launch_args(
+            &bins::origin_bin()?,
+            &self.config,
+            (self.listen, self.metrics),
+            logs,
+            self.env.clone(),
+            &["--upgrade"],
+        )?;
+        next.wait_for_log(START_TIMEOUT, |l| l.contains("upgrade: serving"))?;
+        next.report_on_drop = true;
+        Ok(next)
+    }
+
     /// Operations answered `ok`, over every opcode but ping (from `/metrics`).
     pub fn ops_ok(&self) -> Result<u64> {
         keyserver_ops_ok(self.metrics)
@@ -160,9 +181,20 @@ impl KeyServer {
     fn launch(
         bin: &Path,
         config: &Path,
+        addrs: (SocketAddr, SocketAddr),
+        logs_dir: &Path,
+        env: Vec<(String, std::ffi::OsString)>,
+    ) -> Result<KeyServer> {
+        KeyServer::launch_args(bin, config, addrs, logs_dir, env, &[])
+    }
+
+    fn launch_args(
+        bin: &Path,
+        config: &Path,
         (listen, metrics): (SocketAddr, SocketAddr),
         logs_dir: &Path,
         env: Vec<(String, std::ffi::OsString)>,
+        args: &[&str],
     ) -> Result<KeyServer> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         std::fs::create_dir_all(logs_dir)
@@ -176,6 +208,7 @@ impl KeyServer {
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(config)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -94,10 +94,15 @@ pub struct ListenConfig {
     /// `keyless-edge reload` makes); none = they answer 404. Compared in constant time.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Unix socket over which a new `keyless-edge --upgrade` takes the listening sockets
+    /// (a zero-downtime upgrade); put it in a directory only the edge's user can enter.
+    /// None (default) = no upgrades.
+    #[serde(default)]
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl ListenConfig {
-    /// Whether `other` binds the same sockets (the token may change on reload).
+    /// Whether `other` binds the same TCP sockets (the token may change on reload).
     pub fn same_sockets(&self, other: &ListenConfig) -> bool {
         (self.https, self.http, self.admin) == (other.https, other.http, other.admin)
     }
@@ -466,6 +471,9 @@ impl Config {
             paths.push(p);
         }
         if let Some(p) = config.cache.disk_dir.as_mut() {
+            paths.push(p);
+        }
+        if let Some(p) = config.listen.upgrade_socket.as_mut() {
             paths.push(p);
         }
         for p in paths {

@@ -136,6 +136,14 @@ impl Group {
         self.servers().iter().any(|s| s.usable())
     }
 
+    /// Whether a new request has a server to go to: a usable one, or else one that is
+    /// only draining (see [`pick`]).
+    pub(super) fn takes_requests(&self) -> bool {
+        self.servers()
+            .iter()
+            .any(|s| s.usable() || s.only_draining())
+    }
+
     /// Exports how many servers are up.
     pub(super) fn update_gauge(&self) {
         if let Some(m) = &self.settings.metrics {
@@ -189,11 +197,25 @@ impl Group {
 /// priority value; within it, two weighted random draws, and the one with fewer
 /// outstanding requests per weight (the first on a tie). At equal load this is a plain
 /// weighted choice; under load it steers away from a slow or busy server.
+///
+/// When no usable server is left, the servers that are only draining are the
+/// candidates: a draining key server refuses no request in flight, and a new
+/// connection to its address reaches its successor after an upgrade (a window of a
+/// few milliseconds until a probe says so), or fails at once after a plain drain.
 pub(super) fn pick(servers: &[Arc<Server>], tried: &[Arc<Server>]) -> Option<Arc<Server>> {
-    let candidates: Vec<&Arc<Server>> = servers
+    let untried = |s: &&Arc<Server>| !tried.iter().any(|t| Arc::ptr_eq(t, s));
+    let mut candidates: Vec<&Arc<Server>> = servers
         .iter()
-        .filter(|s| s.usable() && !tried.iter().any(|t| Arc::ptr_eq(t, s)))
+        .filter(|s| s.usable())
+        .filter(untried)
         .collect();
+    if candidates.is_empty() {
+        candidates = servers
+            .iter()
+            .filter(|s| s.only_draining())
+            .filter(untried)
+            .collect();
+    }
     let best = candidates.iter().map(|s| s.priority()).min()?;
     let tier: Vec<&Arc<Server>> = candidates
         .into_iter()

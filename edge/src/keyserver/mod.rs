@@ -347,9 +347,10 @@ impl KeyGroup {
         Some(self.group.ticketer.clone()).filter(|t| t.has_keys())
     }
 
-    /// Whether any of its servers may take new requests.
+    /// Whether any of its servers may take new requests (one that is only draining
+    /// counts when no other can).
     pub fn is_usable(&self) -> bool {
-        self.group.usable()
+        self.group.takes_requests()
     }
 
     /// The call's deadline: `deadline`, or without one, room for one attempt per key

@@ -5,8 +5,12 @@
 //! Health is one small state machine per server: `down_after` failures in a row
 //! (probes or requests: no answer, lost connection, overloaded) mark it down;
 //! `up_after` successful probes in a row mark it up again. A server that says it is
-//! draining (a go-away, or a pong with the draining flag) is out of use at once and
-//! comes back the same way. Down servers are probed with back-off. Each change is
+//! draining (a go-away, or a pong with the draining flag) is out of use at once; a
+//! go-away also makes its next probe due (on a new connection), and the first pong without the
+//! draining flag puts it back in use (it comes from a process that serves: the
+//! successor of a zero-downtime upgrade, or a restarted key server). While every
+//! server of a group is draining, they still take requests, on new connections (see
+//! `group::pick`). Down servers are probed with back-off. Each change is
 //! logged once and exported (`keyless_edge_keyserver_up{group,server}`).
 
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
@@ -195,6 +199,13 @@ impl Server {
         h.up && !h.draining
     }
 
+    /// Whether it is up but said it drains: a last resort for new requests, which go
+    /// on new connections (to its successor, after an upgrade).
+    pub(super) fn only_draining(&self) -> bool {
+        let h = self.health();
+        h.up && h.draining
+    }
+
     fn set_gauge(&self, up: bool) {
         if let Some(m) = &self.metrics {
             m.up.set(i64::from(up));
@@ -236,6 +247,15 @@ impl Server {
         if h.up && !h.draining {
             return;
         }
+        if h.up {
+            // Only draining, never failing: this pong comes from a process that serves.
+            h.draining = false;
+            h.successes = 0;
+            drop(h);
+            tracing::info!(group = %self.group, keyserver = %self.endpoint.addr, "key server answers without draining (a new process); back in use");
+            self.set_gauge(true);
+            return;
+        }
         h.successes += 1;
         if h.successes >= self.settings.up_after {
             h.up = true;
@@ -258,6 +278,11 @@ impl Server {
             tracing::info!(group = %self.group, keyserver = %self.endpoint.addr, signal = how, "key server draining; no new requests to it");
             self.set_gauge(false);
         }
+    }
+
+    /// Makes the next probe due now (the heartbeat takes it at its next tick).
+    fn probe_soon(&self) {
+        self.health().next_probe = Instant::now();
     }
 
     /// Whether a probe is due at `now`; if so, schedules the next one.
@@ -445,6 +470,8 @@ impl Server {
         let on_go_away = move || {
             if let Some(server) = me.upgrade() {
                 server.on_draining("go-away");
+                // On a new connection: a successor (an upgrade) says it serves.
+                server.probe_soon();
             }
         };
         let tls = self.tls.current();
@@ -527,11 +554,26 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn draining_is_out_of_use_at_once_and_back_after_m_plain_pongs() {
+    fn draining_is_out_of_use_at_once_and_back_at_the_first_plain_pong() {
         let s = server(10, 1);
         s.on_draining("go-away");
         assert!(!s.usable());
+        assert!(s.only_draining());
         s.on_probe_ok(true);
+        assert!(!s.usable());
+        s.on_probe_ok(false);
+        assert!(s.usable());
+        assert!(!s.only_draining());
+    }
+
+    #[test]
+    fn a_draining_server_that_then_fails_needs_m_plain_pongs() {
+        let s = server(10, 1);
+        s.on_draining("go-away");
+        for _ in 0..3 {
+            s.on_failure("probe", &timeout());
+        }
+        assert!(!s.usable() && !s.only_draining());
         s.on_probe_ok(false);
         s.on_probe_ok(false);
         assert!(!s.usable());

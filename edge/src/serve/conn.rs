@@ -29,6 +29,10 @@ use crate::exchange::{request_authority, text_response, ClientCtx, EdgeBody, Ori
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// hyper's smallest HTTP/1 read buffer.
 const MIN_HEADER_BUF: usize = 8192;
+/// How long a connection that has not sent its first request yet may still send it
+/// once the edge stops (a drain or an upgrade): a client that just connected gets its
+/// request answered rather than the connection closed under it.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves HTTP on the client connection `io` until the client closes it, it stays idle
 /// for `idle_timeout`, or `shutdown` is cancelled (then requests in flight finish).
@@ -56,6 +60,8 @@ pub async fn serve_connection<IO>(
         front,
         ctx,
         in_flight: AtomicUsize::new(0),
+        first_request: tokio::sync::Notify::new(),
+        requests: AtomicUsize::new(0),
     });
     let service = {
         let state = state.clone();
@@ -83,6 +89,9 @@ pub async fn serve_connection<IO>(
     // no progress for another idle period (a client that stopped reading), it is
     // dropped.
     let mut closing_since: Option<Instant> = None;
+    // Set when the edge stops before the connection's first request: it is closed once
+    // that request came in (and is answered), or at this instant.
+    let mut first_request_by: Option<Instant> = None;
     loop {
         if state.in_flight.load(Ordering::Relaxed) > 0 {
             // Waiting for an origin is not the client's idleness.
@@ -99,7 +108,15 @@ pub async fn serve_connection<IO>(
                 }
                 return;
             }
-            () = shutdown.cancelled(), if closing_since.is_none() => {
+            () = shutdown.cancelled(), if closing_since.is_none() && first_request_by.is_none() => {
+                if state.requests.load(Ordering::Acquire) == 0 {
+                    first_request_by = Some(Instant::now() + FIRST_REQUEST_GRACE);
+                    continue;
+                }
+                conn.as_mut().graceful_shutdown();
+                closing_since = Some(Instant::now());
+            }
+            () = wait_first_request(&state, first_request_by), if closing_since.is_none() && first_request_by.is_some() => {
                 conn.as_mut().graceful_shutdown();
                 closing_since = Some(Instant::now());
             }
@@ -118,12 +135,31 @@ pub async fn serve_connection<IO>(
     }
 }
 
+/// Until the connection's first request came in, or `by`.
+async fn wait_first_request(state: &ConnState, by: Option<Instant>) {
+    let Some(by) = by else {
+        return std::future::pending().await;
+    };
+    let first = state.first_request.notified();
+    if state.requests.load(Ordering::Acquire) > 0 {
+        return;
+    }
+    tokio::select! {
+        () = first => {}
+        () = tokio::time::sleep_until(by) => {}
+    }
+}
+
 /// What every request of one connection shares.
 struct ConnState {
     front: Arc<HttpFront>,
     ctx: ClientCtx,
     /// Requests waiting for their response headers.
     in_flight: AtomicUsize,
+    /// Requests received so far.
+    requests: AtomicUsize,
+    /// Woken by the first request.
+    first_request: tokio::sync::Notify,
 }
 
 /// Counts a request in [`ConnState::in_flight`] until dropped.
@@ -145,6 +181,9 @@ impl Drop for InFlight<'_> {
 impl ConnState {
     async fn handle(&self, req: Request<Incoming>) -> Response<EdgeBody> {
         let in_flight = InFlight::enter(&self.in_flight);
+        if self.requests.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.first_request.notify_one();
+        }
         let started = Instant::now();
         let method = req.method().clone();
         // Only the access log needs a copy of the path.
