@@ -282,6 +282,8 @@ impl Edge {
         if let Some(http) = self.http {
             tokio::spawn(listeners.http(http));
         }
+        // The service manager first (this is its main process now), then the old edge.
+        handoff::notify_ready(self.taken.is_some());
         if let Some(taken) = self.taken {
             taken
                 .ready()
@@ -291,6 +293,10 @@ impl Edge {
         // Only now: the previous edge, if any, offered on the same path until this one
         // said it serves.
         let offered = offered.map(handoff::Offer::start).transpose()?;
+        let successor = offered
+            .is_some()
+            .then(|| tokio::spawn(handoff::successor_on_sigusr2()));
+        let mut handed_off = None;
         let how = match offered {
             Some(mut offer) => tokio::select! {
                 how = stop => {
@@ -300,11 +306,15 @@ impl Edge {
                 }
                 _ = &mut offer => {
                     tracing::info!("upgrade: a new edge serves; draining connections");
+                    handed_off = Some(tokio::time::Instant::now());
                     Stop::Drain
                 }
             },
             None => stop.await,
         };
+        if let Some(successor) = successor {
+            successor.abort();
+        }
         shutdown.cancel();
         tracker.close();
         if how == Stop::Drain
@@ -316,6 +326,9 @@ impl Edge {
                 open = tracker.len(),
                 "drain timeout: closing remaining connections"
             );
+        }
+        if let Some(at) = handed_off {
+            tokio::time::sleep_until(at + handoff::LINGER_AFTER_HANDOFF).await;
         }
         tracing::info!("edge stopped");
         Ok(())

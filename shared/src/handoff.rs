@@ -41,6 +41,10 @@ const READY: &[u8] = b"READY\n";
 const MAX_SOCKETS: usize = 8;
 /// Longest wait for each step of the exchange but the last.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a process that handed over its sockets lives at least after the handoff
+/// (after its drain): the service manager has received its successor's `MAINPID` by
+/// then, so the old main process exiting does not look like the service ending.
+pub const LINGER_AFTER_HANDOFF: Duration = Duration::from_secs(1);
 /// Longest wait for a new process to say it serves once it has the sockets: it loads
 /// its keys or cache index and connects to its key servers first.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -296,6 +300,89 @@ async fn hand_over(
     Ok(peer.pid.as_raw_nonzero().get())
 }
 
+/// Starts this binary again, from the path it was started as, with its arguments and
+/// `--upgrade`: the new process takes over through the upgrade socket. What `SIGUSR2`
+/// does (see [`successor_on_sigusr2`]): under a service manager the new process is
+/// then part of the service. Its pid; a thread waits for it and logs if it exits
+/// (it exits only when it failed to take over, or at the end of its life).
+pub fn spawn_successor() -> io::Result<u32> {
+    let mut args = std::env::args_os();
+    let program = args
+        .next()
+        .ok_or_else(|| io::Error::other("no program path in argv"))?;
+    let rest: Vec<std::ffi::OsString> = args.filter(|a| a != "--upgrade").collect();
+    let mut child = std::process::Command::new(&program)
+        .args(rest)
+        .arg("--upgrade")
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    std::thread::Builder::new()
+        .name("keyless-successor".into())
+        .spawn(move || match child.wait() {
+            Ok(status) if status.success() => {}
+            Ok(status) => tracing::warn!(pid, %status, "upgrade: the new process exited"),
+            Err(e) => tracing::warn!(pid, error = %e, "upgrade: cannot wait for the new process"),
+        })?;
+    Ok(pid)
+}
+
+/// On each `SIGUSR2`, starts the successor ([`spawn_successor`]); runs until aborted.
+pub async fn successor_on_sigusr2() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr2 = match signal(SignalKind::user_defined2()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGUSR2 handler: upgrade with --upgrade only");
+            return;
+        }
+    };
+    while usr2.recv().await.is_some() {
+        match spawn_successor() {
+            Ok(pid) => tracing::info!(
+                new_pid = pid,
+                "SIGUSR2: started the binary again with --upgrade"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGUSR2: cannot start the binary again; still serving")
+            }
+        }
+    }
+}
+
+/// Tells the service manager (systemd `Type=notify`, through `$NOTIFY_SOCKET`) that this
+/// process serves; after an upgrade, also that it is now the service's main process
+/// (`MAINPID`, which needs `NotifyAccess=all`). Nothing without `$NOTIFY_SOCKET`.
+pub fn notify_ready(upgraded: bool) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message = match upgraded {
+        true => format!("MAINPID={}\nREADY=1\n", std::process::id()),
+        false => "READY=1\n".to_owned(),
+    };
+    if let Err(e) = send_notification(&path, message.as_bytes()) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+fn send_notification(path: &std::ffi::OsStr, message: &[u8]) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let socket = UnixDatagram::unbound()?;
+    match path.as_bytes() {
+        [b'@', name @ ..] => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            socket.send_to_addr(message, &addr)?;
+        }
+        _ => {
+            socket.send_to(message, Path::new(path))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +421,19 @@ mod tests {
         listener.set_nonblocking(false).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert_eq!(accepted.peer_addr().unwrap(), waiting.local_addr().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_service_manager_is_told_ready_and_the_new_main_pid() {
+        let dir = std::env::temp_dir().join(format!("keyless-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        send_notification(path.as_os_str(), b"MAINPID=42\nREADY=1\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = receiver.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"MAINPID=42\nREADY=1\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use keyless_tests::{per_phase, HandshakeEnd, LoadOutcome};
+use keyless_tests::{per_phase, HandshakeEnd, LoadOutcome, Signal};
 
 use crate::edge_support::{kept_alive_requests, request_loop, StackBuilder};
 
@@ -114,6 +114,51 @@ fn a_key_server_upgrade_under_handshakes_costs_no_handshake() -> Result<()> {
     );
     s.keyserver.assert_no_panic();
     s.edge.assert_no_panic();
+    Ok(())
+}
+
+/// Kills a process the test did not start (an edge's successor) when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// What a service manager does to upgrade a unit whose binary was replaced
+/// (`systemctl kill -s USR2`): the edge starts its binary again with `--upgrade`, and
+/// the successor (a child of the service, so in it) takes over.
+#[test]
+fn sigusr2_starts_a_successor_that_takes_over() -> Result<()> {
+    let mut s = StackBuilder::default().start_with_upgrade_socket()?;
+    let load = s.handshake_load(2, 20.0)?;
+    std::thread::sleep(Duration::from_millis(500));
+    load.phase("upgrade");
+    s.edge.signal(Signal::Usr2)?;
+    let line = s.edge.wait_for_log(Duration::from_secs(10), |l| {
+        l.contains("SIGUSR2: started the binary again")
+    })?;
+    let pid: u32 = line
+        .split("new_pid=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no pid in {line:?}"))?;
+    let _successor = KillOnDrop(pid);
+    let status = s.edge.wait_exit(Duration::from_secs(15))?;
+    ensure!(status.success(), "the old edge exited with {status}");
+    load.phase("after");
+    std::thread::sleep(Duration::from_millis(700));
+    no_failed_handshakes(&load.stop()?)?;
+    ensure!(s.edge.healthz()?.0 == 200, "the successor's /healthz");
+    let log = s.edge.log();
+    ensure!(
+        log.contains("upgrade: serving; the previous edge drains and exits"),
+        "the successor (its output goes where the edge's went) should say it serves:\n{log}"
+    );
     Ok(())
 }
 

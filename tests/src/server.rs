@@ -33,6 +33,8 @@ pub enum Signal {
     Stop,
     /// Resume after [`Signal::Stop`].
     Cont,
+    /// Start the binary again with `--upgrade` (a zero-downtime upgrade).
+    Usr2,
 }
 
 impl Signal {
@@ -45,6 +47,7 @@ impl Signal {
             Signal::Kill => "KILL",
             Signal::Stop => "STOP",
             Signal::Cont => "CONT",
+            Signal::Usr2 => "USR2",
         }
     }
 }
