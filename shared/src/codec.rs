@@ -51,6 +51,54 @@ pub struct Operation {
     pub server_time: Option<u64>,
     /// [`Tag::Draining`] (extension): set in a pong from a key server that is draining.
     pub draining: bool,
+    /// [`Tag::TraceContext`] (extension): the caller's trace, for distributed tracing.
+    pub trace: Option<TraceContext>,
+}
+
+/// A W3C trace context in binary form (the `traceparent` fields): version 0x00, the
+/// 16-byte trace id, the 8-byte id of the caller's span (the parent of the key
+/// server's), and the trace flags (0x01: sampled). Carries no key material, message or
+/// identity of the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    /// Trace id (not all zeros).
+    pub trace_id: [u8; 16],
+    /// The caller's span id (not all zeros).
+    pub span_id: [u8; 8],
+    /// Trace flags; bit 0: sampled.
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// Encoded length.
+    pub const LEN: usize = 26;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[1..17].copy_from_slice(&self.trace_id);
+        out[17..25].copy_from_slice(&self.span_id);
+        out[25] = self.flags;
+        out
+    }
+
+    fn decode(value: &[u8]) -> Option<TraceContext> {
+        let [0x00, rest @ ..] = value else {
+            return None;
+        };
+        let (trace_id, rest) = rest.split_first_chunk::<16>()?;
+        let (span_id, rest) = rest.split_first_chunk::<8>()?;
+        let [flags] = rest else {
+            return None;
+        };
+        if trace_id == &[0; 16] || span_id == &[0; 8] {
+            return None;
+        }
+        Some(TraceContext {
+            trace_id: *trace_id,
+            span_id: *span_id,
+            flags: *flags,
+        })
+    }
 }
 
 impl Operation {
@@ -179,6 +227,11 @@ pub fn encode_message(msg: &Message, dst: &mut BytesMut) -> Result<(), CodecErro
     }
     if op.draining {
         items.push((Tag::Draining, &[0x01]));
+    }
+    let trace_bytes;
+    if let Some(t) = &op.trace {
+        trace_bytes = t.encode();
+        items.push((Tag::TraceContext, &trace_bytes));
     }
     let (cip, sip);
     if let Some(ip) = op.client_ip {
@@ -331,6 +384,11 @@ fn decode_items(id: u32, mut body: Bytes) -> Result<Operation, CodecError> {
                     return Err(fmt("draining flag is not the byte 0x01"));
                 }
                 op.draining = true;
+            }
+            Tag::TraceContext => {
+                op.trace = Some(TraceContext::decode(&value).ok_or_else(|| {
+                    fmt("trace context is not version 0, 26 bytes, non-zero ids")
+                })?);
             }
             Tag::Padding | Tag::Unknown(_) => {}
         }
@@ -533,9 +591,12 @@ mod tests {
             signed_message in opt_bytes(200),
             server_time in proptest::option::of(any::<u64>()),
             draining in any::<bool>(),
+            trace in proptest::option::of((any::<[u8; 16]>(), any::<[u8; 8]>(), any::<u8>())
+                .prop_filter("non-zero ids", |(t, s, _)| t != &[0; 16] && s != &[0; 8])
+                .prop_map(|(trace_id, span_id, flags)| TraceContext { trace_id, span_id, flags })),
         ) -> Operation {
             Operation { opcode, payload, ski, sni, client_ip, server_ip, cert_digest, cert_id,
-                custom_func_name, extra, signed_message, server_time, draining }
+                custom_func_name, extra, signed_message, server_time, draining, trace }
         }
     }
 

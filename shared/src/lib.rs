@@ -24,8 +24,8 @@ mod ski;
 pub mod tickets;
 
 pub use codec::{
-    decode_message, encode_message, CodecError, KeylessCodec, Message, Operation, HEADER_LEN,
-    MAX_BODY_LEN, PAD_TO,
+    decode_message, encode_message, CodecError, KeylessCodec, Message, Operation, TraceContext,
+    HEADER_LEN, MAX_BODY_LEN, PAD_TO,
 };
 pub use context::{
     check_signing_context, digest_for, HandshakeContext, PolicyError, TLS13_SERVER_CONTEXT,

@@ -100,6 +100,9 @@ wire_enum! {
         ServerTime = 0x41 => "server-time",
         /// Extension: in a pong, the key server is draining (1 byte, 0x01).
         Draining = 0x42 => "draining",
+        /// Extension: the trace context of the request (W3C trace context, binary: 26
+        /// bytes, see [`crate::TraceContext`]).
+        TraceContext = 0x43 => "trace-context",
     }
 }
 
