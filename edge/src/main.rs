@@ -75,14 +75,11 @@ fn main() {
     let cli = Cli::parse();
     let result = match (cli.command, cli.args) {
         (Some(Command::Enroll(args)), _) => {
-            let _logs = init_logging(LogFormat::Human);
+            let _logs = init_logging(LogFormat::Human, None);
             enroll(args)
         }
         (Some(Command::Reload(args)), _) => reload(args),
-        (None, Some(args)) => {
-            let _logs = init_logging(args.log_format);
-            run(args)
-        }
+        (None, Some(args)) => run(args),
         (None, None) => Err(anyhow::anyhow!("--config is required (see --help)")),
     };
     if let Err(e) = result {
@@ -158,6 +155,8 @@ fn reload(args: ReloadArgs) -> anyhow::Result<()> {
 
 fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
+    let tracing = (!cli.test).then_some((&config.tracing, "keyless-edge"));
+    let _logs = init_logging(cli.log_format, tracing);
     if cli.test {
         let summary =
             keyless_edge::check(&config).with_context(|| format!("{}", cli.config.display()))?;

@@ -5,7 +5,8 @@
 //! current ([`LiveFronts`]): connections accepted from then on use them, connections
 //! and requests in progress finish with the fronts they started with. A file that
 //! does not parse, fails a check, or changes what only a restart can change (`[listen]`
-//! addresses and upgrade socket, `[cache]`, `[sessions]`, `[proxy] max_connections`)
+//! addresses and upgrade socket, `[cache]`, `[sessions]`, `[tracing]`, `[proxy]
+//! max_connections`)
 //! changes nothing: the running configuration
 //! stays, and the reload says why (log line, `keyless_edge_config_reloads_total`, the
 //! answer to `POST /reload`).
@@ -186,6 +187,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.sessions != new.sessions {
         parts.push("[sessions]");
+    }
+    if old.tracing != new.tracing {
+        parts.push("[tracing]");
     }
     if old.proxy.max_connections != new.proxy.max_connections {
         parts.push("[proxy] max_connections");

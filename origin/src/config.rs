@@ -108,6 +108,9 @@ pub(crate) struct Config {
     /// Session-ticket keys handed to each group's edges (`get-ticket-keys`).
     #[serde(default)]
     pub(crate) tickets: TicketsConfig,
+    /// Distributed tracing (OpenTelemetry); off by default.
+    #[serde(default)]
+    pub(crate) tracing: keyless_shared::telemetry::TracingConfig,
     /// Edge groups: each with its own CA, keys and certificate policy.
     #[serde(default, rename = "group")]
     pub(crate) groups: Vec<GroupConfig>,
@@ -506,6 +509,7 @@ impl Config {
 
     /// What serde cannot check: settings that only make sense together.
     fn check(&self) -> Result<(), String> {
+        self.tracing.check()?;
         let tls = &self.tls;
         if tls.client_ca.is_none() && self.groups.is_empty() {
             return Err(

@@ -59,14 +59,13 @@ fn main() {
     let first = std::env::args().nth(1);
     if first.is_some_and(|a| admin::COMMANDS.contains(&a.as_str())) {
         let cli = admin::AdminCli::parse();
-        let _logs = init_logging(keyless_shared::cli::LogFormat::Human);
+        let _logs = init_logging(keyless_shared::cli::LogFormat::Human, None);
         if let Err(e) = admin::run(cli, &mut std::io::stdout().lock()) {
             exit_with_error("keyless-origin", e.as_ref());
         }
         return;
     }
     let cli = Cli::parse();
-    let _logs = init_logging(cli.args.log_format);
     if let Err(e) = run(cli.args) {
         exit_with_error("keyless-origin", e.as_ref());
     }
@@ -74,6 +73,8 @@ fn main() {
 
 fn run(cli: ServerArgs) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&cli.config)?);
+    let tracing = (!cli.test).then_some((&config.tracing, "keyless-origin"));
+    let _logs = init_logging(cli.log_format, tracing);
     let state = state::StateDir::new(&config.state_dir);
     if !cli.test {
         state.ensure()?;

@@ -735,7 +735,9 @@ fn key_op(
         return refuse(ctx, &audit, ErrorCode::PolicyRefused, permit);
     }
 
+    let spans = OpSpans::new(op.trace.as_ref(), opcode, &entry.name);
     let ctx2 = ctx.clone();
+    let op_span = spans.op.clone();
     let done = Box::new(
         move |res: Result<Vec<u8>, ErrorCode>, queue: Duration, exec: Duration| {
             let metrics = &ctx2.shared.metrics;
@@ -744,6 +746,7 @@ fn key_op(
                 Ok(sig) => (Operation::new(Opcode::Response, Bytes::from(sig)), "ok"),
                 Err(code) => (Operation::error(code), code.name()),
             };
+            op_span.record("result", result);
             audit.log(result);
             metrics.op(opcode.name(), result);
             ctx2.reply(audit.id, op, permit);
@@ -752,7 +755,10 @@ fn key_op(
     let key = entry.clone();
     let message = op.signed_message;
     let job = Job {
-        work: Box::new(move || key.key.perform(opcode, &payload, message.as_deref())),
+        work: Box::new(move || {
+            let _signing = spans.signing();
+            key.key.perform(opcode, &payload, message.as_deref())
+        }),
         alive: ctx.alive.clone(),
         done,
     };
@@ -766,6 +772,41 @@ fn key_op(
         crate::pool::run_inline(job);
     } else {
         shared.pool.submit(job);
+    }
+}
+
+/// The spans of one operation in its caller's trace (none unless tracing is on and the
+/// request carried a trace context): the operation, its time queued and its time
+/// signing, as children of the edge's span.
+struct OpSpans {
+    op: tracing::Span,
+    queue: tracing::Span,
+}
+
+impl OpSpans {
+    fn new(trace: Option<&keyless_shared::TraceContext>, opcode: Opcode, key: &str) -> OpSpans {
+        use keyless_shared::telemetry::{self, TARGET};
+        let (Some(remote), true) = (trace, telemetry::enabled()) else {
+            return OpSpans {
+                op: tracing::Span::none(),
+                queue: tracing::Span::none(),
+            };
+        };
+        let op = tracing::info_span!(target: TARGET, "keyserver.operation",
+            opcode = opcode.name(), key = %key, result = tracing::field::Empty);
+        telemetry::set_remote_parent(&op, remote);
+        let queue = tracing::info_span!(target: TARGET, parent: &op, "queue");
+        OpSpans { op, queue }
+    }
+
+    /// Ends the time queued and starts the time signing (until the guard drops).
+    fn signing(self) -> tracing::span::EnteredSpan {
+        drop(self.queue);
+        if self.op.is_none() {
+            return tracing::Span::none().entered();
+        }
+        tracing::info_span!(target: keyless_shared::telemetry::TARGET, parent: &self.op, "sign")
+            .entered()
     }
 }
 

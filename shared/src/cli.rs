@@ -43,10 +43,15 @@ static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::Worke
 /// Held by `main` for the life of the process: dropping it writes out every queued log
 /// line (see [`flush_logs`]).
 #[must_use = "dropping the guard stops the log writer"]
-pub struct LogGuard(());
+pub struct LogGuard {
+    tracing: Option<crate::telemetry::Tracing>,
+}
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
+        if let Some(tracing) = self.tracing.take() {
+            tracing.shutdown();
+        }
         flush_logs();
     }
 }
@@ -60,7 +65,17 @@ impl Drop for LogGuard {
 /// (`keyless-log`), many lines per `write`: a worker signing or serving never waits
 /// for stderr's pipe or journald while the queue has room. No line is dropped: when
 /// [`LOG_QUEUE_LINES`] lines wait, logging waits (as writing to stderr directly did).
-pub fn init_logging(format: LogFormat) -> LogGuard {
+///
+/// With `tracing` (its `[tracing]` and the process's name) naming a collector, spans of
+/// the `keyless::trace` target are also exported there ([`crate::telemetry`]), whatever
+/// `KEYLESS_LOG` says.
+pub fn init_logging(
+    format: LogFormat,
+    tracing: Option<(&crate::telemetry::TracingConfig, &'static str)>,
+) -> LogGuard {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     const DEFAULT: &str = "info";
     let spec = std::env::var("KEYLESS_LOG").unwrap_or_else(|_| DEFAULT.to_owned());
     let spec = if spec.contains("rustls") {
@@ -79,15 +94,37 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
             std::io::stderr(),
         ));
     *LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let (exporter, error) = match tracing.map(|(c, name)| crate::telemetry::start(c, name)) {
+        Some(Ok(Some((exporter, tracer)))) => (Some((exporter, tracer)), None),
+        Some(Err(e)) => (None, Some(e)),
+        _ => (None, None),
+    };
+    let (tracing, otel) = match exporter {
+        Some((exporter, tracer)) => {
+            let only_traces = tracing_subscriber::filter::Targets::new()
+                .with_target(crate::telemetry::TARGET, tracing::Level::TRACE);
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(only_traces);
+            (Some(exporter), Some(layer))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .init();
+    if let Some(e) = error {
+        tracing::error!(error = %e, "tracing off");
     }
-    LogGuard(())
+    LogGuard { tracing }
 }
 
 /// Writes out every queued log line and stops the log writer (waiting at most a second

@@ -21,6 +21,7 @@ pub mod process;
 mod protocol;
 pub mod serve;
 mod ski;
+pub mod telemetry;
 pub mod tickets;
 
 pub use codec::{

@@ -39,4 +39,5 @@ mod pipelining;
 mod resumption;
 mod session_store;
 mod support;
+mod tracing_otlp;
 mod upgrade;

@@ -78,6 +78,8 @@ pub struct EdgeConfig {
     pub cache: toml::Table,
     /// `[sessions]` keys.
     pub sessions: toml::Table,
+    /// `[tracing]` keys.
+    pub tracing: toml::Table,
     /// `[[site]]` entries.
     pub sites: Vec<SiteEntry>,
     /// `[listen] admin_token` (none by default).
@@ -104,10 +106,17 @@ impl EdgeConfig {
             proxy: toml::Table::new(),
             cache: toml::Table::new(),
             sessions: toml::Table::new(),
+            tracing: toml::Table::new(),
             sites: Vec::new(),
             admin_token: None,
             upgrade_socket: None,
         })
+    }
+
+    /// Sets a `[tracing]` key.
+    pub fn tracing_option(mut self, key: &str, value: impl Into<toml::Value>) -> EdgeConfig {
+        self.tracing.insert(key.into(), value.into());
+        self
     }
 
     /// Sets `[listen] upgrade_socket` (where a new `keyless-edge --upgrade` takes over).
@@ -296,6 +305,9 @@ impl EdgeConfig {
         }
         if !self.sessions.is_empty() {
             root.insert("sessions".into(), self.sessions.clone().into());
+        }
+        if !self.tracing.is_empty() {
+            root.insert("tracing".into(), self.tracing.clone().into());
         }
         let sites = self
             .sites

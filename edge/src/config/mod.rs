@@ -72,6 +72,9 @@ pub struct Config {
     /// The HTTP cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Distributed tracing (OpenTelemetry); off by default.
+    #[serde(default)]
+    pub tracing: keyless_shared::telemetry::TracingConfig,
     /// Customer sites.
     #[serde(rename = "site")]
     pub sites: Vec<SiteConfig>,
@@ -481,6 +484,7 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        config.tracing.check().map_err(invalid)?;
         if config.keyserver.max_concurrent_ops.get() > MAX_CONCURRENT_OPS_LIMIT {
             return Err(invalid(format!(
                 "[keyserver] max_concurrent_ops is at most {MAX_CONCURRENT_OPS_LIMIT} (each waiting signature holds a thread)"

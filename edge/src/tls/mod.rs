@@ -260,7 +260,33 @@ impl TlsFront {
 
     /// Runs the server side of a handshake on `tcp`. On success returns the stream
     /// and the site chosen by SNI.
+    /// With tracing on, the handshake is a span (`tls.handshake`) whose children are its
+    /// key-server operations.
     pub async fn accept(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(TlsStream<TcpStream>, Arc<Site>), HandshakeFailed> {
+        if !keyless_shared::telemetry::enabled() {
+            return self.handshake(tcp, peer).await;
+        }
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(target: keyless_shared::telemetry::TARGET, "tls.handshake",
+            sni = tracing::field::Empty, result = tracing::field::Empty);
+        let result = self.handshake(tcp, peer).instrument(span.clone()).await;
+        match &result {
+            Ok((_, site)) => {
+                span.record("sni", site.name());
+                span.record("result", "ok");
+            }
+            Err(_) => {
+                span.record("result", "failed");
+            }
+        }
+        result
+    }
+
+    async fn handshake(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,

@@ -284,6 +284,18 @@ impl Signer for RemoteSigner {
                 "edge overloaded: too many remote signatures in flight".into(),
             ));
         };
+        // A span of the handshake's trace, whose context the key server continues.
+        let span = match keyless_shared::telemetry::enabled() {
+            true => {
+                tracing::info_span!(target: keyless_shared::telemetry::TARGET, "keyserver.sign",
+                opcode = opcode.name(), sni = %self.sni, group = self.group.name(), result = tracing::field::Empty)
+            }
+            false => tracing::Span::none(),
+        };
+        let _entered = span.enter();
+        if self.group.protocol() == Protocol::Keyless {
+            op.trace = keyless_shared::telemetry::context_of(&span);
+        }
         let started = Instant::now();
         self.ctx.metrics.remote_ops_in_flight.inc();
         let result = self
@@ -291,6 +303,10 @@ impl Signer for RemoteSigner {
             .call_blocking(op, self.budget.as_ref().map(|b| b.deadline));
         self.ctx.metrics.remote_ops_in_flight.dec();
         let took = started.elapsed();
+        span.record(
+            "result",
+            result.as_ref().map_or_else(client_error_label, |_| "ok"),
+        );
         match result {
             Ok(reply) => {
                 self.ctx.metrics.keyserver_op(opcode.name(), "ok", took);
