@@ -282,39 +282,15 @@ impl Edge {
         if let Some(http) = self.http {
             tokio::spawn(listeners.http(http));
         }
-        // The service manager first (this is its main process now), then the old edge.
-        handoff::notify_ready(self.taken.is_some());
-        if let Some(taken) = self.taken {
-            taken
-                .ready()
-                .context("cannot tell the previous edge that this one serves")?;
-            tracing::info!("upgrade: serving; the previous edge drains and exits");
-        }
-        // Only now: the previous edge, if any, offered on the same path until this one
-        // said it serves.
-        let offered = offered.map(handoff::Offer::start).transpose()?;
-        let successor = offered
-            .is_some()
-            .then(|| tokio::spawn(handoff::successor_on_sigusr2()));
-        let mut handed_off = None;
-        let how = match offered {
-            Some(mut offer) => tokio::select! {
-                how = stop => {
-                    // Its copies of the listening sockets close: the ports close now.
-                    offer.abort();
-                    how
-                }
-                _ = &mut offer => {
-                    tracing::info!("upgrade: a new edge serves; draining connections");
-                    handed_off = Some(tokio::time::Instant::now());
-                    Stop::Drain
-                }
-            },
-            None => stop.await,
+        let mut upgrades = handoff::Upgrades::start(self.taken, offered)?;
+        let how = tokio::select! {
+            how = stop => how,
+            () = upgrades.handed_off() => {
+                tracing::info!("upgrade: a new edge serves; draining connections");
+                Stop::Drain
+            }
         };
-        if let Some(successor) = successor {
-            successor.abort();
-        }
+        upgrades.stop();
         shutdown.cancel();
         tracker.close();
         if how == Stop::Drain
@@ -327,9 +303,7 @@ impl Edge {
                 "drain timeout: closing remaining connections"
             );
         }
-        if let Some(at) = handed_off {
-            tokio::time::sleep_until(at + handoff::LINGER_AFTER_HANDOFF).await;
-        }
+        upgrades.linger().await;
         tracing::info!("edge stopped");
         Ok(())
     }

@@ -402,46 +402,17 @@ async fn serve(config: Arc<Config>, config_path: PathBuf, started: Started) -> a
         shutdown.clone(),
         tracker.clone(),
     );
-    // The service manager first (this is its main process now), then the old one.
-    handoff::notify_ready(taken.is_some());
-    if let Some(taken) = taken {
-        taken
-            .ready()
-            .context("cannot tell the previous key server that this one serves")?;
-        tracing::info!("upgrade: serving; the previous key server drains and exits");
-    }
-    // Only now: the previous key server, if any, offered on the same path until this
-    // one said it serves.
-    let mut offer = offered.map(handoff::Offer::start).transpose()?;
-    let successor = offer
-        .is_some()
-        .then(|| tokio::spawn(handoff::successor_on_sigusr2()));
-    let handed_off = async {
-        match offer.as_mut() {
-            Some(offer) => {
-                let _ = offer.await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    let mut handoff_at = None;
+    let mut upgrades = handoff::Upgrades::start(taken, offered)?;
     let stop = tokio::select! {
         // Only ends on `shutdown`, which is cancelled below.
         () = accept => Stop::Now,
         stop = signals.next_stop(&shared, &config_path) => stop,
-        () = handed_off => {
+        () = upgrades.handed_off() => {
             tracing::info!("upgrade: a new key server serves; draining connections");
-            handoff_at = Some(tokio::time::Instant::now());
             Stop::Drain
         }
     };
-    // Its copies of the listening sockets close with it: the ports close now.
-    if let Some(offer) = offer {
-        offer.abort();
-    }
-    if let Some(successor) = successor {
-        successor.abort();
-    }
+    upgrades.stop();
     // The accept loop, and with it the listener, was dropped with the select: from here
     // on new connections are refused and a new key server may bind the port.
     tracker.close();
@@ -450,9 +421,7 @@ async fn serve(config: Arc<Config>, config_path: PathBuf, started: Started) -> a
         drain(&shared, &tracker, &mut signals, &config, &config_path).await;
     }
     shutdown.cancel();
-    if let Some(at) = handoff_at {
-        tokio::time::sleep_until(at + handoff::LINGER_AFTER_HANDOFF).await;
-    }
+    upgrades.linger().await;
     tracing::info!("key server stopped");
     Ok(())
 }

@@ -300,6 +300,74 @@ async fn hand_over(
     Ok(peer.pid.as_raw_nonzero().get())
 }
 
+/// A serving process's side of upgrades: started once it serves, it tells its
+/// predecessor (when it took over) and the service manager, then offers the listening
+/// sockets to a successor, which `SIGUSR2` starts.
+#[derive(Debug)]
+pub struct Upgrades {
+    offer: Option<tokio::task::JoinHandle<()>>,
+    successor: Option<tokio::task::JoinHandle<()>>,
+    handed_off: Option<tokio::time::Instant>,
+}
+
+impl Upgrades {
+    /// Tells the service manager, then the predecessor (`taken`), that this process
+    /// serves, and starts offering (`offer`: none = no upgrades).
+    pub fn start(taken: Option<Taken>, offer: Option<Offer>) -> io::Result<Upgrades> {
+        // The service manager first: this is its main process now.
+        notify_ready(taken.is_some());
+        if let Some(taken) = taken {
+            taken.ready().map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot tell the previous process that this one serves: {e}"),
+                )
+            })?;
+            tracing::info!("upgrade: serving; the previous process drains and exits");
+        }
+        // Only now: the predecessor offered on the same path until this one said it serves.
+        let offer = offer.map(Offer::start).transpose()?;
+        let successor = offer
+            .is_some()
+            .then(|| tokio::spawn(successor_on_sigusr2()));
+        Ok(Upgrades {
+            offer,
+            successor,
+            handed_off: None,
+        })
+    }
+
+    /// Resolves once a successor serves on the sockets (never without an offer).
+    pub async fn handed_off(&mut self) {
+        match self.offer.as_mut() {
+            Some(offer) => {
+                let _ = offer.await;
+                self.offer = None;
+                self.handed_off = Some(tokio::time::Instant::now());
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops offering: the copies of the listening sockets close (so do the ports,
+    /// unless a successor has them).
+    pub fn stop(&mut self) {
+        for task in [self.offer.take(), self.successor.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+    }
+
+    /// After a handoff, waits until [`LINGER_AFTER_HANDOFF`] after it.
+    pub async fn linger(&self) {
+        if let Some(at) = self.handed_off {
+            tokio::time::sleep_until(at + LINGER_AFTER_HANDOFF).await;
+        }
+    }
+}
+
 /// Starts this binary again, from the path it was started as, with its arguments and
 /// `--upgrade`: the new process takes over through the upgrade socket. What `SIGUSR2`
 /// does (see [`successor_on_sigusr2`]): under a service manager the new process is

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use keyless_tests::{metric_sum, per_phase, EdgeConfig, Signal};
+use keyless_tests::{metric_sum, EdgeConfig, Signal};
 
-use crate::edge_support::{kept_alive_requests, request_loop, Stack, StackBuilder, RSA_SITE, SITE};
+use crate::edge_support::{
+    kept_alive_requests, no_failed_handshakes, request_loop, Stack, StackBuilder, RSA_SITE, SITE,
+};
 
 /// The admin token of the edges of these tests.
 const ADMIN_TOKEN: &str = "reload-token-0123456789abcdef";
@@ -113,12 +115,7 @@ fn sites_added_and_removed_by_reload_while_clients_see_no_failure() -> Result<()
         "{failed_requests} of {} requests failed",
         statuses.len()
     );
-    for (phase, attempted, failed) in per_phase(&outcomes) {
-        ensure!(
-            attempted > 0 && failed == 0,
-            "phase {phase}: {failed} of {attempted} handshakes failed"
-        );
-    }
+    no_failed_handshakes(&outcomes)?;
     let answers: Vec<&str> = kept.lines().collect();
     ensure!(
         answers.len() == 40 && answers.iter().all(|l| l.starts_with("200 ")),
@@ -215,12 +212,7 @@ fn a_bad_config_on_reload_keeps_the_running_one_and_says_why() -> Result<()> {
         .curl(SITE)
         .get(&s.url(SITE, "/"))?
         .expect_status(200)?;
-    for (phase, attempted, failed) in per_phase(&load.stop()?) {
-        ensure!(
-            attempted > 0 && failed == 0,
-            "phase {phase}: {failed} of {attempted} handshakes failed"
-        );
-    }
+    no_failed_handshakes(&load.stop()?)?;
     let metrics = s.edge.metrics_text()?;
     let errors = metric_sum(
         &metrics,

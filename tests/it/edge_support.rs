@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use keyless_tests::{
-    has_field, Curl, Deployment, Dns, Edge, EdgeConfig, KeyServer, SClientOutput, TestOrigin,
+    has_field, per_phase, Curl, Deployment, Dns, Edge, EdgeConfig, KeyServer, SClientOutput,
+    TestOrigin,
 };
+use keyless_tests::{HandshakeEnd, LoadOutcome};
 
 /// The ECDSA-and-RSA site (both keys, as `keyless-certs init` makes them).
 pub(crate) const SITE: &str = "example.com";
@@ -340,4 +342,21 @@ pub(crate) fn kept_alive_requests(
         let out = cmd.output().context("running curl")?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     })
+}
+
+/// Fails unless every handshake of every phase completed (a refused connection is a
+/// `ConnectFailed`).
+pub(crate) fn no_failed_handshakes(outcomes: &[LoadOutcome]) -> Result<()> {
+    let refused = outcomes
+        .iter()
+        .filter(|o| o.end == HandshakeEnd::ConnectFailed)
+        .count();
+    ensure!(refused == 0, "{refused} connection attempts refused");
+    for (phase, attempted, failed) in per_phase(outcomes) {
+        ensure!(
+            attempted > 0 && failed == 0,
+            "phase {phase}: {failed} of {attempted} handshakes failed"
+        );
+    }
+    Ok(())
 }

@@ -92,6 +92,31 @@ fn stem(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Asks `key` (on a token that was down) to sign `signed` until it does, with a
+/// signature that verifies, within `within`.
+async fn signs_again_within(
+    client: &mut KeyClient,
+    key: &SiteKey,
+    signed: &[u8],
+    within: Duration,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let reply = client
+            .sign(Opcode::EcdsaSignSha256, key.ski, signed, None)
+            .await?;
+        if reply.opcode == Some(Opcode::Response) {
+            ensure!(key.verify(Opcode::EcdsaSignSha256, signed, reply.payload())?);
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the token's key did not sign again within {within:?}: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Signs a fresh digest with every opcode `key` supports; each signature verifies
 /// with the public key of its certificate.
 async fn sign_all(client: &mut KeyClient, key: &SiteKey) -> Result<()> {
@@ -382,21 +407,7 @@ async fn token_failures_give_clean_errors_while_file_keys_keep_working() -> Resu
     // Back: after the back-off the token is opened again (SoftHSM2 needs its module
     // initialised again for that), with no restart.
     std::fs::rename(&away, h.hsm.tokens_dir())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let reply = client
-            .sign(Opcode::EcdsaSignSha256, on_token.ski, &signed, None)
-            .await?;
-        if reply.opcode == Some(Opcode::Response) {
-            ensure!(on_token.verify(Opcode::EcdsaSignSha256, &signed, reply.payload())?);
-            break;
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the token was not opened again within 20 s: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    signs_again_within(&mut client, &on_token, &signed, Duration::from_secs(20)).await?;
     eprintln!("token back after {:?}", started.elapsed());
     ensure!(
         up(&server.metrics_text()?) == Some(true),
@@ -502,21 +513,7 @@ async fn a_hung_token_costs_its_requests_a_bounded_wait_and_recovers() -> Result
 
     // The token answers again: after its back-off its key signs again, no restart.
     std::fs::remove_file(&hang)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let reply = client
-            .sign(Opcode::EcdsaSignSha256, on_token.ski, &signed, None)
-            .await?;
-        if reply.opcode == Some(Opcode::Response) {
-            ensure!(on_token.verify(Opcode::EcdsaSignSha256, &signed, reply.payload())?);
-            break;
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the token's key did not sign again within 15 s: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    signs_again_within(&mut client, &on_token, &signed, Duration::from_secs(15)).await?;
     sign_all(&mut client, &on_token).await?;
     server.assert_no_panic();
     Ok(())

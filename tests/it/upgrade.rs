@@ -6,26 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use keyless_tests::{per_phase, HandshakeEnd, LoadOutcome, Signal};
+use keyless_tests::Signal;
 
-use crate::edge_support::{kept_alive_requests, request_loop, StackBuilder};
-
-/// Fails unless every handshake of every phase completed (a refused connection is a
-/// `ConnectFailed`).
-fn no_failed_handshakes(outcomes: &[LoadOutcome]) -> Result<()> {
-    let refused = outcomes
-        .iter()
-        .filter(|o| o.end == HandshakeEnd::ConnectFailed)
-        .count();
-    ensure!(refused == 0, "{refused} connection attempts refused");
-    for (phase, attempted, failed) in per_phase(outcomes) {
-        ensure!(
-            attempted > 0 && failed == 0,
-            "phase {phase}: {failed} of {attempted} handshakes failed"
-        );
-    }
-    Ok(())
-}
+use crate::edge_support::{kept_alive_requests, no_failed_handshakes, request_loop, StackBuilder};
 
 #[test]
 fn an_edge_upgrade_refuses_no_connection_and_fails_no_request() -> Result<()> {
@@ -156,7 +139,7 @@ fn sigusr2_starts_a_successor_that_takes_over() -> Result<()> {
     ensure!(s.edge.healthz()?.0 == 200, "the successor's /healthz");
     let log = s.edge.log();
     ensure!(
-        log.contains("upgrade: serving; the previous edge drains and exits"),
+        log.contains("upgrade: serving; the previous process drains and exits"),
         "the successor (its output goes where the edge's went) should say it serves:\n{log}"
     );
     Ok(())
