@@ -92,6 +92,38 @@ fn stem(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Fails unless `key` answers `key-unavailable` to `signed` within `within` (its token
+/// is down: answered at once, so that the edge tries another key server).
+async fn unavailable_within(
+    client: &mut KeyClient,
+    key: &SiteKey,
+    signed: &[u8],
+    within: Duration,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let reply = client
+        .sign(Opcode::EcdsaSignSha256, key.ski, signed, None)
+        .await?;
+    ensure!(
+        reply.error_code() == Some(ErrorCode::KeyUnavailable),
+        "a down token's key: {reply:?}"
+    );
+    ensure!(
+        started.elapsed() < within,
+        "a down token's key was answered after {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Whether the key server reports its token up (`keyless_token_up`), if it reports one.
+fn token_up(metrics: &str) -> Option<bool> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("keyless_token_up{"))
+        .map(|l| l.ends_with(" 1"))
+}
+
 /// Asks `key` (on a token that was down) to sign `signed` until it does, with a
 /// signature that verifies, within `within`.
 async fn signs_again_within(
@@ -374,43 +406,21 @@ async fn token_failures_give_clean_errors_while_file_keys_keep_working() -> Resu
     std::fs::rename(h.hsm.tokens_dir(), &away)?;
     let started = std::time::Instant::now();
     let signed = digest(Opcode::EcdsaSignSha256, b"after the token went")?;
-    let reply = client
-        .sign(Opcode::EcdsaSignSha256, on_token.ski, &signed, None)
-        .await?;
+    unavailable_within(&mut client, &on_token, &signed, Duration::from_secs(2)).await?;
     ensure!(
-        reply.error_code() == Some(ErrorCode::KeyUnavailable),
-        "token gone: {reply:?}"
-    );
-    ensure!(
-        started.elapsed() < Duration::from_secs(2),
-        "the answer took {:?}",
-        started.elapsed()
-    );
-    let up = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with("keyless_token_up{"))
-            .map(|l| l.ends_with(" 1"))
-    };
-    ensure!(
-        up(&server.metrics_text()?) == Some(false),
+        token_up(&server.metrics_text()?) == Some(false),
         "the token is not reported down"
     );
     sign_all(&mut client, &file_key).await?;
     // Still answered at once while the token is in its back-off, and still clean.
-    let reply = client
-        .sign(Opcode::EcdsaSignSha256, on_token.ski, &signed, None)
-        .await?;
-    ensure!(
-        reply.error_code() == Some(ErrorCode::KeyUnavailable),
-        "{reply:?}"
-    );
+    unavailable_within(&mut client, &on_token, &signed, Duration::from_secs(2)).await?;
     // Back: after the back-off the token is opened again (SoftHSM2 needs its module
     // initialised again for that), with no restart.
     std::fs::rename(&away, h.hsm.tokens_dir())?;
     signs_again_within(&mut client, &on_token, &signed, Duration::from_secs(20)).await?;
     eprintln!("token back after {:?}", started.elapsed());
     ensure!(
-        up(&server.metrics_text()?) == Some(true),
+        token_up(&server.metrics_text()?) == Some(true),
         "the token is not reported up again"
     );
     sign_all(&mut client, &on_token).await?;
@@ -481,26 +491,11 @@ async fn a_hung_token_costs_its_requests_a_bounded_wait_and_recovers() -> Result
     );
 
     // Down now (its threads still stuck): answered at once; file keys unaffected.
-    let started = std::time::Instant::now();
-    let reply = client
-        .sign(Opcode::EcdsaSignSha256, on_token.ski, &signed, None)
-        .await?;
-    ensure!(
-        reply.error_code() == Some(ErrorCode::KeyUnavailable),
-        "{reply:?}"
-    );
-    ensure!(
-        started.elapsed() < Duration::from_millis(500),
-        "a down token's key was answered after {:?}",
-        started.elapsed()
-    );
+    unavailable_within(&mut client, &on_token, &signed, Duration::from_millis(500)).await?;
     sign_all(&mut client, &file_key).await?;
     let metrics = server.metrics_text()?;
     ensure!(
-        metrics.contains("keyless_token_up{")
-            && metrics
-                .lines()
-                .any(|l| l.starts_with("keyless_token_up{") && l.ends_with(" 0")),
+        token_up(&metrics) == Some(false),
         "the hung token is not reported down"
     );
     ensure!(
